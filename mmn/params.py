@@ -1,0 +1,136 @@
+"""Typed view of ``params.yaml``.
+
+Every stage loads its settings through :func:`load_params`. Unknown keys, wrong types
+and out-of-range values raise :class:`ParamsError` naming the offending key path
+(e.g. ``caption.batch_size``). The ``profile`` knob picks one entry of ``profiles``
+(``embedded`` by default, ``paper`` for the GPU setup of the paper);
+:meth:`Params.model` returns the resolved model settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelProfile(_Strict):
+    """Which models a profile uses. ``embedded:`` names refer to files inside PyPI packages."""
+
+    data_source: Literal["sample", "coco"]
+    lm: str = Field(min_length=1, description="'embedded:smollm2-135m' or a HF causal-LM id/path")
+    lm_revision: str | None = None
+    encoder: str = Field(
+        min_length=1,
+        description="'embedded:efficientnet-lite0', 'hf:<id or path>' (BEiT/ViT) or 'timm:<name>'",
+    )
+    encoder_grid: int = Field(gt=0, le=64, description="side of the square patch grid fed to the LM")
+    image_size: int = Field(gt=0, le=1024)
+    projection: Literal["train", "limber"]
+    limber_url: str | None = None
+    device: Device = "auto"
+    dtype: DType = "float32"
+
+
+class CocoParams(_Strict):
+    base_url: str = Field(min_length=1)
+    split: Literal["val2017", "train2017"] = "val2017"
+    annotations_archive: str = "annotations/annotations_trainval2017.zip"
+    annotations_sha1: str | None = Field(
+        default=None, description="sha1 of the annotations archive; null skips the check"
+    )
+    subset: int = Field(ge=0, description="number of images to fetch (seeded); 0 = all")
+    timeout_s: float = Field(gt=0)
+    retries: int = Field(ge=0)
+
+
+class DataParams(_Strict):
+    coco: CocoParams
+
+
+class TrainParams(_Strict):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    views: int = Field(gt=0, description="augmented views per image per epoch")
+    warmup_steps: int = Field(ge=0)
+
+
+class ProjectionParams(_Strict):
+    train: TrainParams
+
+
+class CaptionParams(_Strict):
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(gt=0, le=256)
+    batch_size: int = Field(gt=0)
+    stop_at_newline: bool = True
+
+
+class Params(_Strict):
+    profile: Literal["embedded", "paper"]
+    seed: int = Field(ge=0)
+    profiles: dict[str, ModelProfile]
+    data: DataParams
+    projection: ProjectionParams
+    caption: CaptionParams
+
+    @field_validator("profiles")
+    @classmethod
+    def _both_profiles(cls, v: dict[str, ModelProfile]) -> dict[str, ModelProfile]:
+        missing = {"embedded", "paper"} - set(v)
+        if missing:
+            raise ValueError(f"missing profile(s): {sorted(missing)}")
+        return v
+
+    @property
+    def model(self) -> ModelProfile:
+        """The resolved model settings of the active profile."""
+        return self.profiles[self.profile]
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(Path(source), err)) from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raises :class:`ParamsError` naming the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    return parse_params(raw, path)

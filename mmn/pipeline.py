@@ -1,0 +1,50 @@
+"""Build the models a stage needs from the typed params (shared by all stages)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmn.models.adapters import LMAdapter
+from mmn.models.lm import load_lm, resolve_device
+from mmn.models.prefix_lm import ImagePrefixLM
+from mmn.models.projection import load_projection
+from mmn.models.vision import PatchEncoder, load_encoder
+from mmn.params import Params
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; make CPU kernels deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def build_lm(params: Params) -> tuple[LMAdapter, object]:
+    m = params.model
+    return load_lm(m.lm, revision=m.lm_revision, dtype=m.dtype, device=m.device)
+
+
+def build_encoder(params: Params) -> PatchEncoder:
+    m = params.model
+    return load_encoder(m.encoder, m.encoder_grid, m.image_size, device=resolve_device(m.device))
+
+
+def build_prefix_lm(params: Params, projection_dir: Path) -> tuple[ImagePrefixLM, PatchEncoder]:
+    """LM + encoder + the projection written by the ``load_projection`` stage."""
+    adapter, tok = build_lm(params)
+    enc = build_encoder(params)
+    proj, meta = load_projection(projection_dir)
+    if proj.in_features != enc.dim or proj.out_features != adapter.d_model:
+        raise ValueError(
+            f"{projection_dir}: projection is Linear({proj.in_features}, {proj.out_features}) but the encoder "
+            f"gives {enc.dim} dims and the LM takes {adapter.d_model}; rerun load_projection"
+        )
+    proj = proj.to(adapter.device)
+    return ImagePrefixLM(adapter, tok, proj, prompt=params.caption.prompt), enc

@@ -1,0 +1,45 @@
+"""Stage download_coco: materialise the COCO-format layout in data/coco.
+
+source `sample` (embedded profile): photos shipped in installed wheels + the project's
+own annotations; source `coco`: COCO 2017 from params `data.coco.base_url`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mmn.cli import log, stage_main
+from mmn.io import atomic_dir
+from mmn.params import load_params
+
+NAME = "download_coco"
+
+
+@click.command(help=__doc__)
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path())
+@click.option("--out", "out_dir", default="data/coco", show_default=True, type=click.Path())
+@click.option("--cache", "cache_dir", default=".cache/coco", show_default=True, type=click.Path(),
+              help="resumable download cache (coco source)")
+@stage_main(NAME)
+def main(params_path: str, out_dir: str, cache_dir: str) -> None:
+    params = load_params(params_path)
+    source = params.model.data_source
+    with atomic_dir(out_dir) as tmp:
+        if source == "sample":
+            from mmn.data.sample import materialize_sample
+
+            summary = materialize_sample(tmp)
+        else:
+            from mmn.data.coco import download_coco
+
+            summary = download_coco(params.data.coco, tmp, seed=params.seed, cache_dir=Path(cache_dir))
+        from mmn.quality import check_coco_layout
+
+        check_coco_layout(tmp)
+    log(NAME, f"source={source}: {summary}; wrote {out_dir}/")
+
+
+if __name__ == "__main__":
+    main()

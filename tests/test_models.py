@@ -1,0 +1,197 @@
+"""Adapters, encoders, projection loading and the image-prefix LM on tiny random models."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from mmn.hooks import Trace, TraceDict
+from mmn.models.prefix_lm import ImagePrefixLM, stop_token_ids
+from mmn.models.projection import ProjectionError, fold_standardisation, load_limber
+
+FAMILIES = ["gptj", "gpt2", "llama"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_recomputes_mlp_output(tiny_adapters, family):
+    """MLP output == A @ W_out^T (+ bias), with A read at the adapter's act_module."""
+    ad, tok = tiny_adapters[family]
+    ids = tok("a cat on a mat", return_tensors="pt").input_ids
+    mods = {}
+    for l in range(ad.n_layers):
+        mods[f"a{l}"] = ad.act_module(l)
+        mods[f"m{l}"] = ad.mlp(l)
+    with TraceDict(mods, retain_input=True, retain_output=True) as traces:
+        ad.model(ids)
+    for l in range(ad.n_layers):
+        a = traces[f"a{l}"].input  # [1, T, d_mlp]
+        out = traces[f"m{l}"].output
+        w = ad.w_out(l)  # [d_model, d_mlp]
+        assert a.shape[-1] == ad.d_mlp and w.shape == (ad.d_model, ad.d_mlp)
+        bias = getattr(ad.act_module(l), "bias", None)
+        recomputed = a @ w.T + (0 if bias is None else bias)
+        torch.testing.assert_close(recomputed, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_parts(tiny_adapters, family):
+    ad, tok = tiny_adapters[family]
+    assert ad.n_layers == 3
+    assert ad.vocab_size == len(tok)
+    assert ad.unembed_weight().shape == (len(tok), ad.d_model)
+    # final norm + unembedding reproduce the model's logits from the last hidden state
+    ids = tok("a dog", return_tensors="pt").input_ids
+    out = ad.model(ids, output_hidden_states=True)
+    h = out.hidden_states[-1]
+    # HF applies the final norm inside the base model, so hidden_states[-1] is already normed
+    logits = ad.unembed(h)
+    torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-5)
+    assert isinstance(ad.final_norm, nn.Module)
+
+
+def test_gptj_real_vocab_restriction(tiny_adapters):
+    ad, tok = tiny_adapters["gptj"]
+    assert ad.unembed.weight.shape[0] == len(tok) + 7
+    assert ad.vocab_size == len(tok)
+
+
+def test_preact_module_feeds_activation(tiny_adapters):
+    """GPT-2: A = gelu(Z) where Z is the output of the pre-activation module."""
+    ad, tok = tiny_adapters["gpt2"]
+    ids = tok("two birds", return_tensors="pt").input_ids
+    with Trace(ad.preact_module(1), retain_output=True) as z, Trace(ad.act_module(1), retain_input=True) as a:
+        ad.model(ids)
+    act = ad.mlp(1).act
+    torch.testing.assert_close(act(z.output), a.input)
+
+
+def test_trace_edit_input_zeroes_units(tiny_adapters):
+    ad, tok = tiny_adapters["llama"]
+    ids = tok("a red bus", return_tensors="pt").input_ids
+
+    def zero(x):
+        x = x.clone()
+        x[..., 5] = 0
+        return x
+
+    with Trace(ad.act_module(0), retain_input=True) as clean:
+        ad.model(ids)
+    with Trace(ad.act_module(0), retain_input=True, edit_input=zero) as edited:
+        ad.model(ids)
+    assert torch.all(edited.input[..., 5] == 0)
+    keep = [i for i in range(ad.d_mlp) if i != 5]
+    torch.testing.assert_close(edited.input[..., keep], clean.input[..., keep])
+
+
+def test_tiny_beit_drops_cls(tiny_beit):
+    imgs = [Image.fromarray(np.full((40, 50, 3), v, dtype=np.uint8)) for v in (0, 128)]
+    x = tiny_beit.preprocess(imgs)
+    assert x.shape == (2, 3, 32, 32)
+    feats = tiny_beit.encode(imgs)
+    assert feats.shape == (2, 16, 24)
+    full = tiny_beit.model(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(feats, full[:, 1:])
+
+
+def test_limber_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(1)
+    lin = nn.Linear(1024, 4096)
+    path = tmp_path / "proj.ckpt"
+    torch.save(lin.state_dict(), path)
+    loaded = load_limber(path, 1024, 4096)
+    torch.testing.assert_close(loaded.weight, lin.weight)
+    torch.testing.assert_close(loaded.bias, lin.bias)
+    x = torch.randn(3, 1024)
+    torch.testing.assert_close(loaded(x), lin(x))
+
+
+def test_limber_wrong_shape_rejected(tmp_path):
+    path = tmp_path / "proj.ckpt"
+    torch.save(nn.Linear(768, 4096).state_dict(), path)
+    with pytest.raises(ProjectionError, match=r"shape \(4096, 768\), expected \(4096, 1024\)"):
+        load_limber(path, 1024, 4096)
+
+
+class _NotAStateDict:
+    pass
+
+
+def test_limber_non_state_dict_rejected(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump(_NotAStateDict(), f)
+    with pytest.raises(ProjectionError, match="evil.ckpt"):
+        load_limber(path, 1024, 4096)
+    path2 = tmp_path / "list.ckpt"
+    torch.save([torch.zeros(2)], path2)
+    with pytest.raises(ProjectionError, match="expected a state dict"):
+        load_limber(path2, 1024, 4096)
+
+
+def test_fold_standardisation():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    mean, std = torch.randn(5), torch.rand(5) + 0.5
+    folded = fold_standardisation(lin, mean, std)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(folded(x), lin((x - mean) / std))
+
+
+def _plm(ad, tok, d_enc=24, seed=0):
+    torch.manual_seed(seed)
+    return ImagePrefixLM(ad, tok, nn.Linear(d_enc, ad.d_model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_right_padding_keeps_real_logits(tiny_adapters, family):
+    ad, tok = tiny_adapters[family]
+    plm = _plm(ad, tok)
+    soft = plm.soft_tokens(torch.randn(2, 16, 24))
+    texts = [tok(" a cat on the mat").input_ids, tok(" a dog").input_ids]
+    both = plm.logits(plm.build(soft, texts))
+    for i in range(2):
+        one = plm.build(soft[i : i + 1], texts[i : i + 1])
+        single = plm.logits(one)
+        n = one.lengths[0]
+        torch.testing.assert_close(both[i, :n], single[0, :n], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_captions_equal_one_by_one(tiny_adapters, tiny_beit, family):
+    ad, tok = tiny_adapters[family]
+    plm = _plm(ad, tok)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    soft = plm.soft_tokens(tiny_beit.encode(imgs))
+    stop = stop_token_ids(tok, ad.vocab_size, stop_at_newline=False)
+    ids_b, p_b = plm.generate(soft, 8, stop)
+    for i in range(4):
+        ids_1, p_1 = plm.generate(soft[i : i + 1], 8, stop)
+        assert ids_1[0] == ids_b[i]
+        np.testing.assert_allclose(p_1[0], p_b[i], rtol=1e-4)
+    # greedy = argmax of a teacher-forced pass, with the same probabilities
+    batch = plm.build(soft[:1], [ids_b[0]])
+    logits = plm.logits(batch)[0]
+    for j, t in enumerate(ids_b[0]):
+        step = logits[batch.n_prefix - 1 + j]
+        assert int(step.argmax()) == t
+        assert float(step.softmax(-1)[t]) == pytest.approx(p_b[0][j], rel=1e-4)
+
+
+def test_generation_never_emits_padded_head_rows(tiny_adapters):
+    """GPT-J's head has rows beyond the tokenizer; push them up and check they are ignored."""
+    ad, tok = tiny_adapters["gptj"]
+    plm = _plm(ad, tok)
+    with torch.no_grad():
+        ad.unembed.bias[ad.vocab_size:] = 1e4
+    try:
+        ids, _ = plm.generate(plm.soft_tokens(torch.randn(1, 16, 24)), 4, set())
+        assert all(t < ad.vocab_size for t in ids[0])
+    finally:
+        with torch.no_grad():
+            ad.unembed.bias[ad.vocab_size:] = 0
