@@ -1,0 +1,559 @@
+"""Download COCO 2017 from its official layout, verify it, and write a seeded subset.
+
+The official site serves (``base_url`` = ``http://images.cocodataset.org``):
+
+* ``{base_url}/annotations/annotations_trainval2017.zip`` (~253 MB), which holds
+  ``annotations/instances_{val,train}2017.json``, ``annotations/captions_{val,train}2017.json``
+  and the keypoint files;
+* ``{base_url}/{split}/{file_name}`` for every image, ``split`` being ``val2017`` or
+  ``train2017``. An image record's ``coco_url`` names its split; it is used when present
+  (so merged files such as coco-mini, which mixes val and train images, work), else
+  ``cfg.split``.
+
+:func:`download_coco` fetches the archive (resumable, sha1-checked), reads only the two
+JSON files of ``cfg.split`` straight out of the zip (nothing else is extracted), picks all
+images or a seeded subset, fetches those images one by one (resumable, each one decoded
+and checked against its record), and writes::
+
+    out_dir/images/<file_name>
+    out_dir/annotations/instances.json   # info, licenses, categories + chosen images/annotations
+    out_dir/annotations/captions.json    # info, licenses + chosen images/captions
+
+Gotchas:
+
+* Everything is built in a temporary directory beside ``out_dir`` and renamed into place,
+  so ``out_dir`` is either the previous complete result or the new complete result. An
+  existing ``out_dir`` is replaced as a whole (no stale images survive).
+* Downloads are cached under ``cache_dir`` (default ``out_dir.parent/.coco_cache``), one
+  sub-folder per ``base_url``; partial files end in ``.part`` and are resumed with HTTP
+  ``Range`` requests. A rerun after an interruption therefore only fetches what is missing.
+  Cached images are re-verified (decoded) on every run.
+* The whole JSON of ``cfg.split`` is parsed in memory: fine for val2017 (25 MB); the
+  train2017 instances file (448 MB) needs a few GB of RAM.
+* Every failure raises :class:`CocoDownloadError` naming the file/URL (and image id) at fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+from PIL import Image, ImageFile
+from tqdm.auto import tqdm
+
+from mmn.params import CocoParams
+
+__all__ = [
+    "CocoDownloadError",
+    "archive_cache_path",
+    "download_coco",
+    "image_split",
+    "select_image_ids",
+    "site_cache_dir",
+]
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+#: network read size; small, because urllib3 drops a partly read chunk when the connection breaks
+STREAM_CHUNK_BYTES = 1 << 16
+#: first delay between retries, doubled after each failed attempt, capped at BACKOFF_MAX_S
+BACKOFF_S = 1.0
+BACKOFF_MAX_S = 30.0
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_SPLIT_RE = re.compile(r"^(train|val|test|unlabeled)20\d\d$")
+_CONTENT_RANGE_RE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE_UNSAT_RE = re.compile(r"^bytes\s+\*/(\d+)$")
+
+
+class CocoDownloadError(RuntimeError):
+    """A COCO download/verification failure; the message names the file, URL or image id."""
+
+
+class _Retryable(Exception):
+    """A transient failure (network error, 5xx, short transfer): try again."""
+
+
+class _Fatal(Exception):
+    """A failure that retrying will not fix (e.g. HTTP 404)."""
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def site_cache_dir(base_url: str, cache_dir: Path) -> Path:
+    """Cache folder of one server: ``cache_dir/<host>-<8 hex of sha1(base_url)>``."""
+    base = base_url.rstrip("/")
+    host = re.sub(r"[^A-Za-z0-9.-]+", "_", urlparse(base).netloc or "local")
+    return Path(cache_dir) / f"{host}-{hashlib.sha1(base.encode()).hexdigest()[:8]}"
+
+
+def archive_cache_path(cfg: CocoParams, cache_dir: Path) -> Path:
+    """Where the annotations archive is cached (its partial download is this + ``.part``)."""
+    rel = PurePosixPath(cfg.annotations_archive.lstrip("/"))
+    return site_cache_dir(cfg.base_url, cache_dir) / Path(*rel.parts)
+
+
+def image_split(record: dict[str, Any], default: str) -> str:
+    """The split folder of an image record: from its ``coco_url`` path when present."""
+    url = record.get("coco_url")
+    if isinstance(url, str) and url:
+        parts = PurePosixPath(urlparse(url).path).parts
+        if len(parts) >= 2 and _SPLIT_RE.match(parts[-2]):
+            return parts[-2]
+    return default
+
+
+def select_image_ids(ids: Iterable[int], subset: int, seed: int) -> list[int]:
+    """All ids (sorted) when ``subset`` is 0 or ≥ their number, else a seeded sample.
+
+    The sample is ``numpy.random.default_rng(seed).choice`` over the *sorted* ids without
+    replacement, returned sorted: it depends only on the id set, ``subset`` and ``seed``.
+    """
+    pool = sorted({int(i) for i in ids})
+    if subset <= 0 or subset >= len(pool):
+        return pool
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(pool), size=subset, replace=False)
+    return sorted(pool[int(i)] for i in picked)
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
+    """``bytes a-b/total`` → (a, total or None)."""
+    if not value:
+        return None
+    m = _CONTENT_RANGE_RE.match(value.strip())
+    if not m:
+        return None
+    return int(m[1]), (None if m[3] == "*" else int(m[3]))
+
+
+def _fetch_once(
+    session: requests.Session, url: str, part: Path, timeout: float, show_bar: bool
+) -> None:
+    """One attempt at completing ``part`` from ``url``; resumes with Range when it exists."""
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"Accept-Encoding": "identity"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    expected: int | None = None
+    try:
+        with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+            if r.status_code == 416 and start:
+                m = _CONTENT_RANGE_UNSAT_RE.match(r.headers.get("Content-Range", "").strip())
+                if m and int(m[1]) == start:
+                    return  # the partial file is already complete
+                part.unlink()
+                raise _Retryable(f"server refused to resume at byte {start} (HTTP 416); restarting")
+            if r.status_code in _RETRY_STATUS:
+                raise _Retryable(f"HTTP {r.status_code} {r.reason}")
+            if r.status_code == 206 and start:
+                cr = _parse_content_range(r.headers.get("Content-Range"))
+                if cr is None or cr[0] != start:
+                    part.unlink()
+                    raise _Retryable(
+                        f"server answered Range bytes={start}- with "
+                        f"Content-Range {r.headers.get('Content-Range')!r}; restarting"
+                    )
+                mode, expected = "ab", cr[1]
+            elif r.status_code == 200:
+                mode, start = "wb", 0  # no resume support: start over
+                cl = r.headers.get("Content-Length")
+                expected = int(cl) if cl and cl.isdigit() else None
+            else:
+                raise _Fatal(f"HTTP {r.status_code} {r.reason}")
+            with (
+                open(part, mode) as f,
+                tqdm(
+                    total=expected,
+                    initial=start,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=PurePosixPath(urlparse(url).path).name,
+                    leave=False,
+                    disable=not show_bar,
+                ) as bar,
+            ):
+                for chunk in r.iter_content(STREAM_CHUNK_BYTES):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.ContentDecodingError,
+    ) as err:
+        raise _Retryable(f"{type(err).__name__}: {err}") from err
+    size = part.stat().st_size
+    if expected is not None and size != expected:
+        raise _Retryable(f"incomplete transfer: have {size} of {expected} bytes")
+
+
+def _fetch(
+    session: requests.Session,
+    url: str,
+    dest: Path,
+    *,
+    retries: int,
+    timeout: float,
+    what: str,
+    show_bar: bool = False,
+) -> None:
+    """Download ``url`` to ``dest`` through ``dest.part`` (resumable), ``retries`` extra tries."""
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S))
+        try:
+            _fetch_once(session, url, part, timeout, show_bar)
+        except _Retryable as err:
+            last = err
+            log.warning("%s: attempt %d/%d of %s failed: %s", what, attempt + 1, retries + 1, url, err)
+            continue
+        except _Fatal as err:
+            raise CocoDownloadError(f"{what}: cannot download {url}: {err}") from None
+        os.replace(part, dest)
+        return
+    raise CocoDownloadError(
+        f"{what}: download of {url} failed after {retries + 1} attempt(s): {last}"
+    )
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- archive + JSON
+
+
+def _get_archive(
+    session: requests.Session, cfg: CocoParams, url: str, dest: Path, show_bar: bool
+) -> str:
+    """Make sure ``dest`` holds the verified archive; return its sha1."""
+    expected = cfg.annotations_sha1.lower() if cfg.annotations_sha1 else None
+    if dest.exists():
+        digest = _sha1(dest)
+        if expected is None or digest == expected:
+            log.info("using cached %s (sha1 %s)", dest, digest)
+            return digest
+        log.warning("cached %s has sha1 %s, expected %s: downloading it again", dest, digest, expected)
+        dest.unlink()
+    _fetch(
+        session,
+        url,
+        dest,
+        retries=cfg.retries,
+        timeout=cfg.timeout_s,
+        what="annotations archive",
+        show_bar=show_bar,
+    )
+    digest = _sha1(dest)
+    if expected is not None and digest != expected:
+        dest.unlink()
+        raise CocoDownloadError(
+            f"sha1 mismatch for {url}: expected {expected}, got {digest}; "
+            f"the downloaded file was deleted (it was {dest})"
+        )
+    return digest
+
+
+def _validate(data: Any, label: str, kind: str) -> None:
+    """Check the COCO structure we rely on; raise CocoDownloadError naming ``label``."""
+    if not isinstance(data, dict):
+        raise CocoDownloadError(f"{label}: top level is {type(data).__name__}, expected a JSON object")
+    required = ["images", "annotations"] + (["categories"] if kind == "instances" else [])
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise CocoDownloadError(
+            f"{label}: missing key(s) {missing}; a COCO {kind} file needs {required}"
+        )
+    for key in required:
+        if not isinstance(data[key], list):
+            raise CocoDownloadError(f"{label}: '{key}' is {type(data[key]).__name__}, expected a list")
+    seen: set[int] = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict):
+            raise CocoDownloadError(f"{label}: images[{i}] is not an object")
+        bad = [
+            k
+            for k, t in (("id", int), ("file_name", str), ("width", int), ("height", int))
+            if not isinstance(im.get(k), t) or isinstance(im.get(k), bool)
+        ]
+        if bad:
+            raise CocoDownloadError(f"{label}: images[{i}] lacks a valid {bad} (record: {im!r:.200})")
+        fn = im["file_name"]
+        if fn in ("", ".", "..") or PurePosixPath(fn).name != fn or "\\" in fn:
+            raise CocoDownloadError(f"{label}: images[{i}] (id {im['id']}) has unsafe file_name {fn!r}")
+        if im["id"] in seen:
+            raise CocoDownloadError(f"{label}: duplicate image id {im['id']}")
+        seen.add(im["id"])
+    ann_keys = ("id", "image_id") + (("category_id",) if kind == "instances" else ())
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or any(k not in ann for k in ann_keys):
+            raise CocoDownloadError(
+                f"{label}: annotations[{i}] lacks one of {list(ann_keys)} (record: {ann!r:.200})"
+            )
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, label: str, kind: str) -> dict[str, Any]:
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        members = [n for n in zf.namelist() if n.endswith(".json")]
+        raise CocoDownloadError(
+            f"{label}: no such member in the archive (its JSON members: {members})"
+        ) from None
+    try:
+        with zf.open(info) as f:  # streamed out of the zip; nothing is extracted to disk
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise CocoDownloadError(
+            f"{label}: not valid JSON (truncated or corrupt?): {err.msg} at line {err.lineno} "
+            f"column {err.colno} (char {err.pos} of {info.file_size} bytes)"
+        ) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+        raise CocoDownloadError(f"{label}: cannot read it from the archive: {err}") from None
+    _validate(data, label, kind)
+    return data
+
+
+def _read_annotations(
+    archive: Path, url: str, split: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as err:
+        archive.unlink(missing_ok=True)
+        raise CocoDownloadError(
+            f"{url}: not a valid zip archive ({err}); deleted the cached copy {archive} "
+            "so that a rerun downloads it again"
+        ) from None
+    with zf:
+        out = []
+        for kind in ("instances", "captions"):
+            name = f"annotations/{kind}_{split}.json"
+            out.append(_read_member(zf, name, f"{name} in {url}", kind))
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@contextlib.contextmanager
+def _strict_pil() -> Iterator[None]:
+    """Truncated images must fail to decode even if some library relaxed PIL globally."""
+    prev = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = prev
+
+
+def _image_problem(path: Path, record: dict[str, Any]) -> str | None:
+    """None when ``path`` decodes fully with the record's width/height, else why not."""
+    try:
+        with _strict_pil(), Image.open(path) as im:
+            im.load()
+            size = im.size
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
+        return f"does not decode ({type(err).__name__}: {err})"
+    want = (record["width"], record["height"])
+    if size != want:
+        return f"is {size[0]}x{size[1]}, the record says {want[0]}x{want[1]}"
+    return None
+
+
+def _get_image(
+    session: requests.Session, cfg: CocoParams, record: dict[str, Any], url: str, dest: Path
+) -> bool:
+    """Ensure ``dest`` is a valid copy of the image; return True when it was downloaded."""
+    if dest.exists():
+        if _image_problem(dest, record) is None:
+            return False
+        log.warning("cached %s is invalid; downloading it again", dest)
+        dest.unlink()
+    what = f"image id {record['id']} ({record['file_name']})"
+    problem = None
+    for attempt in range(2):  # a corrupt file is downloaded again once, then we give up
+        _fetch(session, url, dest, retries=cfg.retries, timeout=cfg.timeout_s, what=what)
+        problem = _image_problem(dest, record)
+        if problem is None:
+            return True
+        dest.unlink()
+        log.warning("%s from %s %s (attempt %d of 2)", what, url, problem, attempt + 1)
+    raise CocoDownloadError(f"{what}: the file downloaded from {url} {problem} (tried twice)")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _subset_json(data: dict[str, Any], images: list[dict[str, Any]], ids: set[int]) -> dict[str, Any]:
+    """Same top-level keys (info, licenses, categories, ...), chosen images and their annotations."""
+    out = dict(data)
+    out["images"] = images
+    out["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    return out
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
+
+
+def _check_loads_in_pycocotools(path: Path) -> None:
+    from pycocotools.coco import COCO
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            COCO(str(path))
+    except Exception as err:
+        raise CocoDownloadError(f"{path}: pycocotools cannot load the written file: {err}") from err
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished ``tmp`` to ``out_dir``, replacing a previous result."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def download_coco(
+    cfg: CocoParams,
+    out_dir: Path,
+    seed: int,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fetch, verify and write COCO images + instances + captions (all, or a seeded subset).
+
+    Args:
+        cfg: ``data.coco`` of params.yaml (base URL, split, archive path and sha1, subset
+            size, timeout, retries).
+        out_dir: result folder (``images/``, ``annotations/instances.json``,
+            ``annotations/captions.json``); replaced atomically.
+        seed: seed of the subset choice (see :func:`select_image_ids`).
+        cache_dir: download cache; default ``out_dir.parent / ".coco_cache"``.
+        progress: show tqdm bars (archive bytes, image count).
+
+    Returns:
+        ``n_images``, ``n_instances``, ``n_captions``, ``archive_sha1`` (actual sha1 of the
+        archive), plus ``split``, ``seed``, ``subset``, ``base_url``, ``n_available``
+        (images in the split's JSON), ``n_fetched``/``n_cached`` (images downloaded this
+        run / found valid in the cache).
+
+    Raises:
+        CocoDownloadError: any download, checksum, JSON or image problem; the message names
+            the URL/file (and image id). ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir).absolute()
+    cache_root = Path(cache_dir) if cache_dir is not None else out_dir.parent / ".coco_cache"
+    site = site_cache_dir(cfg.base_url, cache_root)
+    base = cfg.base_url.rstrip("/")
+    archive_url = f"{base}/{cfg.annotations_archive.lstrip('/')}"
+    archive = archive_cache_path(cfg, cache_root)
+
+    with requests.Session() as session:
+        session.headers["User-Agent"] = "mmn-coco-download/0.1"
+        digest = _get_archive(session, cfg, archive_url, archive, show_bar=progress)
+        instances, captions = _read_annotations(archive, archive_url, cfg.split)
+
+        by_id = {im["id"]: im for im in instances["images"]}
+        chosen_ids = select_image_ids(by_id, cfg.subset, seed)
+        if cfg.subset and cfg.subset > len(by_id):
+            log.warning(
+                "subset %d > %d images in %s: taking all of them", cfg.subset, len(by_id), cfg.split
+            )
+        chosen_set = set(chosen_ids)
+        names = [by_id[i]["file_name"] for i in chosen_ids]
+        if len(set(names)) != len(names):
+            raise CocoDownloadError(f"annotations/instances_{cfg.split}.json in {archive_url}: "
+                                    "several chosen images share a file_name")
+
+        sources: list[tuple[dict[str, Any], Path]] = []
+        n_fetched = 0
+        with tqdm(total=len(chosen_ids), desc="COCO images", unit="img", disable=not progress) as bar:
+            for image_id in chosen_ids:
+                rec = by_id[image_id]
+                split = image_split(rec, cfg.split)
+                url = f"{base}/{split}/{rec['file_name']}"
+                dest = site / split / rec["file_name"]
+                n_fetched += _get_image(session, cfg, rec, url, dest)
+                sources.append((rec, dest))
+                bar.update(1)
+
+    # Output records keep the order of the source file.
+    chosen_images = [im for im in instances["images"] if im["id"] in chosen_set]
+    out_instances = _subset_json(instances, chosen_images, chosen_set)
+    cap_by_id = {im["id"]: im for im in captions["images"]}
+    cap_images = [cap_by_id.get(im["id"], im) for im in chosen_images]
+    out_captions = _subset_json(captions, cap_images, chosen_set)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "annotations").mkdir()
+        for rec, src in sources:
+            shutil.copyfile(src, tmp / "images" / rec["file_name"])
+        _write_json(out_instances, tmp / "annotations" / "instances.json")
+        _write_json(out_captions, tmp / "annotations" / "captions.json")
+        _check_loads_in_pycocotools(tmp / "annotations" / "instances.json")
+        _check_loads_in_pycocotools(tmp / "annotations" / "captions.json")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    summary = {
+        "n_images": len(chosen_ids),
+        "n_instances": len(out_instances["annotations"]),
+        "n_captions": len(out_captions["annotations"]),
+        "archive_sha1": digest,
+        "split": cfg.split,
+        "seed": seed,
+        "subset": cfg.subset,
+        "base_url": cfg.base_url,
+        "n_available": len(by_id),
+        "n_fetched": n_fetched,
+        "n_cached": len(chosen_ids) - n_fetched,
+    }
+    log.info("COCO %s: %s", out_dir, summary)
+    return summary
