@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -81,6 +81,32 @@ class CaptionParams(_Strict):
     stop_at_newline: bool = True
 
 
+class AttributeParams(_Strict):
+    k: int = Field(gt=0, description="top (layer, unit, patch) triples kept per image")
+    preactivation: bool = False
+    batch_size: int = Field(gt=0)
+    dtype: DType | None = Field(default=None, description="null = the profile's dtype")
+    device: Device | None = Field(default=None, description="null = the profile's device")
+
+
+class DecodeParams(_Strict):
+    top_n: int = Field(gt=0, le=1000)
+    final_norm: bool = True
+
+
+class FilterParams(_Strict):
+    min_words: int = Field(ge=0)
+    top_n: int = Field(gt=0)
+    min_letters: int = Field(gt=0)
+    wordlist: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _words_fit(self) -> "FilterParams":
+        if self.min_words > self.top_n:
+            raise ValueError(f"min_words ({self.min_words}) cannot exceed top_n ({self.top_n})")
+        return self
+
+
 class Params(_Strict):
     profile: Literal["embedded", "paper"]
     seed: int = Field(ge=0)
@@ -88,6 +114,9 @@ class Params(_Strict):
     data: DataParams
     projection: ProjectionParams
     caption: CaptionParams
+    attribute: AttributeParams
+    decode: DecodeParams
+    filter: FilterParams
 
     @field_validator("profiles")
     @classmethod

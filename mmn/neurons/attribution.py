@@ -1,0 +1,155 @@
+"""Gradient × activation attribution of every MLP unit to the target token's logit.
+
+g_{k,c,p} = A_{p,k} · ∂y^c/∂A_{p,k} for every unit k of every layer at every image
+position p, from ONE forward and ONE backward pass per batch:
+
+* the input embeddings are made to require grad, so the whole graph is recorded
+  while no parameter needs (or gets) a gradient;
+* :class:`mmn.hooks.TraceDict` keeps each layer's A (the input of W_out) attached to
+  the graph; ``torch.autograd.grad(Σ_b y_b, [A_0..A_L])`` then gives every layer's
+  gradient at once. Rows of a batch do not interact (causal LM, right padding), so
+  the gradient of the batch sum is each row's own gradient.
+
+Gotcha: y^c is read at the position that *predicts* c, i.e. the last real position of
+the row (prefix + caption tokens before c).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from mmn.hooks import TraceDict
+from mmn.models.prefix_lm import ImagePrefixLM
+from mmn.models.vision import PatchEncoder
+
+
+@dataclass
+class TopK:
+    """Top-k (layer, unit, patch) triples of one image, sorted by g descending."""
+
+    layer: Tensor  # Long[k]
+    unit: Tensor  # Long[k]
+    patch: Tensor  # Long[k]
+    g: Tensor  # Float[k]
+    activation: Tensor  # Float[k]
+    gradient: Tensor  # Float[k]
+
+
+def attribution_maps(
+    plm: ImagePrefixLM,
+    soft: Tensor,
+    texts: list[list[int]],
+    targets: list[int],
+    *,
+    preactivation: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(y, A, dy/dA)`` at the image positions.
+
+    ``soft``: ``Float[Tensor, "batch P d_model"]`` soft tokens; ``texts[b]`` = caption
+    tokens before c; ``targets[b]`` = c. ``A`` and the gradient have shape
+    ``[batch, n_layers, P, d_mlp]`` (fp32); ``y`` is ``[batch]``. With
+    ``preactivation`` the pre-nonlinearity Z (output of the adapter's
+    ``preact_module``) replaces A.
+    """
+    ad = plm.adapter
+    batch = plm.build(soft.detach(), texts)
+    embeds = batch.inputs_embeds.detach().requires_grad_(True)
+    if preactivation:
+        mods, kw = ad.preact_modules(), {"retain_output": True}
+    else:
+        mods, kw = ad.act_modules(), {"retain_input": True}
+    with torch.enable_grad(), TraceDict(mods, **kw) as traces:
+        out = ad.model(inputs_embeds=embeds, attention_mask=batch.attention_mask)
+        last = torch.tensor([n - 1 for n in batch.lengths], device=embeds.device)
+        rows = torch.arange(len(targets), device=embeds.device)
+        y = out.logits[rows, last, torch.tensor(targets, device=embeds.device)]
+        acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in range(ad.n_layers)]
+        grads = torch.autograd.grad(y.sum(), acts)
+    sl = batch.image_slice
+    a = torch.stack([t[:, sl, :].detach().float() for t in acts], dim=1)
+    g = torch.stack([t[:, sl, :].float() for t in grads], dim=1)
+    return y.detach().float(), a, g
+
+
+def top_k(a: Tensor, grad: Tensor, k: int) -> list[TopK]:
+    """Top ``k`` of g = a·grad over (layer, patch, unit) per image.
+
+    ``a``/``grad``: ``[batch, L, P, U]``. Ties break by flat index (layer, patch, unit)
+    so results are deterministic.
+    """
+    b, n_layers, n_patch, n_units = a.shape
+    g = (a * grad).reshape(b, -1)
+    k = min(k, g.shape[1])
+    vals, idx = torch.topk(g, k, dim=1, sorted=False)
+    out = []
+    for i in range(b):
+        # order by g descending, ties by flat index (layer, patch, unit): deterministic
+        by_index = torch.argsort(idx[i])
+        v, ix = vals[i, by_index], idx[i, by_index]
+        order = ix[torch.sort(v, descending=True, stable=True).indices]
+        layer = order // (n_patch * n_units)
+        patch = (order // n_units) % n_patch
+        unit = order % n_units
+        out.append(TopK(layer, unit, patch, g[i, order], a[i].reshape(-1)[order], grad[i].reshape(-1)[order]))
+    return out
+
+
+ATTRIBUTION_SCHEMA = {
+    "image_id": pl.Int64,
+    "rank": pl.Int64,
+    "layer": pl.Int64,
+    "unit": pl.Int64,
+    "patch": pl.Int64,
+    "g": pl.Float64,
+    "activation": pl.Float64,
+    "gradient": pl.Float64,
+    "target_token_id": pl.Int64,
+    "target_token": pl.Utf8,
+    "y": pl.Float64,
+}
+
+
+def attribute_captions(
+    captions: pl.DataFrame,
+    load_image: Callable[[int], Image.Image],
+    plm: ImagePrefixLM,
+    enc: PatchEncoder,
+    *,
+    k: int,
+    batch_size: int,
+    preactivation: bool = False,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Top-k triples for every image of ``captions`` that has a target (schema above).
+
+    Images are batched in image_id order; captions of different lengths share a batch
+    (right padding). Rows are sorted by (image_id, rank).
+    """
+    todo = captions.filter(pl.col("has_noun")).sort("image_id")
+    rows: list[dict] = []
+    recs = list(todo.iter_rows(named=True))
+    for start in tqdm(range(0, len(recs), batch_size), desc="attribute", disable=not progress):
+        chunk = recs[start : start + batch_size]
+        with torch.no_grad():
+            soft = plm.soft_tokens(enc.encode([load_image(r["image_id"]) for r in chunk]))
+        texts = [list(r["caption_token_ids"][: r["target_pos"]]) for r in chunk]
+        targets = [int(r["target_token_id"]) for r in chunk]
+        y, a, grad = attribution_maps(plm, soft, texts, targets, preactivation=preactivation)
+        for r, yi, top in zip(chunk, y.tolist(), top_k(a, grad, k)):
+            for rank, (l, u, p, gv, av, dv) in enumerate(
+                zip(top.layer.tolist(), top.unit.tolist(), top.patch.tolist(), top.g.tolist(),
+                    top.activation.tolist(), top.gradient.tolist())
+            ):
+                rows.append(
+                    {"image_id": r["image_id"], "rank": rank, "layer": l, "unit": u, "patch": p, "g": gv,
+                     "activation": av, "gradient": dv, "target_token_id": r["target_token_id"],
+                     "target_token": r["target_token"], "y": yi}
+                )
+    return pl.DataFrame(rows, schema=ATTRIBUTION_SCHEMA).sort(["image_id", "rank"])

@@ -1,0 +1,51 @@
+"""The interpretability filter: a unit is interpretable when at least ``min_words`` of
+its top ``top_n`` decoded tokens are English dictionary words of ``min_letters``+ letters.
+
+The word list is SCOWL-derived Debian ``wamerican`` (what the paper used: SCOWL),
+fetched by ``scripts/setup.sh`` into ``.cache/wordlist/american-english``. Entries are
+lower-cased; possessives (``cat's``) and non-alphabetic entries are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import polars as pl
+
+DEFAULT_WORDLIST = Path(".cache/wordlist/american-english")
+
+
+def load_wordlist(path: Path | str = DEFAULT_WORDLIST) -> frozenset[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: word list missing; run scripts/setup.sh (fetches Debian wamerican)")
+    words = {w.strip().lower() for w in path.read_text(encoding="utf-8", errors="replace").splitlines()}
+    return frozenset(w for w in words if w.isalpha() and w.isascii())
+
+
+def wordlist_info(path: Path | str = DEFAULT_WORDLIST) -> dict:
+    path = Path(path)
+    data = path.read_bytes()
+    return {"path": str(path), "source": "Debian wamerican (SCOWL size 50)",
+            "sha256": hashlib.sha256(data).hexdigest(), "entries": len(load_wordlist(path))}
+
+
+def is_word(token: str, words: frozenset[str], min_letters: int = 3) -> bool:
+    t = token.strip()
+    return len(t) >= min_letters and t.isalpha() and t.lower() in words
+
+
+def count_words(tokens: list[str], words: frozenset[str], top_n: int = 10, min_letters: int = 3) -> int:
+    return sum(is_word(t, words, min_letters) for t in tokens[:top_n])
+
+
+def apply_filter(
+    neurons: pl.DataFrame, words: frozenset[str], *, min_words: int = 7, top_n: int = 10, min_letters: int = 3
+) -> pl.DataFrame:
+    """Add ``n_words`` and ``interpretable`` columns to a decoded-neurons table."""
+    n = [count_words(t, words, top_n, min_letters) for t in neurons["tokens"].to_list()]
+    return neurons.with_columns(
+        pl.Series("n_words", n, dtype=pl.Int64),
+        pl.Series("interpretable", [x >= min_words for x in n], dtype=pl.Boolean),
+    )

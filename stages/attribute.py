@@ -1,0 +1,52 @@
+"""Stage attribute: g = A · dy^c/dA for every MLP unit at every image position, one
+forward + one backward pass per batch; keeps the top k (layer, unit, patch) per image.
+
+Writes data/attributions.parquet (image_id, rank, layer, unit, patch, g, activation,
+gradient, target token, y).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mmn.cli import log, stage_main
+from mmn.io import write_parquet
+from mmn.params import load_params
+
+NAME = "attribute"
+
+
+@click.command(help=__doc__)
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path())
+@click.option("--coco", "coco_dir", default="data/coco", show_default=True, type=click.Path())
+@click.option("--projection", "proj_dir", default="data/projection", show_default=True, type=click.Path())
+@click.option("--captions", default="data/captions.parquet", show_default=True, type=click.Path())
+@click.option("--out", default="data/attributions.parquet", show_default=True, type=click.Path())
+@stage_main(NAME)
+def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str) -> None:
+    import polars as pl
+
+    from mmn.data.layout import CocoLayout
+    from mmn.neurons.attribution import attribute_captions
+    from mmn.pipeline import build_prefix_lm, seed_everything
+    from mmn.quality import check_attributions
+
+    params = load_params(params_path)
+    seed_everything(params.seed)
+    ap = params.attribute
+    plm, enc = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)
+    caps = pl.read_parquet(captions)
+    layout = CocoLayout(Path(coco_dir))
+    df = attribute_captions(caps, layout.load_image, plm, enc, k=ap.k, batch_size=ap.batch_size,
+                            preactivation=ap.preactivation)
+    n_img = int(caps["has_noun"].sum())
+    check_attributions(df, k=ap.k, n_layers=plm.adapter.n_layers, n_units=plm.adapter.d_mlp,
+                       n_patches=enc.n_patches)
+    write_parquet(df, out)
+    log(NAME, f"{df.height} triples for {n_img} images ({caps.height - n_img} without a noun skipped); wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Stage decode: top tokens of every unit in the attributions, W_out column through
+the (final norm and) unembedding, one matrix product per layer.
+
+Writes data/neurons.parquet (layer, unit, token_ids, tokens, logits, decoded).
+"""
+
+from __future__ import annotations
+
+import click
+
+from mmn.cli import log, stage_main
+from mmn.io import write_parquet
+from mmn.params import load_params
+
+NAME = "decode"
+
+
+@click.command(help=__doc__)
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path())
+@click.option("--attributions", default="data/attributions.parquet", show_default=True, type=click.Path())
+@click.option("--out", default="data/neurons.parquet", show_default=True, type=click.Path())
+@stage_main(NAME)
+def main(params_path: str, attributions: str, out: str) -> None:
+    import polars as pl
+
+    from mmn.neurons.decode import decode_units
+    from mmn.pipeline import build_lm, seed_everything
+    from mmn.quality import check_neurons
+
+    params = load_params(params_path)
+    seed_everything(params.seed)
+    adapter, tok = build_lm(params, dtype="float32", device="cpu")
+    att = pl.read_parquet(attributions)
+    df = decode_units(adapter, tok, att, top_n=params.decode.top_n, final_norm=params.decode.final_norm)
+    check_neurons(df, top_n=params.decode.top_n, n_layers=adapter.n_layers, n_units=adapter.d_mlp)
+    write_parquet(df, out)
+    log(NAME, f"decoded {df.height} distinct units; wrote {out}")
+    for r in df.head(3).iter_rows(named=True):
+        log(NAME, f"  L{r['layer']}.u{r['unit']}: {r['decoded']}")
+
+
+if __name__ == "__main__":
+    main()
