@@ -37,7 +37,7 @@ def main(params_path: str, attributions: str, neurons: str, out: str, layers_out
     neu = apply_filter(pl.read_parquet(neurons), words, min_words=f.min_words, top_n=f.top_n,
                        min_letters=f.min_letters)
     att = pl.read_parquet(attributions)
-    check_interpretable(neu)
+    check_interpretable(neu, top_n=params.decode.top_n)
     dist = layer_distribution(att, neu)
     metrics = neuron_metrics(att, neu)
     metrics["wordlist"] = wordlist_info(f.wordlist)

@@ -1,0 +1,316 @@
+"""Expectation suites, as data, and the ``check_*`` gates built on them.
+
+A suite is a function returning a list of :func:`mmn.quality.core.expect` dicts;
+:data:`SUITES` maps suite names to those functions so later stages can register
+theirs (``register_suite("attributions", attributions_suite)``) and run them with
+``run_suite(df, name, SUITES[name]())``.
+
+Tables checked here:
+
+* ``captions``: ``data/captions.parquet`` (stage ``caption``), one row per image.
+* ``coco_images`` / ``coco_instances`` / ``coco_captions`` / ``coco_categories``:
+  frames derived from a COCO-format layout by :func:`check_coco_layout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pathlib
+import warnings
+from typing import Any, Callable
+
+import pandas as pd
+
+from .core import QualityError, expect, format_failures, run_suite, validate, when
+
+__all__ = [
+    "SUITES",
+    "register_suite",
+    "CAPTIONS_COLUMNS",
+    "captions_suite",
+    "check_captions",
+    "coco_images_suite",
+    "coco_instances_suite",
+    "coco_captions_suite",
+    "coco_categories_suite",
+    "coco_frames",
+    "check_coco_layout",
+]
+
+SUITES: dict[str, Callable[..., list]] = {}
+
+
+def register_suite(name: str, factory: Callable[..., list]) -> Callable[..., list]:
+    """Register ``factory`` (returns an expectation list) under ``name``."""
+    SUITES[name] = factory
+    return factory
+
+
+def _exists(*cols: str) -> list[dict]:
+    return [expect("expect_column_to_exist", column=c) for c in cols]
+
+
+
+
+# ------------------------------------------------------------------ captions
+
+
+#: column -> GX type name for ``expect_column_values_to_be_of_type`` (pandas
+#: semantics: "int64" also admits nullable Int64, "str" admits str/string/object-of-str).
+CAPTIONS_COLUMNS: dict[str, str] = {
+    "image_id": "int64",
+    "file_name": "str",
+    "caption": "str",
+    "has_noun": "bool",
+    "noun": "str",
+    "target_token_id": "int64",
+    "target_token": "str",
+    "target_pos": "int64",
+    "p_target": "float64",
+    "n_caption_tokens": "int64",
+}
+
+#: columns that are null exactly when ``has_noun`` is False
+_NOUN_DEPENDENT = ("noun", "target_token_id", "target_token", "target_pos", "p_target")
+
+
+def captions_suite() -> list[dict]:
+    """Schema of ``captions.parquet``: one row per image, the caption, its first noun
+    and the target token c (null iff the caption has no noun)."""
+    es: list[dict] = _exists(*CAPTIONS_COLUMNS)
+    es.append(expect("expect_table_row_count_to_be_between", min_value=1))
+    es += [expect("expect_column_values_to_be_of_type", column=c, type_=t)
+           for c, t in CAPTIONS_COLUMNS.items()]
+    es += [expect("expect_column_values_to_not_be_null", column=c)
+           for c in ("image_id", "file_name", "caption", "has_noun", "n_caption_tokens")]
+    es += [
+        expect("expect_column_values_to_be_unique", column="image_id"),
+        expect("expect_column_values_to_be_between", column="p_target",
+               min_value=0.0, max_value=1.0),
+        expect("expect_column_values_to_be_between", column="target_pos", min_value=0),
+        expect("expect_column_values_to_be_between", column="target_token_id", min_value=0),
+        expect("expect_column_values_to_be_between", column="n_caption_tokens", min_value=0),
+    ]
+    for c in _NOUN_DEPENDENT:
+        es.append(expect("expect_column_values_to_not_be_null", column=c,
+                         description=f"{c} must be set when has_noun is True",
+                         row_condition=when("has_noun", "==", True)))
+        es.append(expect("expect_column_values_to_be_null", column=c,
+                         description=f"{c} must be null when has_noun is False",
+                         row_condition=when("has_noun", "==", False)))
+    return es
+
+
+register_suite("captions", captions_suite)
+
+
+def check_captions(df: Any) -> None:
+    """Gate for ``captions.parquet``: a pandas/polars frame, or a path to the file.
+
+    A path is read with nullable dtypes, so integer columns holding nulls stay
+    integer (plain ``pd.read_parquet`` would make them float64 and fail the type check).
+    """
+    if isinstance(df, (str, pathlib.Path)):
+        df = pd.read_parquet(df, dtype_backend="numpy_nullable")
+    run_suite(df, "captions", captions_suite())
+
+
+# ---------------------------------------------------------------------- COCO
+
+
+def coco_images_suite() -> list[dict]:
+    """One row per ``images`` record of instances.json, with derived
+    ``file_exists`` and ``n_captions``."""
+    return [
+        *_exists("id", "file_name", "width", "height", "file_exists", "n_captions"),
+        expect("expect_table_row_count_to_be_between", min_value=1),
+        expect("expect_column_values_to_not_be_null", column="id"),
+        expect("expect_column_values_to_be_unique", column="id"),
+        expect("expect_column_values_to_not_be_null", column="file_name"),
+        expect("expect_column_values_to_be_between", column="width", min_value=1),
+        expect("expect_column_values_to_be_between", column="height", min_value=1),
+        expect("expect_column_values_to_be_in_set", column="file_exists", value_set=[True],
+               description="the image file must exist under images/"),
+        expect("expect_column_values_to_be_between", column="n_captions", min_value=1,
+               description="every image needs at least one caption in captions.json"),
+    ]
+
+
+def coco_instances_suite(image_ids: list, category_ids: list) -> list[dict]:
+    """One row per instance annotation, with derived ``mask_pixels`` (pixels of
+    pycocotools ``annToMask``; 0 when it fails, the reason in ``mask_error``)."""
+    return [
+        *_exists("id", "image_id", "category_id", "mask_pixels"),
+        expect("expect_column_values_to_not_be_null", column="id"),
+        expect("expect_column_values_to_be_unique", column="id"),
+        expect("expect_column_values_to_be_in_set", column="image_id", value_set=image_ids,
+               description="annotation refers to an image missing from 'images'"),
+        expect("expect_column_values_to_be_in_set", column="category_id",
+               value_set=category_ids,
+               description="annotation refers to a category missing from 'categories'"),
+        expect("expect_column_values_to_be_between", column="mask_pixels", min_value=1,
+               description="the instance mask (pycocotools annToMask) must be non-empty"),
+    ]
+
+
+def coco_captions_suite(image_ids: list) -> list[dict]:
+    """One row per caption annotation of captions.json."""
+    return [
+        *_exists("id", "image_id", "caption"),
+        expect("expect_column_values_to_be_in_set", column="image_id", value_set=image_ids,
+               description="caption refers to an image missing from 'images'"),
+        expect("expect_column_values_to_not_be_null", column="caption"),
+        expect("expect_column_value_lengths_to_be_between", column="caption", min_value=1),
+    ]
+
+
+def coco_categories_suite() -> list[dict]:
+    return [
+        *_exists("id", "name"),
+        expect("expect_table_row_count_to_be_between", min_value=1),
+        expect("expect_column_values_to_not_be_null", column="id"),
+        expect("expect_column_values_to_be_unique", column="id"),
+        expect("expect_column_values_to_not_be_null", column="name"),
+    ]
+
+
+register_suite("coco_images", coco_images_suite)
+register_suite("coco_instances", coco_instances_suite)
+register_suite("coco_captions", coco_captions_suite)
+register_suite("coco_categories", coco_categories_suite)
+
+_REQUIRED_KEYS = {
+    "instances.json": ("images", "annotations", "categories"),
+    "captions.json": ("annotations",),
+}
+
+
+def _structural(msg: str, path: pathlib.Path) -> QualityError:
+    return QualityError(f"data-quality suite 'coco_layout' failed: {path}: {msg}",
+                        suite="coco_layout", path=path)
+
+
+def _load_json(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise _structural("file missing", path)
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _structural(f"not valid JSON (truncated or corrupt?): {e}", path) from None
+    if not isinstance(data, dict):
+        raise _structural(f"top level is a {type(data).__name__}, expected an object", path)
+    for key in _REQUIRED_KEYS[path.name]:
+        if key not in data:
+            raise _structural(
+                f"missing top-level key {key!r} (COCO {path.stem} format needs "
+                f"{', '.join(_REQUIRED_KEYS[path.name])})", path)
+        if not isinstance(data[key], list):
+            raise _structural(f"{key!r} is a {type(data[key]).__name__}, expected a list",
+                              path)
+    return data
+
+
+def _records(items: list, columns: list[str], path: pathlib.Path, key: str) -> pd.DataFrame:
+    bad = [i for i, r in enumerate(items) if not isinstance(r, dict)]
+    if bad:
+        raise _structural(f"{key}[{bad[0]}] is not an object", path)
+    df = pd.DataFrame.from_records(items)
+    for c in columns:  # a key missing from every record -> all-null column
+        if c not in df.columns:
+            df[c] = None
+    return df
+
+
+def _mask_pixels(instances: dict) -> tuple[list[int], list[str | None]]:
+    """Pixels of pycocotools ``annToMask`` per annotation (0 + reason on failure)."""
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = instances
+    with contextlib.redirect_stdout(io.StringIO()):  # "creating index..."
+        coco.createIndex()
+    pixels: list[int] = []
+    errors: list[str | None] = []
+    for ann in instances["annotations"]:
+        try:
+            with warnings.catch_warnings():  # pycocotools vs numpy 2 copy= on crowd RLEs
+                warnings.simplefilter("ignore", DeprecationWarning)
+                n = int(coco.annToMask(ann).sum()) if isinstance(ann, dict) else 0
+            errors.append(None if n else "empty mask")
+        except Exception as e:  # noqa: BLE001 - any decode failure is a data failure
+            n = 0
+            errors.append(f"{type(e).__name__}: {e}"[:80])
+        pixels.append(n)
+    return pixels, errors
+
+
+def coco_frames(root: pathlib.Path) -> dict[str, pd.DataFrame]:
+    """Frames derived from a COCO layout (``images``, ``instances``, ``captions``,
+    ``categories``); raises :class:`QualityError` on structural problems."""
+    root = pathlib.Path(root)
+    ann_dir = root / "annotations"
+    img_dir = root / "images"
+    if not img_dir.is_dir():
+        raise _structural("images directory missing", img_dir)
+    inst_path, cap_path = ann_dir / "instances.json", ann_dir / "captions.json"
+    inst = _load_json(inst_path)
+    caps = _load_json(cap_path)
+
+    images = _records(inst["images"], ["id", "file_name", "width", "height"],
+                      inst_path, "images")
+    images["file_exists"] = [
+        isinstance(f, str) and bool(f) and (img_dir / f).is_file()
+        for f in images["file_name"]
+    ]
+    captions = _records(caps["annotations"], ["id", "image_id", "caption"],
+                        cap_path, "annotations")
+    counts = captions["image_id"].value_counts()
+    images["n_captions"] = [int(counts.get(i, 0)) for i in images["id"]]
+
+    instances = _records(inst["annotations"],
+                         ["id", "image_id", "category_id", "iscrowd"],
+                         inst_path, "annotations")
+    instances["mask_pixels"], instances["mask_error"] = _mask_pixels(inst)
+    instances = instances.drop(columns=[c for c in ("segmentation",) if c in instances])
+    categories = _records(inst["categories"], ["id", "name"], inst_path, "categories")
+    return {"images": images, "instances": instances, "captions": captions,
+            "categories": categories}
+
+
+def check_coco_layout(root: pathlib.Path) -> None:
+    """Gate for ``root/images/<file_name>``, ``root/annotations/instances.json`` and
+    ``root/annotations/captions.json`` (COCO format). Raises :class:`QualityError`
+    naming the file on structural problems, else listing every unmet expectation of
+    the four derived-frame suites."""
+    frames = coco_frames(root)
+    image_ids = [i for i in frames["images"]["id"].tolist() if i is not None]
+    category_ids = [i for i in frames["categories"]["id"].tolist() if i is not None]
+    plan = [
+        ("coco_images", frames["images"], coco_images_suite()),
+        ("coco_instances", frames["instances"], coco_instances_suite(image_ids, category_ids)),
+        ("coco_captions", frames["captions"], coco_captions_suite(image_ids)),
+        ("coco_categories", frames["categories"], coco_categories_suite()),
+    ]
+    keys = {
+        "coco_images": ("id", "file_name"),
+        "coco_instances": ("id", "image_id", "mask_error"),
+        "coco_captions": ("id", "image_id", "caption"),
+        "coco_categories": ("id", "name"),
+    }
+    messages, failures = [], []
+    for name, df, suite in plan:
+        found = validate(df, name, suite, key_columns=keys[name])
+        if found:
+            failures += found
+            messages.append(format_failures(name, found, len(suite), tuple(df.shape)))
+    if failures:
+        raise QualityError(
+            f"data-quality gate 'coco_layout' failed for {pathlib.Path(root)}:\n"
+            + "\n".join(messages),
+            suite="coco_layout",
+            failures=failures,
+            path=pathlib.Path(root),
+        )
+
