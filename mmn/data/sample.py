@@ -1,0 +1,127 @@
+"""The embedded ``sample`` data source: real public-domain / CC0 images that ship inside
+installed wheels (scikit-image, matplotlib), with the project's own COCO annotations.
+
+:func:`materialize_sample` writes the same layout as every other source::
+
+    out_dir/images/<file_name>            # byte-for-byte copies of the package files
+    out_dir/annotations/instances.json    # info, licenses, images, annotations, categories
+    out_dir/annotations/captions.json     # info, licenses, images, annotations (captions)
+
+Nothing is downloaded. ``sample_annotations.json`` (next to this module) holds the image
+records (each with a ``source`` block: distribution, import package, path inside it,
+sha256, credit and license statement), all 80 COCO categories with their official ids,
+hand-traced polygon instances and 5 hand-written captions per image.
+
+Gotchas:
+
+* Images are located with :func:`importlib.util.find_spec` (the package is not imported).
+  scikit-image fetches some of its data files at run time (pooch); only files that are
+  inside the wheel are used here. A missing file raises :class:`FileNotFoundError`.
+* ``camera.png`` and ``clock_motion.png`` are grayscale (mode ``L``) and ``horse.png`` is
+  RGBA (a CC0 silhouette drawing, not a photograph): convert to RGB when decoding.
+* A size mismatch with the record raises :class:`ValueError` (the polygons would be wrong);
+  a different sha256 with the right size only warns (e.g. a re-compressed PNG).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+ANNOTATIONS_FILE = Path(__file__).with_name("sample_annotations.json")
+
+
+def load_sample_annotations() -> dict[str, Any]:
+    """The embedded annotation document (info, licenses, images, categories, annotations, captions)."""
+    return json.loads(ANNOTATIONS_FILE.read_text(encoding="utf-8"))
+
+
+def package_file(package: str, rel_path: str, distribution: str | None = None) -> Path:
+    """Path of ``rel_path`` inside the installed ``package``; FileNotFoundError when absent."""
+    label = f"{distribution or package} (import package {package!r})"
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"sample data: package {label} is not installed; needed for {rel_path}")
+    for root in spec.submodule_search_locations:
+        path = Path(root) / rel_path
+        if path.is_file():
+            return path
+    roots = ", ".join(str(r) for r in spec.submodule_search_locations)
+    raise FileNotFoundError(f"sample data: {rel_path} is missing from package {label} at {roots}")
+
+
+def source_path(image: dict[str, Any]) -> Path:
+    """Installed file behind one image record (its ``source`` block)."""
+    src = image["source"]
+    return package_file(src["package"], src["path"], src.get("distribution"))
+
+
+def _check_image(path: Path, image: dict[str, Any]) -> None:
+    with Image.open(path) as im:
+        size = im.size
+    if size != (image["width"], image["height"]):
+        raise ValueError(
+            f"sample data: {path} is {size[0]}x{size[1]}, expected {image['width']}x{image['height']} "
+            f"for {image['file_name']} (another version of {image['source']['distribution']}?)"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != image["source"]["sha256"]:
+        warnings.warn(f"sample data: {path} differs from the annotated file (sha256 {digest})", stacklevel=3)
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":")) + "\n"
+
+
+def materialize_sample(out_dir: Path) -> dict[str, int]:
+    """Write the COCO layout of the embedded sample to ``out_dir`` (replaced atomically).
+
+    Returns ``{"n_images", "n_instances", "n_captions"}``.
+    """
+    out_dir = Path(out_dir)
+    doc = load_sample_annotations()
+    images = doc["images"]
+    sources = [(image, source_path(image)) for image in images]  # fail before writing anything
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "annotations").mkdir()
+        for image, src in sources:
+            _check_image(src, image)
+            shutil.copyfile(src, tmp / "images" / image["file_name"])
+        head = {"info": doc["info"], "licenses": doc["licenses"], "images": images}
+        instances = {**head, "annotations": doc["annotations"], "categories": doc["categories"]}
+        captions = {**head, "annotations": doc["captions"]}
+        (tmp / "annotations" / "instances.json").write_text(_dump(instances), encoding="utf-8")
+        (tmp / "annotations" / "captions.json").write_text(_dump(captions), encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".old-{out_dir.name}-"))
+            try:
+                out_dir.rename(old)  # POSIX rename onto an empty directory replaces it
+            except OSError:
+                old.rmdir()
+                raise
+            try:
+                tmp.rename(out_dir)
+            except OSError:
+                old.rename(out_dir)
+                raise
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {"n_images": len(images), "n_instances": len(doc["annotations"]), "n_captions": len(doc["captions"])}
