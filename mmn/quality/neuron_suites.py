@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .core import expect, run_suite
+from .core import QualityError, expect, run_suite
 from .suites import register_suite
 
 
@@ -58,7 +58,7 @@ def check_attributions(df: Any, *, k: int, n_layers: int, n_units: int, n_patche
 
 
 def neurons_suite(top_n: int, n_layers: int, n_units: int) -> list[dict]:
-    cols = ["layer", "unit", "token_ids", "tokens", "logits", "decoded"]
+    cols = ["layer", "unit", "decoded", "n_tokens", "logits_finite_sorted"]
     return [
         *[expect("expect_column_to_exist", column=c) for c in cols],
         expect("expect_table_row_count_to_be_between", min_value=1),
@@ -72,8 +72,16 @@ def neurons_suite(top_n: int, n_layers: int, n_units: int) -> list[dict]:
     ]
 
 
+def _require_lists(d: pl.DataFrame, suite: str) -> None:
+    """List columns are summarised before GX sees them; check they exist first."""
+    missing = [c for c in ("token_ids", "tokens", "logits") if c not in d.columns]
+    if missing:
+        raise QualityError(f"data-quality suite {suite!r}: missing column(s) {missing}", suite=suite)
+
+
 def _neuron_frame(df: Any) -> pl.DataFrame:
     d = _pl(df)
+    _require_lists(d, "neurons")
     ok = [bool(np.all(np.isfinite(v)) and np.all(np.diff(v) <= 0)) for v in d["logits"].to_list()]
     return d.with_columns(
         pl.col("tokens").list.len().cast(pl.Int64).alias("n_tokens"),
@@ -96,6 +104,7 @@ def interpretable_suite(top_n: int) -> list[dict]:
 
 def check_interpretable(df: Any, *, top_n: int) -> None:
     d = _pl(df)
+    _require_lists(d, "interpretable")
     d = d.with_columns(pl.col("tokens").list.len().cast(pl.Int64).alias("n_tokens")).drop(
         "token_ids", "tokens", "logits")
     run_suite(d, "interpretable", interpretable_suite(top_n))
