@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end in --smoke mode (real embedded models)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(name: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), "--smoke"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def parse_table(out: str) -> list[dict[str, str]]:
+    """The markdown table printed by a benchmark → one dict per row."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("|")]
+    assert len(lines) >= 3, out
+    cells = lambda ln: [c.strip() for c in ln.strip().strip("|").split("|")]  # noqa: E731
+    header = cells(lines[0])
+    assert set(lines[1]) <= {"|", "-"}, lines[1]
+    rows = [dict(zip(header, cells(ln), strict=True)) for ln in lines[2:]]
+    return rows
+
+
+def check_rows(rows: list[dict[str, str]], methods: tuple[str, ...], rate: str, n_images: int) -> None:
+    assert [r["method"] for r in rows] == list(methods)
+    for r in rows:
+        assert int(r["images"]) == n_images
+        secs, per_s, peak = float(r["seconds"]), float(r[rate]), float(r["peak RSS MB"])
+        assert secs > 0 and per_s > 0
+        assert per_s == pytest.approx(n_images / secs, rel=0.02, abs=2e-3)
+        assert 100 < peak < 64_000
+        assert float(r["RSS ready MB"]) <= peak
+
+
+def test_bench_attribution_smoke():
+    out = run_script("bench_attribution.py")
+    rows = parse_table(out)
+    check_rows(rows, ("one-pass", "naive"), "images/s", 2)
+    assert int(rows[0]["batch"]) == 2 and int(rows[1]["batch"]) == 1
+    assert "torch" in out and "torch threads = 2" in out
+    assert "speed ratio" in out
+    assert "same top-k: yes" in out.splitlines()
+
+
+def test_bench_caption_smoke():
+    out = run_script("bench_caption.py")
+    rows = parse_table(out)
+    check_rows(rows, ("batched", "one-by-one"), "captions/s", 4)
+    assert int(rows[0]["batch"]) == 4 and int(rows[1]["batch"]) == 1
+    assert rows[0]["caption tokens"] == rows[1]["caption tokens"]
+    assert "torch threads = 2" in out
+    assert "same captions: yes" in out.splitlines()

@@ -1,0 +1,158 @@
+"""End to end: the DVC pipeline in a temporary copy of the repository.
+
+Runs the real embedded models with small settings (few training steps, short
+captions), then checks repro semantics: a second ``dvc repro`` does nothing and a
+filter-only param change reruns exactly the filter stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from conftest import COCO_MINI, REPO
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["download_coco", "load_projection", "caption", "attribute", "decode", "filter"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1500)
+
+
+def _copy_repo(dst: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        src = REPO / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    (dst / ".cache").mkdir()
+    shutil.copytree(REPO / ".cache" / "wordlist", dst / ".cache" / "wordlist")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    return dst
+
+
+def _small_params(repo: Path, **overrides) -> None:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["projection"]["train"].update(steps=4, batch_size=4, views=2, warmup_steps=1)
+    p["caption"]["max_new_tokens"] = 10
+    p["attribute"]["k"] = 25
+    for path, value in overrides.items():
+        node = p
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _ran(stdout: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in stdout]
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory):
+    repo = _copy_repo(tmp_path_factory.mktemp("repo"))
+    _small_params(repo)
+    r = _run(["dvc", "repro"], repo)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return repo, r
+
+
+def test_full_dag_runs_and_outputs_are_consistent(pipeline_repo):
+    repo, r = pipeline_repo
+    assert _ran(r.stdout) == STAGES
+    caps = pl.read_parquet(repo / "data/captions.parquet")
+    n_images = len(list((repo / "data/coco/images").iterdir()))
+    assert caps.height == n_images == 7
+    att = pl.read_parquet(repo / "data/attributions.parquet")
+    with_noun = caps.filter(pl.col("has_noun"))
+    assert att.group_by("image_id").len()["len"].to_list() == [25] * with_noun.height
+    neu = pl.read_parquet(repo / "data/neurons.parquet")
+    units = att.select("layer", "unit").unique()
+    assert neu.height == units.height  # every attributed unit decoded exactly once
+    assert all(len(t) == 10 for t in neu["tokens"].to_list())
+    inter = pl.read_parquet(repo / "data/interpretable.parquet")
+    assert inter.height == neu.height and inter["interpretable"].dtype == pl.Boolean
+    # the target token is the caption token at target_pos
+    for row in with_noun.iter_rows(named=True):
+        assert row["caption_token_ids"][row["target_pos"]] == row["target_token_id"]
+        assert 0.0 <= row["p_target"] <= 1.0
+    meta = yaml.safe_load((repo / "data/projection/meta.json").read_text())
+    assert meta["d_in"] == 1280 and meta["d_out"] == 576 and meta["steps"] == 4
+    loss = pl.read_csv(repo / "data/projection/loss.csv")
+    assert loss.height == 4
+
+
+def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipeline_repo):
+    repo, _ = pipeline_repo
+    r = _run(["dvc", "repro"], repo)
+    assert r.returncode == 0, r.stderr
+    assert _ran(r.stdout) == []
+    assert "up to date" in r.stdout.lower()
+    before = (repo / "data/attributions.parquet").read_bytes()
+    _small_params(repo, **{"filter.min_words": 6})
+    r = _run(["dvc", "repro"], repo)
+    assert r.returncode == 0, r.stderr
+    assert _ran(r.stdout) == ["filter"]
+    assert (repo / "data/attributions.parquet").read_bytes() == before
+    _small_params(repo)
+    r = _run(["dvc", "repro"], repo)
+    assert _ran(r.stdout) == ["filter"]
+
+
+def test_bad_params_fail_the_stage_with_the_key(pipeline_repo, tmp_path):
+    repo, _ = pipeline_repo
+    r = _run([sys.executable, "-m", "stages.attribute", "--params", str(_bad_params(repo, tmp_path)),
+              "--out", str(tmp_path / "att.parquet")], repo)
+    assert r.returncode == 1
+    assert "attribute.k" in r.stderr
+    assert not (tmp_path / "att.parquet").exists()
+
+
+def _bad_params(repo: Path, tmp_path: Path) -> Path:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["attribute"]["k"] = 0
+    out = tmp_path / "params.yaml"
+    out.write_text(yaml.safe_dump(p))
+    return out
+
+
+def test_coco_source_stage_from_local_mirror(tmp_path):
+    """download_coco with source `coco` against a 127.0.0.1 mirror of coco-mini."""
+    if not COCO_MINI.is_dir():
+        pytest.skip(f"coco-mini not found at {COCO_MINI}")
+    from coco_server import coco_server
+
+    repo = _copy_repo(tmp_path / "repo")
+    with coco_server(tmp_path / "mirror") as srv:
+        _small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
+                               "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 6})
+        r = _run(["dvc", "repro", "download_coco"], repo)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    from pycocotools.coco import COCO
+
+    inst = COCO(str(repo / "data/coco/annotations/instances.json"))
+    assert len(inst.getImgIds()) == 6
+    for img in inst.loadImgs(inst.getImgIds()):
+        assert (repo / "data/coco/images" / img["file_name"]).read_bytes() == (
+            COCO_MINI / "images" / img["file_name"]).read_bytes()
