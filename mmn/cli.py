@@ -32,6 +32,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - quality package always present
         pass
     try:
+        from mmn.metrics.bertscore import BertScoreUnavailable
+        from mmn.metrics.clipscore import ClipUnavailable
+
+        errs += [ClipUnavailable, BertScoreUnavailable]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
         from mmn.data.coco import CocoDownloadError
 
         errs.append(CocoDownloadError)

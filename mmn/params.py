@@ -44,6 +44,11 @@ class ModelProfile(_Strict):
     limber_url: str | None = None
     device: Device = "auto"
     dtype: DType = "float32"
+    iou_categories: list[str] = Field(min_length=1, description="COCO categories for Fig. 5 / selectivity")
+    clip_pretrained: str | None = Field(default=None, description="open_clip tag; null = CLIPScore not computed")
+    clip_checkpoint: str | None = Field(default=None, description="local open_clip checkpoint file")
+    bert_model: str = Field(min_length=1, description="BERTScore model ('embedded:all-MiniLM-L6-v2' or HF id)")
+    bert_layers: int | None = Field(default=None, gt=0, description="null = bert_score's default for the model")
 
 
 class CocoParams(_Strict):
@@ -107,6 +112,37 @@ class FilterParams(_Strict):
         return self
 
 
+class ScoreParams(_Strict):
+    clip_model: str = Field(min_length=1, description="open_clip architecture, e.g. ViT-B-32")
+    clip_w: float = Field(gt=0, description="CLIPScore weight w in 100*w*max(cos,0)")
+    top_units: int = Field(gt=0, description="top units per image whose decodings are scored")
+    random_draws: int = Field(gt=0)
+    prompt_neighbours: int = Field(gt=0, description="nearest vocabulary tokens per soft token (Table 2)")
+    batch_size: int = Field(gt=0)
+
+
+class IouParams(_Strict):
+    quantile: float = Field(gt=0, lt=1)
+    mask_size: int = Field(gt=0)
+    top_units: int = Field(gt=0, description="multimodal units per image tested")
+    random_draws: int = Field(gt=0)
+    selectivity_units: int = Field(gt=0)
+
+
+class AblateParams(_Strict):
+    ks: list[int] = Field(min_length=1)
+    mode: Literal["zero", "mean"] = "zero"
+    regenerate: bool = True
+
+    @field_validator("ks")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        bad = [k for k in v if k < 0]
+        if bad:
+            raise ValueError(f"ks must be >= 0, got {bad}")
+        return sorted(set(v))
+
+
 class Params(_Strict):
     profile: Literal["embedded", "paper"]
     seed: int = Field(ge=0)
@@ -117,6 +153,9 @@ class Params(_Strict):
     attribute: AttributeParams
     decode: DecodeParams
     filter: FilterParams
+    score: ScoreParams
+    iou: IouParams
+    ablate: AblateParams
 
     @field_validator("profiles")
     @classmethod

@@ -58,3 +58,8 @@ def token_at_char(ids: list[int], tokenizer: PreTrainedTokenizerBase, char: int)
             return i
         prev = end
     raise ValueError(f"character {char} lies beyond the decoded text of {len(ids)} tokens")
+
+
+def nouns(text: str) -> list[str]:
+    """All tokens tagged NOUN in ``text``, lower-cased, in order (COCO-noun baseline)."""
+    return [t.text.lower() for t in _nlp()(text) if t.pos_ == "NOUN"]

@@ -66,3 +66,16 @@ def decode_units(
             rows.append({"layer": int(layer), "unit": u, "token_ids": i, "tokens": toks, "logits": v,
                          "decoded": ", ".join(toks)})
     return pl.DataFrame(rows, schema=NEURON_SCHEMA)
+
+
+@torch.no_grad()
+def top_token_ids_all_units(
+    adapter: LMAdapter, top_n: int = 10, final_norm: bool = True, chunk: int = 4096
+) -> torch.Tensor:
+    """``Long[Tensor, "layers d_mlp top_n"]``: top decoded token ids of every unit (chunked matmuls)."""
+    out = torch.empty(adapter.n_layers, adapter.d_mlp, top_n, dtype=torch.long)
+    for layer in range(adapter.n_layers):
+        for s in range(0, adapter.d_mlp, chunk):
+            units = list(range(s, min(s + chunk, adapter.d_mlp)))
+            out[layer, s : s + len(units)] = decode_layer(adapter, layer, units, top_n, final_norm)[1].cpu()
+    return out

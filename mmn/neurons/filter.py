@@ -49,3 +49,10 @@ def apply_filter(
         pl.Series("n_words", n, dtype=pl.Int64),
         pl.Series("interpretable", [x >= min_words for x in n], dtype=pl.Boolean),
     )
+
+
+def vocab_word_mask(tokenizer, vocab_size: int, words: frozenset[str], min_letters: int = 3) -> "torch.Tensor":
+    """``Bool[Tensor, "vocab"]``: token id decodes (stripped) to a dictionary word."""
+    import torch
+
+    return torch.tensor([is_word(tokenizer.decode([i]), words, min_letters) for i in range(vocab_size)])

@@ -11,6 +11,7 @@ validation, with ``GX_ANALYTICS_ENABLED=false`` set beforehand.
 """
 
 from .core import Failure, QualityError, expect, run_suite, to_pandas, validate, when
+from .experiment_suites import check_ablation, check_iou, check_scores
 from .neuron_suites import check_attributions, check_interpretable, check_neurons
 from .suites import (
     CAPTIONS_COLUMNS,
@@ -27,6 +28,9 @@ from .suites import (
 )
 
 __all__ = [
+    "check_ablation",
+    "check_iou",
+    "check_scores",
     "check_attributions",
     "check_neurons",
     "check_interpretable",
