@@ -29,6 +29,7 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
     import polars as pl
 
     from mmn.data.layout import CocoLayout
+    from mmn.distributed import distributed, gather_frames
     from mmn.neurons.attribution import attribute_captions
     from mmn.pipeline import build_prefix_lm, seed_everything
     from mmn.quality import check_attributions
@@ -36,11 +37,19 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
     params = load_params(params_path)
     seed_everything(params.seed)
     ap = params.attribute
-    plm, enc = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)
     caps = pl.read_parquet(captions)
     layout = CocoLayout(Path(coco_dir))
-    df = attribute_captions(caps, layout.load_image, plm, enc, k=ap.k, batch_size=ap.batch_size,
-                            preactivation=ap.preactivation)
+    with distributed() as info:
+        plm, enc = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)
+        mine = caps.filter(pl.col("image_id").is_in(info.shard(caps["image_id"].to_list())))
+        part = attribute_captions(mine, layout.load_image, plm, enc, k=ap.k, batch_size=ap.batch_size,
+                                  preactivation=ap.preactivation, progress=info.is_main)
+        df = gather_frames(part, info)
+    if not info.is_main:
+        return
+    df = df.sort(["image_id", "rank"])
+    if info.world > 1:
+        log(NAME, f"merged {info.world} shards")
     n_img = int(caps["has_noun"].sum())
     check_attributions(df, k=ap.k, n_layers=plm.adapter.n_layers, n_units=plm.adapter.d_mlp,
                        n_patches=enc.n_patches)

@@ -186,3 +186,20 @@ def test_filter_hand_made_lists():
     assert out["n_words"].to_list() == [7, 6]
     assert apply_filter(df, WORDS, min_words=6)["interpretable"].to_list() == [True, True]
     assert apply_filter(df, WORDS, min_words=7, min_letters=4)["n_words"].to_list() == [2, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("k", [1, 17, 10_000])
+def test_streaming_topk_equals_full_maps(tiny_adapters, family, k):
+    """attribute_topk (per-layer reduction) == top_k over the full maps."""
+    from mmn.neurons.attribution import attribute_topk
+
+    plm, soft, texts, targets = _setup(tiny_adapters, family)
+    y, a, grad = attribution_maps(plm, soft, texts, targets)
+    y2, tops = attribute_topk(plm, soft, texts, targets, k)
+    torch.testing.assert_close(y, y2)
+    for full, stream in zip(top_k(a, grad, k), tops):
+        for field in ("layer", "unit", "patch"):
+            assert getattr(full, field).tolist() == getattr(stream, field).tolist()
+        torch.testing.assert_close(full.g, stream.g)
+        torch.testing.assert_close(full.activation, stream.activation)

@@ -163,3 +163,17 @@ def test_coco_source_stage_from_local_mirror(tmp_path):
     for img in inst.loadImgs(inst.getImgIds()):
         assert (repo / "data/coco/images" / img["file_name"]).read_bytes() == (
             COCO_MINI / "images" / img["file_name"]).read_bytes()
+
+
+def test_two_rank_gloo_attribution_equals_single_process(pipeline_repo, tmp_path):
+    """torchrun with 2 CPU ranks (gloo) writes the same attributions as one process."""
+    repo, _ = pipeline_repo
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "att2.parquet"
+    r = _run([str(torchrun), "--nproc-per-node", "2", "--master-port", "0", "-m", "stages.attribute",
+              "--out", str(out)], repo)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "merged 2 shards" in r.stderr
+    single = pl.read_parquet(repo / "data/attributions.parquet")
+    merged = pl.read_parquet(out)
+    assert merged.equals(single)

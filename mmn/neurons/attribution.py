@@ -16,10 +16,11 @@ the row (prefix + caption tokens before c).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import polars as pl
 import torch
 from PIL import Image
 from torch import Tensor
@@ -28,6 +29,9 @@ from tqdm import tqdm
 from mmn.hooks import TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.models.vision import PatchEncoder
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 @dataclass
@@ -78,6 +82,66 @@ def attribution_maps(
     return y.detach().float(), a, g
 
 
+def attribute_topk(
+    plm: ImagePrefixLM,
+    soft: Tensor,
+    texts: list[list[int]],
+    targets: list[int],
+    k: int,
+    *,
+    preactivation: bool = False,
+) -> tuple[Tensor, list[TopK]]:
+    """Top-k triples per image without materialising all layers' maps at once.
+
+    Same forward/backward as :func:`attribution_maps`, but each layer's g is reduced to
+    its own top k (on the model's device) before moving on, so memory beyond the
+    autograd graph is O(batch · L · k) instead of O(batch · L · P · d_mlp). Equal to
+    ``top_k(*attribution_maps(...)[1:], k)`` (tested).
+    """
+    ad = plm.adapter
+    batch = plm.build(soft.detach(), texts)
+    embeds = batch.inputs_embeds.detach().requires_grad_(True)
+    if preactivation:
+        mods, kw = ad.preact_modules(), {"retain_output": True}
+    else:
+        mods, kw = ad.act_modules(), {"retain_input": True}
+    sl = batch.image_slice
+    with torch.enable_grad(), TraceDict(mods, **kw) as traces:
+        out = ad.model(inputs_embeds=embeds, attention_mask=batch.attention_mask)
+        dev = embeds.device
+        last = torch.tensor([n - 1 for n in batch.lengths], device=dev)
+        rows = torch.arange(len(targets), device=dev)
+        y = out.logits[rows, last, torch.tensor(targets, device=dev)]
+        acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in range(ad.n_layers)]
+        grads = torch.autograd.grad(y.sum(), acts)
+        del out
+    b = soft.shape[0]
+    n_patch, n_units = sl.stop - sl.start, ad.d_mlp
+    cand_v, cand_i, cand_a, cand_g = [], [], [], []
+    for layer, (a_l, g_l) in enumerate(zip(acts, grads)):
+        a_l = a_l[:, sl, :].detach().float().reshape(b, -1)
+        g_l = g_l[:, sl, :].float().reshape(b, -1)
+        prod = a_l * g_l
+        kk = min(k, prod.shape[1])
+        v, i = torch.topk(prod, kk, dim=1, sorted=False)
+        cand_v.append(v)
+        cand_i.append(i + layer * n_patch * n_units)  # flat index over (layer, patch, unit)
+        cand_a.append(a_l.gather(1, i))
+        cand_g.append(g_l.gather(1, i))
+    v, idx = torch.cat(cand_v, 1).cpu(), torch.cat(cand_i, 1).cpu()
+    av, gv = torch.cat(cand_a, 1).cpu(), torch.cat(cand_g, 1).cpu()
+    out_list = []
+    k = min(k, v.shape[1])
+    for r in range(b):
+        by_index = torch.argsort(idx[r])
+        vr, ir, ar, gr = v[r, by_index], idx[r, by_index], av[r, by_index], gv[r, by_index]
+        order = torch.sort(vr, descending=True, stable=True).indices[:k]
+        flat = ir[order]
+        out_list.append(TopK(flat // (n_patch * n_units), flat % n_units, (flat // n_units) % n_patch,
+                             vr[order], ar[order], gr[order]))
+    return y.detach().float(), out_list
+
+
 def top_k(a: Tensor, grad: Tensor, k: int) -> list[TopK]:
     """Top ``k`` of g = a·grad over (layer, patch, unit) per image.
 
@@ -101,23 +165,17 @@ def top_k(a: Tensor, grad: Tensor, k: int) -> list[TopK]:
     return out
 
 
-ATTRIBUTION_SCHEMA = {
-    "image_id": pl.Int64,
-    "rank": pl.Int64,
-    "layer": pl.Int64,
-    "unit": pl.Int64,
-    "patch": pl.Int64,
-    "g": pl.Float64,
-    "activation": pl.Float64,
-    "gradient": pl.Float64,
-    "target_token_id": pl.Int64,
-    "target_token": pl.Utf8,
-    "y": pl.Float64,
-}
+def attribution_schema() -> dict:
+    """Column types of ``attributions.parquet`` (polars imported lazily: the GPU path needs none)."""
+    import polars as pl
+
+    return {"image_id": pl.Int64, "rank": pl.Int64, "layer": pl.Int64, "unit": pl.Int64, "patch": pl.Int64,
+            "g": pl.Float64, "activation": pl.Float64, "gradient": pl.Float64, "target_token_id": pl.Int64,
+            "target_token": pl.Utf8, "y": pl.Float64}
 
 
 def attribute_captions(
-    captions: pl.DataFrame,
+    captions: "pl.DataFrame",
     load_image: Callable[[int], Image.Image],
     plm: ImagePrefixLM,
     enc: PatchEncoder,
@@ -126,12 +184,14 @@ def attribute_captions(
     batch_size: int,
     preactivation: bool = False,
     progress: bool = True,
-) -> pl.DataFrame:
-    """Top-k triples for every image of ``captions`` that has a target (schema above).
+) -> "pl.DataFrame":
+    """Top-k triples for every image of ``captions`` that has a target (:func:`attribution_schema`).
 
     Images are batched in image_id order; captions of different lengths share a batch
     (right padding). Rows are sorted by (image_id, rank).
     """
+    import polars as pl
+
     todo = captions.filter(pl.col("has_noun")).sort("image_id")
     rows: list[dict] = []
     recs = list(todo.iter_rows(named=True))
@@ -141,8 +201,8 @@ def attribute_captions(
             soft = plm.soft_tokens(enc.encode([load_image(r["image_id"]) for r in chunk]))
         texts = [list(r["caption_token_ids"][: r["target_pos"]]) for r in chunk]
         targets = [int(r["target_token_id"]) for r in chunk]
-        y, a, grad = attribution_maps(plm, soft, texts, targets, preactivation=preactivation)
-        for r, yi, top in zip(chunk, y.tolist(), top_k(a, grad, k)):
+        y, tops = attribute_topk(plm, soft, texts, targets, k, preactivation=preactivation)
+        for r, yi, top in zip(chunk, y.tolist(), tops):
             for rank, (l, u, p, gv, av, dv) in enumerate(
                 zip(top.layer.tolist(), top.unit.tolist(), top.patch.tolist(), top.g.tolist(),
                     top.activation.tolist(), top.gradient.tolist())
@@ -152,4 +212,4 @@ def attribute_captions(
                      "activation": av, "gradient": dv, "target_token_id": r["target_token_id"],
                      "target_token": r["target_token"], "y": yi}
                 )
-    return pl.DataFrame(rows, schema=ATTRIBUTION_SCHEMA).sort(["image_id", "rank"])
+    return pl.DataFrame(rows, schema=attribution_schema()).sort(["image_id", "rank"])

@@ -1,0 +1,65 @@
+"""Sharding per-image stages over processes with torch.distributed (torchrun).
+
+``torchrun --nproc-per-node N -m stages.attribute`` starts N ranks; each takes the
+images ``sorted_ids[rank::N]``, results are gathered on rank 0, which sorts, checks and
+writes exactly what one process would have written. Backend: NCCL when CUDA is
+available (each rank on ``cuda:LOCAL_RANK``), gloo on CPU. Without torchrun's
+environment (``WORLD_SIZE`` unset) everything runs in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, ids: list[int]) -> list[int]:
+        """This rank's share of ``ids`` (sorted first, round-robin)."""
+        return sorted(ids)[self.rank :: self.world]
+
+
+@contextmanager
+def distributed() -> Iterator[DistInfo]:
+    """Initialise the process group from torchrun's environment (no-op for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield DistInfo()
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend)
+    try:
+        yield DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def gather_frames(df: pl.DataFrame, info: DistInfo) -> pl.DataFrame | None:
+    """Concatenate every rank's frame on rank 0 (None elsewhere)."""
+    if info.world == 1:
+        return df
+    parts: list[pl.DataFrame | None] = [None] * info.world if info.is_main else None
+    dist.gather_object(df, parts, dst=0)
+    if not info.is_main:
+        return None
+    return pl.concat([p for p in parts if p is not None and p.height], how="vertical") if any(
+        p is not None and p.height for p in parts) else df.clear()
