@@ -75,9 +75,9 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     model.eval().requires_grad_(False)
     try:
         model.set_attn_implementation("sdpa")
-        attn = "sdpa"
-    except Exception as err:  # noqa: BLE001 - report what the model supports
-        attn = f"eager ({type(err).__name__})"
+    except Exception:  # noqa: BLE001 - some models only support eager; report what is in use
+        pass
+    attn = getattr(model.config, "_attn_implementation", "unknown")
     n_params = sum(p.numel() for p in model.parameters())
     tok = _Tok(cfg.vocab_size)
     ad = make_adapter(model, vocab_size=50257 if not tiny else 500)
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--profile", type=int, default=0, help="print the top CUDA kernels for this batch size")
     args = ap.parse_args()
     gpu = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if gpu else "cpu")
@@ -141,6 +142,22 @@ def main() -> None:
     batches = [int(b) for b in (args.batches if gpu else "1,2,4").split(",")]
     print(f"{'batch':>5} {'attr img/s':>11} {'tokens/img':>10} {'TFLOP/s':>9} {'% peak':>7} {'peak GiB':>9} "
           f"{'caption tok/s':>13}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        from mmn.neurons.attribution import attribute_topk
+
+        b = args.profile
+        feats = torch.randn(b, n_patch, plm.projection.in_features, device=device, dtype=dtype)
+        soft = plm.soft_tokens(feats).detach()
+        texts, targets = [[21, 22, 23]] * b, [31] * b
+        attribute_topk(plm, soft, texts, targets, 100)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with profile(activities=acts) as prof:
+            attribute_topk(plm, soft, texts, targets, 100)
+            sync(device)
+        key = "cuda_time_total" if gpu else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
     best = None
     for b in batches:
         try:

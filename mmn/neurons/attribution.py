@@ -106,12 +106,15 @@ def attribute_topk(
     else:
         mods, kw = ad.act_modules(), {"retain_input": True}
     sl = batch.image_slice
+    dev = embeds.device
+    # logits only at the positions that predict c (one per distinct row length)
+    keep = sorted({n - 1 for n in batch.lengths})
+    col = torch.tensor([keep.index(n - 1) for n in batch.lengths], device=dev)
     with torch.enable_grad(), TraceDict(mods, **kw) as traces:
-        out = ad.model(inputs_embeds=embeds, attention_mask=batch.attention_mask)
-        dev = embeds.device
-        last = torch.tensor([n - 1 for n in batch.lengths], device=dev)
+        out = ad.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                       logits_to_keep=torch.tensor(keep, device=dev))
         rows = torch.arange(len(targets), device=dev)
-        y = out.logits[rows, last, torch.tensor(targets, device=dev)]
+        y = out.logits[rows, col, torch.tensor(targets, device=dev)]
         acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in range(ad.n_layers)]
         grads = torch.autograd.grad(y.sum(), acts)
         del out
@@ -119,15 +122,17 @@ def attribute_topk(
     n_patch, n_units = sl.stop - sl.start, ad.d_mlp
     cand_v, cand_i, cand_a, cand_g = [], [], [], []
     for layer, (a_l, g_l) in enumerate(zip(acts, grads)):
-        a_l = a_l[:, sl, :].detach().float().reshape(b, -1)
-        g_l = g_l[:, sl, :].float().reshape(b, -1)
-        prod = a_l * g_l
-        kk = min(k, prod.shape[1])
-        v, i = torch.topk(prod, kk, dim=1, sorted=False)
-        cand_v.append(v)
+        # rank in the model's dtype (no full-size fp32 copies), then recompute the kept
+        # g in fp32 from the gathered activation and gradient
+        a_l = a_l[:, sl, :].detach().reshape(b, -1)
+        g_l = g_l[:, sl, :].reshape(b, -1)
+        kk = min(k, a_l.shape[1])
+        _, i = torch.topk(a_l * g_l, kk, dim=1, sorted=False)
+        a_k, g_k = a_l.gather(1, i).float(), g_l.gather(1, i).float()
+        cand_v.append(a_k * g_k)
         cand_i.append(i + layer * n_patch * n_units)  # flat index over (layer, patch, unit)
-        cand_a.append(a_l.gather(1, i))
-        cand_g.append(g_l.gather(1, i))
+        cand_a.append(a_k)
+        cand_g.append(g_k)
     v, idx = torch.cat(cand_v, 1).cpu(), torch.cat(cand_i, 1).cpu()
     av, gv = torch.cat(cand_a, 1).cpu(), torch.cat(cand_g, 1).cpu()
     out_list = []
