@@ -27,6 +27,9 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -143,6 +143,18 @@ class AblateParams(_Strict):
         return sorted(set(v))
 
 
+class PlotParams(_Strict):
+    """Figures and report (stage ``plot``); bounds the number of files it writes."""
+
+    cards: int = Field(default=12, gt=0, description="neuron cards (Fig. 1, Fig. 4): units with the highest g")
+    units_per_image: int = Field(default=5, gt=0, le=8, description="top units per image (Fig. 2, report)")
+    images: int = Field(default=50, gt=0, description="images with a Fig. 2 panel and a report page, by id")
+    top_images: int = Field(default=4, gt=0, description="top-activating images per unit (Fig. 4)")
+    quantile: float = Field(default=0.95, gt=0, lt=1, description="heatmap threshold quantile")
+    bins: int = Field(default=20, gt=1, description="histogram bins (Fig. 3)")
+    dpi: int = Field(default=100, gt=0, le=300)
+
+
 class Params(_Strict):
     profile: Literal["embedded", "paper"]
     seed: int = Field(ge=0)
@@ -156,6 +168,7 @@ class Params(_Strict):
     score: ScoreParams
     iou: IouParams
     ablate: AblateParams
+    plot: PlotParams = Field(default_factory=PlotParams)
 
     @field_validator("profiles")
     @classmethod

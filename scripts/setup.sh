@@ -30,4 +30,26 @@ if [ ! -s .cache/wordlist/american-english ]; then
   rm -rf "$tmp"
 fi
 echo "mmn: word list .cache/wordlist/american-english ($(wc -l < .cache/wordlist/american-english) entries)"
+# Offline `dvc plots show|diff`: vega, vega-lite and vega-embed (pinned; vega-lite v5 specs as DVC
+# writes them) from the npm registry, inlined into the HTML template that .dvc/config names
+# (plots.html_template = ../.cache/dvc-plots/offline.html). Generated here, git-ignored.
+VEGA_PKGS="vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0"
+if command -v npm >/dev/null; then
+  if [ ! -s .cache/npm/node_modules/vega-embed/build/vega-embed.min.js ] \
+     || [ "$(cat .cache/npm/.mmn-pkgs 2>/dev/null)" != "$VEGA_PKGS" ]; then
+    # shellcheck disable=SC2086
+    npm install --prefix .cache/npm --no-save --no-audit --no-fund --loglevel=error $VEGA_PKGS >/dev/null \
+      && echo "$VEGA_PKGS" > .cache/npm/.mmn-pkgs \
+      || echo "mmn: npm install of $VEGA_PKGS failed: no offline dvc plots template" >&2
+  fi
+  python scripts/build_vega_template.py || true
+else
+  echo "mmn: npm not found: dvc plots show will have no offline template (install Node.js/npm, rerun)" >&2
+fi
+# Headless Chromium for the report tests (tests/test_report_browser.py): Debian's package,
+# installed only when missing and only as root with apt-get available; otherwise those tests skip.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "mmn: could not install chromium; browser tests will skip" >&2
+fi
 echo "mmn: environment ready in .venv"

@@ -21,7 +21,7 @@ from conftest import COCO_MINI, REPO
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download_coco", "load_projection", "caption", "attribute", "decode", "filter", "score", "iou", "ablate"]
+STAGES = ["download_coco", "load_projection", "caption", "attribute", "decode", "filter", "score", "iou", "ablate", "plot"]
 
 
 def _env() -> dict:
@@ -116,7 +116,7 @@ def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipel
     r = _run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stderr
     # exactly the stages that read filter.* or its outputs (ablate filters all units itself)
-    assert _ran(r.stdout) == {"filter", "score", "iou", "ablate"}
+    assert _ran(r.stdout) == {"filter", "score", "iou", "ablate", "plot"}
     assert (repo / "data/attributions.parquet").read_bytes() == before
     # back to the old value: DVC's run cache restores filter's outputs without running it
     _small_params(repo, **{"filter.min_words": 7})
@@ -124,7 +124,7 @@ def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipel
     assert r.returncode == 0, r.stderr
     assert _ran(r.stdout) == set()
     cached = {s for s in STAGES if f"Stage '{s}' is cached" in r.stdout}
-    assert cached == {"filter", "score", "iou", "ablate"}
+    assert cached == {"filter", "score", "iou", "ablate", "plot"}
 
 
 def test_bad_params_fail_the_stage_with_the_key(pipeline_repo, tmp_path):

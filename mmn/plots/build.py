@@ -1,0 +1,245 @@
+"""The ``plot`` stage's work: figures under ``plots/``, plot-ready CSV under ``plots/data/``
+(declared in dvc.yaml for ``dvc plots``) and the static report under ``report/``.
+
+Layout written (``<key>`` is a unit id like ``L3-U1207``)::
+
+    plots/cards/<key>.png          Fig. 1 neuron cards (top ``cards`` units by max g)
+    plots/images/<image_id>.png    Fig. 2 superimposed receptive fields + marked caption
+    plots/units/<key>.png          Fig. 4 top-activating images of each card unit
+    plots/fig3_scores.png  fig5_iou.png  fig6_ablation.png  layers.png  selectivity.png
+    plots/data/ablation.csv  iou.csv  scores.csv
+    report/index.html  units.html  figures.html  tables.html  images/<id>.html  units/<key>.html
+    report/img/...                 every picture the pages show (copied: the folder is self-contained)
+
+The number of files is bounded by the ``plot`` params, whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from mmn.plots import figures as F
+from mmn.plots import tables as T
+from mmn.plots.activations import MapProvider, top_activating
+from mmn.plots.heatmap import overlay_heatmap, overlay_masks, square_image
+from mmn.report.build import ImagePage, ImageRow, Report, UnitPage, UnitRow, metric_tables, render_report
+
+HEAT_SIZE = 160  # report thumbnails
+FIG_SIZE = 224   # pictures inside the figures
+
+
+@dataclass
+class PlotSettings:
+    """The ``plot`` section of params.yaml (see :class:`mmn.params.PlotParams`)."""
+
+    cards: int = 12
+    units_per_image: int = 5
+    images: int = 50
+    top_images: int = 4
+    quantile: float = 0.95
+    bins: int = 20
+    dpi: int = 100
+
+
+@dataclass
+class PlotInputs:
+    captions: pl.DataFrame
+    attributions: pl.DataFrame
+    interpretable: pl.DataFrame
+    scores: pl.DataFrame
+    iou: pl.DataFrame
+    selectivity: pl.DataFrame
+    ablation: pl.DataFrame
+    layers: pl.DataFrame
+    metrics: dict[str, dict]                      # {"scores": {...}, "iou": ..., "ablation": ..., "neurons": ...}
+    refs: dict[int, list[str]]                    # COCO reference captions
+    file_names: dict[int, str]
+    load_image: Callable[[int], Image.Image]
+    categories: list[str] = field(default_factory=list)
+    title: str = "mmn — multimodal neurons"
+    subtitle: str = ""
+
+
+@dataclass
+class Written:
+    figures: list[Path]
+    data: list[Path]
+    report_pages: list[Path]
+
+    def summary(self) -> str:
+        return (f"{len(self.figures)} figures, {len(self.data)} plot tables, "
+                f"{len(self.report_pages)} report pages")
+
+
+def _save_jpg(pic: np.ndarray, path: Path, size: int | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(pic)
+    if size:
+        im = im.resize((size, size), Image.LANCZOS)
+    im.save(path, format="JPEG", quality=85, optimize=True)
+    return path.as_posix()
+
+
+def _write_csv(df: pl.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.write_csv(path, float_precision=6)
+    return path
+
+
+def plot_tables(inp: PlotInputs, bins: int) -> dict[str, pl.DataFrame]:
+    """The plot-ready tables (``plots/data/<name>.csv``) declared in dvc.yaml."""
+    curves = T.ablation_curves(inp.ablation)
+    bars = T.iou_bars(inp.iou, inp.categories or None)
+    return {
+        "ablation": T.wide(curves, "k", "kind", "rel_drop", T.ABLATION_KINDS),
+        "iou": T.wide(bars, "category", "kind", "iou", ("multimodal", "random")),
+        "scores": T.score_histogram(T.score_series(inp.scores, "bertscore"), bins),
+    }
+
+
+def build(inp: PlotInputs, maps: MapProvider, s: PlotSettings, plots_dir: Path, report_dir: Path) -> Written:
+    """Write every figure, plot table and report page (into the given, empty, folders)."""
+    sel = T.select(inp.captions, inp.attributions, inp.interpretable, images=s.images,
+                   units_per_image=s.units_per_image, cards=s.cards)
+    act = maps(sel.images, sel.units)
+    uidx = {u: j for j, u in enumerate(sel.units)}
+    photos = {i: square_image(inp.load_image(i), FIG_SIZE) for i in sel.images}
+    info = {(r["layer"], r["unit"]): r for r in sel.summary.iter_rows(named=True)}
+    caps = {r["image_id"]: r for r in inp.captions.iter_rows(named=True)}
+    figs: list[Path] = []
+
+    def tokens(u) -> list[str]:
+        return list(info[u]["tokens"] or [])
+
+    # Fig. 1: neuron cards
+    for u in sel.card_units:
+        r = info[u]
+        img = int(r["best_image"])
+        pic = overlay_heatmap(photos[img], act[img][uidx[u]], size=FIG_SIZE)
+        fig = F.neuron_card(pic, *u, tokens(u), list(r["logits"] or []), interpretable=r["interpretable"],
+                            n_words=r["n_words"], max_g=r["max_g"], image_label=f"image {img} (its max g)")
+        figs.append(F.save_png(fig, plots_dir / "cards" / f"{T.unit_key(*u)}.png", s.dpi))
+
+    # Fig. 2: per image, its top units superimposed + the caption with the target marked
+    image_units: dict[int, list[dict]] = {}
+    for img in sel.images:
+        rows = sel.per_image.filter(pl.col("image_id") == img).sort("order").to_dicts()
+        image_units[img] = rows
+        units = [(r["layer"], r["unit"]) for r in rows]
+        pic, _ = overlay_masks(photos[img], [act[img][uidx[u]] for u in units], size=FIG_SIZE, quantile=s.quantile)
+        c = caps.get(img, {})
+        parts = T.mark_target(c.get("caption") or "", c.get("noun"), c.get("target_token"))
+        labels = [", ".join(F.show_token(t) for t in tokens(u)[:4]) for u in units]
+        fig = F.image_units(pic, units, labels, parts, f"image {img}: {inp.file_names.get(img, '')}")
+        figs.append(F.save_png(fig, plots_dir / "images" / f"{img}.png", s.dpi))
+
+    # Fig. 4: top-activating images of the card units
+    top = top_activating(act, sel.units, s.top_images)
+    for u in sel.card_units:
+        panels = [(overlay_heatmap(photos[i], act[i][uidx[u]], size=FIG_SIZE, quantile=s.quantile),
+                   f"image {i}\nmax A = {a:.3g}") for i, a in top[u]]
+        fig = F.unit_top_images(*u, tokens(u), panels)
+        figs.append(F.save_png(fig, plots_dir / "units" / f"{T.unit_key(*u)}.png", s.dpi))
+
+    # Fig. 3, 5, 6 and the supplement
+    clip = T.score_series(inp.scores, "clipscore")
+    clip_note = None
+    models = inp.metrics.get("scores", {}).get("models", {})
+    if isinstance(models.get("clipscore"), str) and models["clipscore"].startswith("not computed"):
+        clip_note = models["clipscore"]
+    curves = T.ablation_curves(inp.ablation)
+    summary_figs = [
+        ("fig3_scores.png", "Fig. 3 — score distributions",
+         "BERTScore (and CLIPScore when computed) of decoded image prompts vs random vectors, COCO nouns and "
+         "the model's captions.",
+         F.score_distributions(T.score_series(inp.scores, "bertscore"), clip, s.bins, clip_note)),
+        ("fig5_iou.png", "Fig. 5 — IoU per category",
+         "Receptive fields (0.95 quantile) of multimodal vs random units from the same layers against COCO "
+         "instance masks; error bars are standard errors.",
+         F.iou_figure(T.iou_bars(inp.iou, inp.categories or None))),
+        ("fig6_ablation.png", "Fig. 6 — ablation",
+         "Relative drop of p(c) when the top-k units by g (unfiltered, interpretable only) or as many random "
+         "units of the same layers are ablated; bands are standard errors over images.",
+         F.ablation_figure(curves, T.ablation_example(inp.ablation))),
+        ("layers.png", "Layer histogram", "Where the top attributed (layer, unit, patch) triples sit.",
+         F.layer_histogram(inp.layers)),
+        ("selectivity.png", "Category selectivity",
+         "Mean activation of each category's most frequent interpretable units on every category, "
+         "normalised by the max over categories.",
+         F.selectivity_figure(*T.selectivity_matrix(inp.selectivity))),
+    ]
+    for name, _, _, fig in summary_figs:
+        figs.append(F.save_png(fig, plots_dir / name, s.dpi))
+
+    data = [_write_csv(df, plots_dir / "data" / f"{name}.csv") for name, df in plot_tables(inp, s.bins).items()]
+
+    # ----------------------------------------------------------------- report
+    rd = report_dir
+    img_dir = rd / "img"
+    photo_rel = {}
+    for i in sel.images:
+        _save_jpg(photos[i], img_dir / "photos" / f"{i}.jpg")
+        photo_rel[i] = f"img/photos/{i}.jpg"
+    heats: dict[tuple[tuple[int, int], int], str] = {}
+
+    def heat(u, i) -> str:
+        if (u, i) not in heats:
+            pic = overlay_heatmap(photos[i], act[i][uidx[u]], size=FIG_SIZE, quantile=s.quantile)
+            rel = f"img/heat/{T.unit_key(*u)}_{i}.jpg"
+            _save_jpg(pic, rd / rel, HEAT_SIZE)
+            heats[(u, i)] = rel
+        return heats[(u, i)]
+
+    def copy(src: Path, rel: str) -> str:
+        (rd / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, rd / rel)
+        return rel
+
+    image_pages = []
+    for img in sel.images:
+        c = caps.get(img, {})
+        rows = [UnitRow(T.unit_key(r["layer"], r["unit"]), r["layer"], r["unit"],
+                        info[(r["layer"], r["unit"])]["interpretable"], tokens((r["layer"], r["unit"])),
+                        g=r["g"], rank=r["rank"], heat=heat((r["layer"], r["unit"]), img))
+                for r in image_units[img]]
+        image_pages.append(ImagePage(
+            img, inp.file_names.get(img, ""), T.mark_target(c.get("caption") or "", c.get("noun"),
+                                                            c.get("target_token")),
+            c.get("noun"), c.get("target_token"), c.get("p_target"), inp.refs.get(img, []), photo_rel[img],
+            copy(plots_dir / "images" / f"{img}.png", f"img/fig2/{img}.png"), rows))
+
+    att_best = (inp.attributions.sort("rank").unique(subset=["layer", "unit", "image_id"], keep="first",
+                                                      maintain_order=True))
+    cards = set(sel.card_units)
+    pages = set(sel.images)
+    unit_pages = []
+    for u in sel.units:
+        r = info[u]
+        key = T.unit_key(*u)
+        attributed = [ImageRow(i, i in pages, g=g, rank=rk) for i, rk, g in
+                      att_best.filter((pl.col("layer") == u[0]) & (pl.col("unit") == u[1]))
+                      .sort(["rank", "image_id"]).select("image_id", "rank", "g").iter_rows()]
+        top_rows = [ImageRow(i, i in pages, activation=a, heat=heat(u, i)) for i, a in top[u]]
+        unit_pages.append(UnitPage(
+            key, u[0], u[1], r["interpretable"], r["n_words"], list(zip(tokens(u), list(r["logits"] or []))),
+            r["max_g"], r["n_images"],
+            copy(plots_dir / "cards" / f"{key}.png", f"img/cards/{key}.png") if u in cards else None,
+            copy(plots_dir / "units" / f"{key}.png", f"img/fig4/{key}.png") if u in cards else None,
+            attributed, top_rows))
+    unit_pages.sort(key=lambda p: (-p.max_g, p.layer, p.unit))
+
+    report = Report(
+        inp.title, inp.subtitle, image_pages, unit_pages,
+        metric_tables({k: inp.metrics[k] for k in ("scores", "iou", "ablation", "neurons") if k in inp.metrics}),
+        figures=[(title, copy(plots_dir / name, f"img/fig/{name}"), cap) for name, title, cap, _ in summary_figs],
+        cards=[(T.unit_key(*u), f"img/cards/{T.unit_key(*u)}.png") for u in sel.card_units],
+    )
+    pages_written = render_report(report, rd)
+    return Written(figs, data, pages_written)
