@@ -16,20 +16,30 @@ from pathlib import Path
 
 import polars as pl
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _clear_debris(path: Path) -> None:
+    """Remove ``.tmp-<name>-*`` / ``.old-<name>-*`` left by a killed earlier run."""
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".old-{path.name}-*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+
 
 @contextmanager
 def atomic_file(path: Path | str) -> Iterator[Path]:
     """Yield a temp path; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_debris(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -41,7 +51,9 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temp directory; on success it replaces directory ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_debris(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700
     try:
         yield tmp
         if path.exists():

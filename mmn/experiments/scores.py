@@ -151,7 +151,7 @@ def score_tables(
 
 def summarise(df: pl.DataFrame, clip_reason: str | None, bert_desc: str, clip_desc: str | None) -> dict:
     """Table 1/2 means and KS tests; CLIPScore entries are a 'not computed' string when absent."""
-    nc = f"not computed: {clip_reason}" if clip_reason else None
+    nc = "not computed: no CLIP weights (reason in models.clipscore)" if clip_reason else None
 
     def entry(sub: pl.DataFrame, per_image_max: bool) -> dict:
         if sub.height == 0:
@@ -168,7 +168,7 @@ def summarise(df: pl.DataFrame, clip_reason: str | None, bert_desc: str, clip_de
     t1 = df.filter(pl.col("table") == "table1")
     t2 = df.filter(pl.col("table") == "table2")
     out = {"table1": {}, "table2": {}, "ks": {},
-           "models": {"bertscore": bert_desc, "clipscore": clip_desc or nc}}
+           "models": {"bertscore": bert_desc, "clipscore": clip_desc or f"not computed: {clip_reason}"}}
     for item in ("multimodal_all", "multimodal_interpretable", "captions", "coco_nouns"):
         out["table1"][item] = entry(t1.filter(pl.col("item") == item), per_image_max=True)
     rp = t1.filter(pl.col("item") == "random_pairing")
