@@ -138,7 +138,8 @@ def main() -> None:
     peak = args.peak_tflops or next((v for kname, v in PEAKS_BF16_TFLOPS.items() if kname in name), float("nan"))
     plm, n_params, n_patch, attn = build(not gpu, device, dtype)
     print(f"device: {name}; torch {torch.__version__}; dtype {dtype}; attention {attn}")
-    print(f"model: GPT-J-shaped, {n_params / 1e9:.3f} B params, {n_patch} soft tokens; bf16 peak {peak} TFLOP/s")
+    print(f"model: {n_params} params (GPT-J-shaped, {n_params / 1e9:.3f} B), {n_patch} soft tokens; "
+          f"bf16 peak {peak} TFLOP/s")
     batches = [int(b) for b in (args.batches if gpu else "1,2,4").split(",")]
     print(f"{'batch':>5} {'attr img/s':>11} {'tokens/img':>10} {'TFLOP/s':>9} {'% peak':>7} {'peak GiB':>9} "
           f"{'caption tok/s':>13}")
@@ -169,7 +170,7 @@ def main() -> None:
             break
         tflops = 4 * n_params * tpi * ips / 1e12
         frac = 100 * tflops / peak if peak == peak else float("nan")
-        print(f"{b:>5} {ips:>11.2f} {tpi:>10.0f} {tflops:>9.1f} {frac:>6.1f}% {mem:>9.1f} {cps:>13.1f}")
+        print(f"{b:>5} {ips:>11.2f} {tpi:>10.0f} {tflops:>9.4f} {frac:>6.1f}% {mem:>9.1f} {cps:>13.1f}")
         if best is None or ips > best[1]:
             best = (b, ips, frac)
     if best:

@@ -64,3 +64,19 @@ def test_bench_caption_smoke():
     assert rows[0]["caption tokens"] == rows[1]["caption tokens"]
     assert "torch threads = 2" in out
     assert "same captions: yes" in out.splitlines()
+
+
+def test_bench_gpu_smoke():
+    """The GPU benchmark runs its tiny CPU config and prints one row per batch size whose
+    TFLOP/s column equals 4 · N_params · tokens/img · img/s."""
+    out = run_script("bench_gpu.py")
+    assert "tiny config: not a GPU figure" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.strip() and ln.split()[0] in {"1", "2", "4"}]
+    assert [r[0] for r in rows] == ["1", "2", "4"]
+    n_params = int(next(ln for ln in out.splitlines() if ln.startswith("model:")).split()[1])
+    assert n_params > 0
+    for r in rows:
+        ips, tpi, tflops = float(r[1]), float(r[2]), float(r[3])
+        assert ips > 0 and tpi > 0
+        # tokens/img is printed rounded to an integer: allow that rounding
+        assert tflops == pytest.approx(4 * n_params * tpi * ips / 1e12, rel=0.05, abs=1e-4)
