@@ -46,6 +46,34 @@ class TopK:
     gradient: Tensor  # Float[k]
 
 
+def _one_pass(
+    plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int], preactivation: bool
+) -> tuple[Tensor, list[Tensor], tuple[Tensor, ...], slice]:
+    """One forward + one backward: ``(y [batch], A per layer, dy/dA per layer, image slice)``.
+
+    Logits are computed only at the positions that predict c (one per distinct row
+    length), so the LM head costs nothing at the other positions.
+    """
+    ad = plm.adapter
+    batch = plm.build(soft.detach(), texts)
+    embeds = batch.inputs_embeds.detach().requires_grad_(True)
+    if preactivation:
+        mods, kw = ad.preact_modules(), {"retain_output": True}
+    else:
+        mods, kw = ad.act_modules(), {"retain_input": True}
+    dev = embeds.device
+    keep = sorted({n - 1 for n in batch.lengths})
+    col = torch.tensor([keep.index(n - 1) for n in batch.lengths], device=dev)
+    with torch.enable_grad(), TraceDict(mods, **kw) as traces:
+        out = ad.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                       logits_to_keep=torch.tensor(keep, device=dev))
+        rows = torch.arange(len(targets), device=dev)
+        y = out.logits[rows, col, torch.tensor(targets, device=dev)]
+        acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in range(ad.n_layers)]
+        grads = torch.autograd.grad(y.sum(), acts)
+    return y.detach().float(), acts, grads, batch.image_slice
+
+
 def attribution_maps(
     plm: ImagePrefixLM,
     soft: Tensor,
@@ -60,26 +88,13 @@ def attribution_maps(
     tokens before c; ``targets[b]`` = c. ``A`` and the gradient have shape
     ``[batch, n_layers, P, d_mlp]`` (fp32); ``y`` is ``[batch]``. With
     ``preactivation`` the pre-nonlinearity Z (output of the adapter's
-    ``preact_module``) replaces A.
+    ``preact_module``) replaces A. Materialises every layer: use :func:`attribute_topk`
+    for large models.
     """
-    ad = plm.adapter
-    batch = plm.build(soft.detach(), texts)
-    embeds = batch.inputs_embeds.detach().requires_grad_(True)
-    if preactivation:
-        mods, kw = ad.preact_modules(), {"retain_output": True}
-    else:
-        mods, kw = ad.act_modules(), {"retain_input": True}
-    with torch.enable_grad(), TraceDict(mods, **kw) as traces:
-        out = ad.model(inputs_embeds=embeds, attention_mask=batch.attention_mask)
-        last = torch.tensor([n - 1 for n in batch.lengths], device=embeds.device)
-        rows = torch.arange(len(targets), device=embeds.device)
-        y = out.logits[rows, last, torch.tensor(targets, device=embeds.device)]
-        acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in range(ad.n_layers)]
-        grads = torch.autograd.grad(y.sum(), acts)
-    sl = batch.image_slice
+    y, acts, grads, sl = _one_pass(plm, soft, texts, targets, preactivation)
     a = torch.stack([t[:, sl, :].detach().float() for t in acts], dim=1)
     g = torch.stack([t[:, sl, :].float() for t in grads], dim=1)
-    return y.detach().float(), a, g
+    return y, a, g
 
 
 def attribute_topk(
@@ -98,28 +113,9 @@ def attribute_topk(
     autograd graph is O(batch · L · k) instead of O(batch · L · P · d_mlp). Equal to
     ``top_k(*attribution_maps(...)[1:], k)`` (tested).
     """
-    ad = plm.adapter
-    batch = plm.build(soft.detach(), texts)
-    embeds = batch.inputs_embeds.detach().requires_grad_(True)
-    if preactivation:
-        mods, kw = ad.preact_modules(), {"retain_output": True}
-    else:
-        mods, kw = ad.act_modules(), {"retain_input": True}
-    sl = batch.image_slice
-    dev = embeds.device
-    # logits only at the positions that predict c (one per distinct row length)
-    keep = sorted({n - 1 for n in batch.lengths})
-    col = torch.tensor([keep.index(n - 1) for n in batch.lengths], device=dev)
-    with torch.enable_grad(), TraceDict(mods, **kw) as traces:
-        out = ad.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                       logits_to_keep=torch.tensor(keep, device=dev))
-        rows = torch.arange(len(targets), device=dev)
-        y = out.logits[rows, col, torch.tensor(targets, device=dev)]
-        acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in range(ad.n_layers)]
-        grads = torch.autograd.grad(y.sum(), acts)
-        del out
+    y, acts, grads, sl = _one_pass(plm, soft, texts, targets, preactivation)
     b = soft.shape[0]
-    n_patch, n_units = sl.stop - sl.start, ad.d_mlp
+    n_patch, n_units = sl.stop - sl.start, plm.adapter.d_mlp
     cand_v, cand_i, cand_a, cand_g = [], [], [], []
     for layer, (a_l, g_l) in enumerate(zip(acts, grads)):
         # rank in the model's dtype (no full-size fp32 copies), then recompute the kept
@@ -144,7 +140,7 @@ def attribute_topk(
         flat = ir[order]
         out_list.append(TopK(flat // (n_patch * n_units), flat % n_units, (flat // n_units) % n_patch,
                              vr[order], ar[order], gr[order]))
-    return y.detach().float(), out_list
+    return y, out_list
 
 
 def top_k(a: Tensor, grad: Tensor, k: int) -> list[TopK]:
