@@ -9,6 +9,7 @@ and out-of-range values raise :class:`ParamsError` naming the offending key path
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +50,24 @@ class ModelProfile(_Strict):
     clip_checkpoint: str | None = Field(default=None, description="local open_clip checkpoint file")
     bert_model: str = Field(min_length=1, description="BERTScore model ('embedded:all-MiniLM-L6-v2' or HF id)")
     bert_layers: int | None = Field(default=None, gt=0, description="null = bert_score's default for the model")
+
+    @field_validator("iou_categories")
+    @classmethod
+    def _coco_names(cls, v: list[str]) -> list[str]:
+        unknown = [c for c in v if c not in coco_category_names()]
+        if unknown:
+            raise ValueError(f"not COCO category names: {unknown} (e.g. 'person', 'dog', 'teddy bear')")
+        return v
+
+
+@lru_cache(maxsize=1)
+def coco_category_names() -> frozenset[str]:
+    """The 80 COCO category names (from the categories block the project ships)."""
+    import json
+    from importlib.resources import files
+
+    cats = json.loads(files("mmn.data").joinpath("sample_annotations.json").read_text())["categories"]
+    return frozenset(c["name"] for c in cats)
 
 
 class CocoParams(_Strict):

@@ -53,6 +53,11 @@ def test_profile_switch_resolves_paper_models():
         ("data.coco.subset", -1, "data.coco.subset"),
         ("filter.min_words", 11, "filter"),
         ("decode.final_norm", "yes", "decode.final_norm"),
+        ("iou.quantile", 1.5, "iou.quantile"),
+        ("iou.quantile", 0.0, "iou.quantile"),
+        ("ablate.ks", [0, -5], "ablate.ks"),
+        ("profiles.embedded.iou_categories", [], "profiles.embedded.iou_categories"),
+        ("profiles.embedded.iou_categories", ["person", "dgo"], "profiles.embedded.iou_categories"),
     ],
 )
 def test_bad_values_name_the_key(path, value, needle):

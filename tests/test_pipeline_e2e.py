@@ -177,3 +177,66 @@ def test_two_rank_gloo_attribution_equals_single_process(pipeline_repo, tmp_path
     single = pl.read_parquet(repo / "data/attributions.parquet")
     merged = pl.read_parquet(out)
     assert merged.equals(single)
+
+
+def _stage(repo: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", f"stages.{stage}", *args], repo)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_bad_image_fails_caption_clearly(pipeline_repo, tmp_path, damage):
+    repo, _ = pipeline_repo
+    coco = tmp_path / "coco"
+    shutil.copytree(repo / "data/coco", coco)
+    for p in coco.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    img = coco / "images" / "chelsea.png"
+    if damage == "truncate":
+        img.write_bytes(img.read_bytes()[:3000])
+    else:
+        img.unlink()
+    out = tmp_path / "captions.parquet"
+    r = _stage(repo, "caption", "--coco", str(coco), "--out", str(out))
+    assert r.returncode == 1
+    assert "chelsea.png" in r.stderr
+    assert ("cannot be decoded" if damage == "truncate" else "missing from disk") in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("categories", "needle"),
+    [(["dgo"], "not COCO category names: ['dgo']"), (["dog"], "no single-instance image of ['dog']")],
+)
+def test_bad_iou_category_fails_clearly(pipeline_repo, tmp_path, categories, needle):
+    repo, _ = pipeline_repo
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["profiles"]["embedded"]["iou_categories"] = categories
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(p))
+    out = tmp_path / "iou.parquet"
+    r = _stage(repo, "iou", "--params", str(params), "--out", str(out))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert needle in r.stderr and "iou_categories" in r.stderr
+    assert not out.exists()
+
+
+def test_wrong_projection_checkpoint_fails_clearly(pipeline_repo, tmp_path):
+    import torch
+
+    repo, _ = pipeline_repo
+    ckpt = tmp_path / "proj.ckpt"
+    torch.save(torch.nn.Linear(1024, 4096).state_dict(), ckpt)
+    out = tmp_path / "projection"
+    r = _stage(repo, "load_projection", "--ckpt", str(ckpt), "--out", str(out))
+    assert r.returncode == 1
+    assert "proj.ckpt" in r.stderr and "expected (576, 1280)" in r.stderr
+    assert not out.exists()
+
+
+def test_images_without_noun_are_kept_with_nulls(pipeline_repo):
+    repo, _ = pipeline_repo
+    caps = pl.read_parquet(repo / "data/captions.parquet")
+    no_noun = caps.filter(~pl.col("has_noun"))
+    assert no_noun.select(pl.col("target_token_id").is_null().all()).item()
+    att = pl.read_parquet(repo / "data/attributions.parquet")
+    assert set(att["image_id"].to_list()) == set(caps.filter(pl.col("has_noun"))["image_id"].to_list())
