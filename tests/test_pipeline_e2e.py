@@ -261,3 +261,42 @@ def test_forced_rerun_is_byte_identical(pipeline_repo):
     after = digests()
     changed = [k for k in before if before[k] != after[k]]
     assert not changed, f"not byte-identical after a forced rerun: {changed}"
+
+
+def test_whole_dag_on_coco_mini_mirror(tmp_path):
+    """The full DAG on real COCO images: the `coco` source fetches a seeded subset of
+    coco-mini from a 127.0.0.1 mirror; every metric has its shape and ranges."""
+    if not COCO_MINI.is_dir():
+        pytest.skip(f"coco-mini not found at {COCO_MINI}")
+    import json
+
+    from coco_server import coco_server
+
+    repo = _copy_repo(tmp_path / "repo")
+    with coco_server(tmp_path / "mirror") as srv:
+        _small_params(repo, **{
+            "profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
+            "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 10,
+            # single-instance categories of the seed-0 subset of 10
+            "profiles.embedded.iou_categories": ["person", "elephant", "giraffe", "bear", "sheep"],
+            "ablate.ks": [0, 10], "caption.max_new_tokens": 8, "plot.cards": 3, "plot.images": 4,
+        })
+        r = _run(["dvc", "repro"], repo)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _ran(r.stdout) == set(STAGES)
+    caps = pl.read_parquet(repo / "data/captions.parquet")
+    assert caps.height == 10
+    m = {n: json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in ("neurons", "scores", "iou", "ablation")}
+    assert 0 <= m["neurons"]["kept_fraction"] <= 1 and m["neurons"]["n_triples"] == 25 * caps["has_noun"].sum()
+    for table in ("table1", "table2"):
+        for item, v in m["scores"][table].items():
+            assert v["clipscore"].startswith("not computed"), item
+            assert v["bertscore"] is None or -1 <= v["bertscore"] <= 1, item
+    assert 0 <= m["scores"]["ks"]["prompts_vs_random_bertscore"]["D"] <= 1
+    assert set(m["iou"]["per_category"]) == {"person", "elephant", "giraffe", "bear", "sheep"}
+    for v in (m["iou"]["overall"]["multimodal"], m["iou"]["overall"]["random"]):
+        assert v is None or 0 <= v <= 1
+    for kind in ("unfiltered", "filtered", "random"):
+        assert m["ablation"][kind]["k0"]["rel_drop"] == pytest.approx(0, abs=1e-4)
+        assert 0 <= m["ablation"][kind]["k10"]["p"] <= 1
+    assert (repo / "report" / "index.html").is_file()
