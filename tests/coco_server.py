@@ -49,7 +49,8 @@ _ZIP_TIME = (2017, 9, 1, 0, 0, 0)
 def _candidates() -> list[Path]:
     env = os.environ.get(COCO_MINI_ENV)
     out = [Path(env)] if env else []
-    out += [_REPO / "shared" / "data" / "coco-mini", _REPO.parent / "shared" / "data" / "coco-mini"]
+    out += [_REPO / "shared" / "data" / "coco-mini", _REPO.parent / "shared" / "data" / "coco-mini",
+            Path("/work/shared/data/coco-mini")]  # where the development machines keep it
     return out
 
 

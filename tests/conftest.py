@@ -15,7 +15,16 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
+def _coco_mini() -> Path:
+    """coco-mini: $MMN_COCO_MINI, <repo>/../shared/..., or the development machines' /work/shared/..."""
+    for c in (os.environ.get("MMN_COCO_MINI"), REPO.parent / "shared" / "data" / "coco-mini",
+              "/work/shared/data/coco-mini"):
+        if c and Path(c).is_dir():
+            return Path(c)
+    return REPO.parent / "shared" / "data" / "coco-mini"
+
+
+COCO_MINI = _coco_mini()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini"
+from conftest import COCO_MINI  # noqa: E402
 
 # ----------------------------------------------------------------------------- CLIPScore
 

@@ -16,7 +16,7 @@ import pytest
 import mmn.quality as q
 from mmn.quality import QualityError, check_captions, check_coco_layout, expect, run_suite
 
-COCO_MINI = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-mini"
+from conftest import COCO_MINI  # noqa: E402
 COCO_MINI = COCO_MINI.resolve()
 needs_coco = pytest.mark.skipif(
     not (COCO_MINI / "annotations" / "instances.json").is_file(),

@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from mmn.data import sample
 from mmn.data.sample import materialize_sample, package_file
 
-COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
+from conftest import COCO_MINI  # noqa: E402
 
 # Official COCO 2017 category ids (80 of 1..90).
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
