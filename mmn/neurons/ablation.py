@@ -69,7 +69,10 @@ def target_probs(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
     rows = masks.shape[1]
     batch = plm.build(soft.expand(rows, -1, -1), [text] * rows)
     with torch.no_grad(), ablated(plm.adapter, masks, batch.image_slice, fill):
-        logits = plm.logits(batch)[:, batch.lengths[0] - 1, :].float()
+        # all rows have the same length: only the last position's logits are needed
+        out = plm.adapter.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                logits_to_keep=1)
+    logits = out.logits[:, -1, : plm.adapter.vocab_size].float()
     return torch.softmax(logits, -1)[:, target]
 
 
