@@ -8,11 +8,13 @@ side, captions/s and peak RSS of :meth:`mmn.models.prefix_lm.ImagePrefixLM.gener
 * ``batched``: on batches of ``--batch-size`` images;
 * ``one-by-one``: on one image at a time (same function, batch of 1);
 
-with the same images and ``--max-new-tokens``. Each method runs in a fresh subprocess
-(this script re-invoked with ``--method``), so its peak RSS is its own. The timed
-region covers encoding + projection + generation + decoding of every image (images
-are read from disk before it); an untimed warm-up on each method's first batch runs
-first. The script exits non-zero when the captions differ.
+with the same images and ``--max-new-tokens``. Each method runs in its own fresh
+subprocess (this script re-invoked with ``--method``), so its peak RSS is its own; the
+two processes take turns on the same chunks of ``--batch-size`` images (lockstep, see
+``bench_attribution.run_lockstep``). The timed region covers encoding + projection +
+generation + decoding of every image (images are read from disk before it); an
+untimed warm-up on each method's first batch runs first. The script exits non-zero
+when the captions differ.
 
     python benchmarks/bench_caption.py --images 8 --batch-size 8
     python benchmarks/bench_caption.py --smoke
@@ -21,10 +23,7 @@ first. The script exits non-zero when the captions differ.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,8 +36,8 @@ from bench_attribution import (  # noqa: E402  (shared helpers of the two benchm
     load_models,
     machine_info,
     markdown_table,
-    peak_rss_mb,
-    run_workers,
+    run_lockstep,
+    serve,
 )
 
 METHODS = ("batched", "one-by-one")
@@ -67,26 +66,14 @@ def worker(args: argparse.Namespace) -> None:
     plm, enc = load_models(args.seed)
     stop = stop_token_ids(plm.tokenizer, plm.adapter.vocab_size, stop_at_newline=True)
     bs = args.batch_size if args.method == "batched" else 1
+
+    def run(i: int, j: int) -> list[dict]:
+        return caption(plm, enc, images[i:j], args.max_new_tokens, bs, stop)
+
     if args.warmup:  # untimed: the method's first batch
-        caption(plm, enc, images[:bs], args.max_new_tokens, bs, stop)
-    rss_ready = peak_rss_mb()
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = caption(plm, enc, images, args.max_new_tokens, bs, stop)
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    out = {
-        "method": args.method,
-        "images": len(images),
-        "batch_size": bs,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "load_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-        "rss_ready_mb": rss_ready,
-        "peak_rss_mb": peak_rss_mb(),
-        "source": source,
-        "results": res,
-        "threads": torch.get_num_threads(),
-    }
-    Path(args.result).write_text(json.dumps(out))
+        run(0, bs)
+    serve(run, args.result, {"method": args.method, "batch_size": bs, "source": source,
+                             "threads": torch.get_num_threads()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     fwd = ["--images", str(args.images), "--batch-size", str(args.batch_size),
            "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--seed", str(args.seed),
            *([] if args.warmup else ["--no-warmup"])]
-    res = run_workers(Path(__file__).resolve(), METHODS, fwd)
+    res = run_lockstep(Path(__file__).resolve(), METHODS, fwd, args.images, args.batch_size)
     bat, one = res["batched"], res["one-by-one"]
     print(f"models: {LM} + {ENCODER} (7x7 patches) + random Linear(1280, 576), seed {args.seed}, fp32")
     print(f"images: {bat['images']} from {bat['source']}; max_new_tokens = {args.max_new_tokens}, stop at EOS/newline; "

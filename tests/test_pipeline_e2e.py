@@ -300,3 +300,29 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
         assert m["ablation"][kind]["k0"]["rel_drop"] == pytest.approx(0, abs=1e-4)
         assert 0 <= m["ablation"][kind]["k10"]["p"] <= 1
     assert (repo / "report" / "index.html").is_file()
+
+
+def test_experiment_queue_run_all_and_show(pipeline_repo):
+    """`dvc exp run --queue -S` with a sweep, `--run-all`, and `dvc exp show` with metrics as
+    columns. plot.dpi is used because only the plot stage reads it (cheap to rerun)."""
+    import json
+
+    repo, _ = pipeline_repo
+    r = _run(["dvc", "exp", "run", "--queue", "-S", "plot.dpi=60,70"], repo)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Queued experiment") == 2
+    r = _run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], repo)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = _run(["dvc", "exp", "show", "--json"], repo)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    exps = [e for row in rows for e in (row.get("experiments") or [])]
+    dpis = set()
+    for e in exps:
+        for rev in e.get("revs", []):
+            data = rev.get("data") or {}
+            dpis.add(data.get("params", {}).get("params.yaml", {}).get("data", {}).get("plot", {}).get("dpi"))
+            metrics = data.get("metrics", {})
+            assert "metrics/neurons.json" in metrics
+            assert "kept_fraction" in metrics["metrics/neurons.json"]["data"]
+    assert {60, 70} <= dpis
