@@ -1,8 +1,10 @@
 """Sharding per-image stages over processes with torch.distributed (torchrun).
 
-``torchrun --nproc-per-node N -m stages.attribute`` starts N ranks; each takes the
-images ``sorted_ids[rank::N]``, results are gathered on rank 0, which sorts, checks and
-writes exactly what one process would have written. Backend: NCCL when CUDA is
+``torchrun --standalone --nproc-per-node N -m stages.attribute`` starts N ranks; each
+takes every N-th batch of images (so batch shapes match a one-process run), results are
+gathered on rank 0, which sorts, checks and writes exactly what one process would have
+written (bit for bit on CPU when every rank uses the same thread count as the single
+run: torchrun sets ``OMP_NUM_THREADS=1`` unless told otherwise). Backend: NCCL when CUDA is
 available (each rank on ``cuda:LOCAL_RANK``), gloo on CPU. Without torchrun's
 environment (``WORLD_SIZE`` unset) everything runs in one process.
 """
@@ -28,10 +30,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def shard(self, ids: list[int]) -> list[int]:
-        """This rank's share of ``ids`` (sorted first, round-robin)."""
-        return sorted(ids)[self.rank :: self.world]
 
 
 @contextmanager

@@ -41,9 +41,9 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
     layout = CocoLayout(Path(coco_dir))
     with distributed() as info:
         plm, enc = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)
-        mine = caps.filter(pl.col("image_id").is_in(info.shard(caps["image_id"].to_list())))
-        part = attribute_captions(mine, layout.load_image, plm, enc, k=ap.k, batch_size=ap.batch_size,
-                                  preactivation=ap.preactivation, progress=info.is_main)
+        part = attribute_captions(caps, layout.load_image, plm, enc, k=ap.k, batch_size=ap.batch_size,
+                                  preactivation=ap.preactivation, progress=info.is_main,
+                                  shard=(info.rank, info.world))
         df = gather_frames(part, info)
     if not info.is_main:
         return

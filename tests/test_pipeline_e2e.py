@@ -170,13 +170,19 @@ def test_two_rank_gloo_attribution_equals_single_process(pipeline_repo, tmp_path
     repo, _ = pipeline_repo
     torchrun = Path(sys.executable).parent / "torchrun"
     out = tmp_path / "att2.parquet"
-    r = _run([str(torchrun), "--nproc-per-node", "2", "--master-port", "0", "-m", "stages.attribute",
-              "--out", str(out)], repo)
+    import torch
+
+    # torchrun defaults to OMP_NUM_THREADS=1; CPU results are bit-identical only with the
+    # thread count of the single-process run
+    env = {**_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.attribute",
+                        "--out", str(out)], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "merged 2 shards" in r.stderr
     single = pl.read_parquet(repo / "data/attributions.parquet")
     merged = pl.read_parquet(out)
     assert merged.equals(single)
+    assert out.read_bytes() == (repo / "data/attributions.parquet").read_bytes()
 
 
 def _stage(repo: Path, stage: str, *args: str) -> subprocess.CompletedProcess:

@@ -185,18 +185,24 @@ def attribute_captions(
     batch_size: int,
     preactivation: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> "pl.DataFrame":
     """Top-k triples for every image of ``captions`` that has a target (:func:`attribution_schema`).
 
     Images are batched in image_id order; captions of different lengths share a batch
-    (right padding). Rows are sorted by (image_id, rank).
+    (right padding). Rows are sorted by (image_id, rank). ``shard=(rank, world)`` keeps
+    only this rank's batches.
     """
     import polars as pl
 
     todo = captions.filter(pl.col("has_noun")).sort("image_id")
     rows: list[dict] = []
     recs = list(todo.iter_rows(named=True))
-    for start in tqdm(range(0, len(recs), batch_size), desc="attribute", disable=not progress):
+    rank, world = shard
+    # shard whole batches (batch i goes to rank i % world), so every batch has the same
+    # images, padding and shapes as in one process: merged results are bit-identical
+    starts = list(range(0, len(recs), batch_size))[rank::world]
+    for start in tqdm(starts, desc="attribute", disable=not progress):
         chunk = recs[start : start + batch_size]
         with torch.no_grad():
             soft = plm.soft_tokens(enc.encode([load_image(r["image_id"]) for r in chunk]))
