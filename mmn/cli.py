@@ -51,12 +51,24 @@ def log(stage: str, msg: str) -> None:
     click.echo(f"[{stage}] {msg}", err=True)
 
 
+def _fixed_hash_seed() -> None:
+    """Re-exec once with ``PYTHONHASHSEED=0`` so set/dict-of-str ordering is the same in
+    every run (bert_score orders sentences through a set; without this, batch makeup and
+    so the last float bits of BERTScore change from run to run)."""
+    if os.environ.get("PYTHONHASHSEED") == "0" or "WORLD_SIZE" in os.environ:
+        return
+    argv = getattr(sys, "orig_argv", None)
+    if argv:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, "PYTHONHASHSEED": "0"})
+
+
 def stage_main(name: str) -> Callable:
     """Decorator: run the stage body, turn expected errors into ``error: ...`` + exit 1."""
 
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            _fixed_hash_seed()
             t0 = time.perf_counter()
             try:
                 result = fn(*args, **kwargs)
