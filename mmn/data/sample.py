@@ -28,14 +28,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from mmn.io import atomic_dir
 
 ANNOTATIONS_FILE = Path(__file__).with_name("sample_annotations.json")
 
@@ -92,9 +92,7 @@ def materialize_sample(out_dir: Path) -> dict[str, int]:
     images = doc["images"]
     sources = [(image, source_path(image)) for image in images]  # fail before writing anything
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         (tmp / "annotations").mkdir()
         for image, src in sources:
@@ -105,23 +103,4 @@ def materialize_sample(out_dir: Path) -> dict[str, int]:
         captions = {**head, "annotations": doc["captions"]}
         (tmp / "annotations" / "instances.json").write_text(_dump(instances), encoding="utf-8")
         (tmp / "annotations" / "captions.json").write_text(_dump(captions), encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".old-{out_dir.name}-"))
-            try:
-                out_dir.rename(old)  # POSIX rename onto an empty directory replaces it
-            except OSError:
-                old.rmdir()
-                raise
-            try:
-                tmp.rename(out_dir)
-            except OSError:
-                old.rename(out_dir)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return {"n_images": len(images), "n_instances": len(doc["annotations"]), "n_captions": len(doc["captions"])}
