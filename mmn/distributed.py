@@ -59,5 +59,4 @@ def gather_frames(df: pl.DataFrame, info: DistInfo) -> pl.DataFrame | None:
     dist.gather_object(df, parts, dst=0)
     if not info.is_main:
         return None
-    return pl.concat([p for p in parts if p is not None and p.height], how="vertical") if any(
-        p is not None and p.height for p in parts) else df.clear()
+    return pl.concat(parts, how="vertical")

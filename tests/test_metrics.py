@@ -69,6 +69,9 @@ def test_clipscore_matches_hand_computation(tiny_clip):
     assert img_emb.shape == (4, 16) and txt_emb.shape == (4, 16)
     np.testing.assert_allclose(img_emb.norm(dim=-1).numpy(), 1.0, rtol=1e-5)
     np.testing.assert_allclose(scorer.score_matrix(img_emb, txt_emb), expected.numpy(), rtol=1e-5, atol=1e-4)
+    # aligned pairs without the n x n matrix: the hand-computed diagonal
+    np.testing.assert_allclose(scorer.pair_scores(img_emb, txt_emb), expected.diagonal().numpy(), rtol=1e-5,
+                               atol=1e-4)
     # negative cosines score 0: flip the text side
     flipped = scorer.score_matrix(img_emb, -txt_emb)
     np.testing.assert_allclose(flipped, (250.0 * (-cos).clamp(min=0)).numpy(), rtol=1e-5, atol=1e-4)

@@ -70,8 +70,7 @@ class _Scorer:
             self._img[i] = self.clip.image_embeddings([self.load_image(i)])[0]
         img = torch.stack([self._img[i] for i in image_ids])
         txt = self.clip.text_embeddings(texts)
-        c = np.diag(self.clip.score_matrix(img, txt)) if len(texts) else np.zeros(0)
-        return b, np.asarray(c, dtype=np.float64)
+        return b, self.clip.pair_scores(img, txt)
 
 
 def score_tables(

@@ -245,6 +245,12 @@ class ClipScorer:
             return int(proj.shape[-1])
         return int(getattr(self.model, "embed_dim", 0) or 0)
 
+    def pair_scores(self, img_emb: Tensor, txt_emb: Tensor) -> np.ndarray:
+        """``[n]`` CLIPScores of aligned pairs (row i with row i): the diagonal of
+        :meth:`score_matrix` in O(n) memory (Table 2 has ~200 prompts per image)."""
+        cos = (F.normalize(img_emb.float(), dim=-1) * F.normalize(txt_emb.float(), dim=-1)).sum(-1)
+        return (100.0 * self.w * cos.clamp(min=0)).numpy().astype(np.float64)
+
     def score_matrix(self, img_emb: Tensor, txt_emb: Tensor) -> np.ndarray:
         """``[n_img, n_txt]`` CLIPScores ``100 · w · max(cos, 0)`` of every image-text pair.
 
