@@ -28,202 +28,31 @@ do not give the same top-k (layer, unit, patch) triples.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COCO_MINI_IMAGES = REPO.parent / "shared" / "data" / "coco-mini" / "images"
-LM = "embedded:smollm2-135m"
-ENCODER = "embedded:efficientnet-lite0"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
+    ENCODER,
+    LM,
+    add_common_args,
+    load_average,
+    load_images,
+    load_models,
+    machine_info,
+    markdown_table,
+    run_lockstep,
+    serve,
+    texts_and_targets,
+)
+
 METHODS = ("one-pass", "streaming", "naive")
 BATCHED = ("one-pass", "streaming")
 TARGET_RATIO = 5.0
 
-#: (caption before the target, target word): captions of different lengths
-CAPTIONS = [
-    (" a cat sitting on a", " couch"),
-    (" a man riding a", " horse"),
-    (" a", " dog"),
-    (" two people standing next to a large red", " train"),
-    (" a plate of food with a", " fork"),
-    (" an old black and white photo of a woman holding an", " umbrella"),
-    (" a bowl of", " fruit"),
-    (" a group of young men playing a game of", " baseball"),
-]
-
-
-# --- shared helpers ------------------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
-
-
-def load_images(n: int):
-    """``n`` RGB PIL images: coco-mini (sorted by name) or skimage's samples, cycled."""
-    from PIL import Image
-
-    files = sorted(COCO_MINI_IMAGES.glob("*.jpg")) if COCO_MINI_IMAGES.is_dir() else []
-    if files:
-        pool = [Image.open(f).convert("RGB") for f in files[:n]]
-        source = f"coco-mini ({COCO_MINI_IMAGES})"
-    else:
-        from skimage import data
-
-        pool = [Image.fromarray(data.chelsea()), Image.fromarray(data.astronaut())]
-        source = "skimage chelsea/astronaut"
-    return [pool[i % len(pool)] for i in range(n)], source
-
-
-def load_models(seed: int):
-    """The embedded LM + encoder and a seeded random projection, wrapped as an ImagePrefixLM."""
-    import torch
-    from torch import nn
-
-    from mmn.models.lm import load_lm
-    from mmn.models.prefix_lm import ImagePrefixLM
-    from mmn.models.vision import load_encoder
-
-    adapter, tok = load_lm(LM)
-    enc = load_encoder(ENCODER, 7, 224)
-    torch.manual_seed(seed)
-    proj = nn.Linear(enc.dim, adapter.d_model).eval().requires_grad_(False)
-    return ImagePrefixLM(adapter, tok, proj), enc
-
-
-def machine_info(threads: int) -> list[str]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [
-        f"python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.machine()}",
-        f"CPU: {cpu}; os.cpu_count() = {os.cpu_count()}, usable = {affinity}; torch threads = {threads}",
-        f"load average (1/5/15 min) before the run: {load_average()} (other busy processes skew timings)",
-    ]
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def serve(run, result: str, meta: dict) -> None:
-    """Worker loop (in the ``--method`` subprocess, models loaded and warmed up).
-
-    Answers ``@@ready``, then for each ``run I J`` line on stdin times ``run(I, J)``
-    (the method on images I..J-1) and answers ``@@done``; ``finish`` writes the totals,
-    the per-image results and this process's peak RSS to ``result`` as JSON.
-    """
-    rss_ready = peak_rss_mb()
-    res: list[dict] = []
-    seconds = cpu_seconds = 0.0
-    loads = []
-    print("@@ready", flush=True)
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "finish":
-            break
-        t0, c0 = time.perf_counter(), time.process_time()
-        res += run(int(cmd[1]), int(cmd[2]))
-        seconds += time.perf_counter() - t0
-        cpu_seconds += time.process_time() - c0
-        loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
-        print("@@done", flush=True)
-    out = {**meta, "images": len(res), "seconds": seconds, "cpu_seconds": cpu_seconds,
-           "load_1m": sum(loads) / max(len(loads), 1), "rss_ready_mb": rss_ready, "peak_rss_mb": peak_rss_mb(),
-           "results": res}
-    Path(result).write_text(json.dumps(out))
-
-
-def run_lockstep(script: Path, methods, argv: list[str], n_images: int, chunk: int) -> dict[str, dict]:
-    """Run ``script --method m`` for each method in its own fresh process, in lockstep.
-
-    Both workers load their models and warm up, then take turns on the same chunks of
-    ``chunk`` images (the order alternates chunk by chunk), so load from other
-    processes on the machine falls on both methods alike; each process's peak RSS
-    stays its own. Returns each worker's JSON result.
-    """
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    with tempfile.TemporaryDirectory(prefix="mmn-bench-") as tmp:
-        procs: dict[str, subprocess.Popen] = {}
-
-        def fail(m: str, why: str) -> None:
-            for q in procs.values():
-                if q.poll() is None:
-                    q.kill()
-            err = (Path(tmp) / f"{m}.err").read_text()
-            sys.stderr.write(err[-5000:])
-            raise SystemExit(f"worker {m!r} {why}")
-
-        def expect(m: str, token: str) -> None:
-            for line in procs[m].stdout:
-                if line.strip() == token:
-                    return
-            fail(m, f"ended (exit code {procs[m].wait()}) before {token}")
-
-        try:
-            for m in methods:
-                cmd = [sys.executable, str(script), *argv, "--method", m, "--result", str(Path(tmp) / f"{m}.json")]
-                with open(Path(tmp) / f"{m}.err", "w") as err:
-                    procs[m] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                                text=True, env=env)
-            for m in methods:
-                expect(m, "@@ready")
-            for n, start in enumerate(range(0, n_images, chunk)):
-                for m in methods if n % 2 == 0 else methods[::-1]:
-                    procs[m].stdin.write(f"run {start} {min(start + chunk, n_images)}\n")
-                    procs[m].stdin.flush()
-                    expect(m, "@@done")
-            results = {}
-            for m in methods:
-                procs[m].stdin.write("finish\n")
-                procs[m].stdin.close()
-                if procs[m].wait() != 0:
-                    fail(m, f"failed with exit code {procs[m].returncode}")
-                results[m] = json.loads((Path(tmp) / f"{m}.json").read_text())
-        finally:
-            for q in procs.values():
-                if q.poll() is None:
-                    q.kill()
-    return results
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(header), sep, *(fmt(r) for r in rows)])
-
 
 # --- the two methods -----------------------------------------------------------------
-
-
-def texts_and_targets(tok, n: int) -> tuple[list[list[int]], list[int]]:
-    texts, targets = [], []
-    for i in range(n):
-        before, target = CAPTIONS[i % len(CAPTIONS)]
-        texts.append(tok(before, add_special_tokens=False).input_ids)
-        targets.append(tok(target, add_special_tokens=False).input_ids[0])
-    return texts, targets
 
 
 def one_pass(plm, enc, images, texts, targets, k: int, batch_size: int) -> list[dict]:
@@ -344,13 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=8, help="number of images (default 8)")
     p.add_argument("--batch-size", type=int, default=4, help="one-pass / streaming batch size (default 4)")
     p.add_argument("--k", type=int, default=100, help="top-k triples per image (default 100)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random projection")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the untimed warm-up run of each method's first batch")
+    add_common_args(p, METHODS)
     p.add_argument("--smoke", action="store_true", help="tiny run: 2 images, batch 2, no warm-up")
-    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # internal: worker mode
-    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.images, args.batch_size, args.warmup = 2, 2, False

@@ -11,7 +11,7 @@ side, captions/s and peak RSS of :meth:`mmn.models.prefix_lm.ImagePrefixLM.gener
 with the same images and ``--max-new-tokens``. Each method runs in its own fresh
 subprocess (this script re-invoked with ``--method``), so its peak RSS is its own; the
 two processes take turns on the same chunks of ``--batch-size`` images (lockstep, see
-``bench_attribution.run_lockstep``). The timed region covers encoding + projection +
+``_common.run_lockstep``). The timed region covers encoding + projection +
 generation + decoding of every image (images are read from disk before it); an
 untimed warm-up on each method's first batch runs first. The script exits non-zero
 when the captions differ.
@@ -28,9 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_attribution import (  # noqa: E402  (shared helpers of the two benchmark scripts)
+from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     ENCODER,
     LM,
+    add_common_args,
     load_average,
     load_images,
     load_models,
@@ -81,13 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=8, help="number of images (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="batched method's batch size (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per caption (default 16)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random projection")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the untimed warm-up run of each method's first batch")
+    add_common_args(p, METHODS)
     p.add_argument("--smoke", action="store_true", help="tiny run: 4 images, batch 4, 5 tokens, no warm-up")
-    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # internal: worker mode
-    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.images, args.batch_size, args.max_new_tokens, args.warmup = 4, 4, 5, False

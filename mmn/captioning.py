@@ -6,6 +6,7 @@ import polars as pl
 from tqdm import tqdm
 
 from mmn.data.layout import CocoLayout
+from mmn.distributed import shard_batches
 from mmn.models.prefix_lm import ImagePrefixLM, stop_token_ids
 from mmn.models.vision import PatchEncoder
 from mmn.text import first_noun, token_at_char
@@ -34,19 +35,21 @@ def caption_images(
     max_new_tokens: int,
     stop_at_newline: bool = True,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> pl.DataFrame:
     """One row per image, sorted by image_id (schema :data:`CAPTION_SCHEMA`).
 
     ``target_pos`` indexes ``caption_token_ids``; ``p_target`` is the softmax
     probability of c at the step that generated it. Images whose caption has no
-    noun keep a row with ``has_noun = False`` and nulls.
+    noun keep a row with ``has_noun = False`` and nulls. ``shard=(rank, world)``
+    keeps only this rank's batches (:func:`mmn.distributed.shard_batches`).
     """
     tok = plm.tokenizer
     stop = stop_token_ids(tok, plm.adapter.vocab_size, stop_at_newline)
     recs = layout.images
     rows = []
-    for start in tqdm(range(0, len(recs), batch_size), desc="caption", disable=not progress):
-        chunk = recs[start : start + batch_size]
+    for idx in tqdm(shard_batches(len(recs), batch_size, shard), desc="caption", disable=not progress):
+        chunk = [recs[i] for i in idx]
         images = [layout.load_image(r["id"]) for r in chunk]
         soft = plm.soft_tokens(enc.encode(images))
         ids, probs = plm.generate(soft, max_new_tokens, stop)

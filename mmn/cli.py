@@ -39,6 +39,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     try:
+        from mmn.models.lm import ModelLoadError
+
+        errs.append(ModelLoadError)
+    except ImportError:  # pragma: no cover - transformers always present
+        pass
+    try:
         from mmn.data.coco import CocoDownloadError
 
         errs.append(CocoDownloadError)

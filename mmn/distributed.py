@@ -31,6 +31,24 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``(rank, world)``, the form the library functions take."""
+        return self.rank, self.world
+
+
+def shard_batches(n: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> list[range]:
+    """This rank's batches of ``range(n)``.
+
+    Batches are cut exactly as in one process (``batch_size`` consecutive items) and
+    batch i goes to rank ``i % world``, so every batch has the same items, padding and
+    shapes as in a one-process run: merged results are bit-identical.
+    """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {shard}: rank must be in 0..world-1")
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)][rank::world]
+
 
 @contextmanager
 def distributed() -> Iterator[DistInfo]:
@@ -49,6 +67,18 @@ def distributed() -> Iterator[DistInfo]:
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``t`` over ranks (returned on every rank, on ``t``'s device). Sums in the
+    order of the backend, so pass float64 when the result must match one process to
+    float32 precision."""
+    if info.world == 1:
+        return t
+    dev = torch.device("cuda", info.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = t.to(dev).clone()
+    dist.all_reduce(buf)
+    return buf.to(t.device)
 
 
 def gather_frames(df: pl.DataFrame, info: DistInfo) -> pl.DataFrame | None:

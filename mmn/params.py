@@ -84,6 +84,11 @@ class CocoParams(_Strict):
 
 class DataParams(_Strict):
     coco: CocoParams
+    on_bad_image: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="an image that cannot be fetched or decoded: fail download_coco, or leave it out and "
+        "record it in data/coco/skipped.csv",
+    )
 
 
 class TrainParams(_Strict):
@@ -111,6 +116,21 @@ class AttributeParams(_Strict):
     batch_size: int = Field(gt=0)
     dtype: DType | None = Field(default=None, description="null = the profile's dtype")
     device: Device | None = Field(default=None, description="null = the profile's device")
+    layers: list[int] | None = Field(
+        default=None, description="LM layers whose units are attributed and ablated; null = all"
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_list(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("layers must be null (all layers) or a non-empty list")
+        bad = [x for x in v if x < 0]
+        if bad:
+            raise ValueError(f"layers must be >= 0, got {bad}")
+        return sorted(set(v))
 
 
 class DecodeParams(_Strict):

@@ -14,7 +14,7 @@ from mmn.models.lm import load_lm, resolve_device
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.models.projection import load_projection
 from mmn.models.vision import PatchEncoder, load_encoder
-from mmn.params import Params
+from mmn.params import Params, ParamsError
 
 
 def seed_everything(seed: int) -> None:
@@ -51,3 +51,14 @@ def build_prefix_lm(
         )
     proj = proj.to(adapter.device)
     return ImagePrefixLM(adapter, tok, proj, prompt=params.caption.prompt), enc
+
+
+def attributed_layers(params: Params, n_layers: int) -> list[int]:
+    """``attribute.layers`` checked against the LM (null = every layer)."""
+    layers = params.attribute.layers
+    if layers is None:
+        return list(range(n_layers))
+    bad = [x for x in layers if x >= n_layers]
+    if bad:
+        raise ParamsError(f"attribute.layers: {bad} out of range; {params.model.lm} has layers 0..{n_layers - 1}")
+    return list(layers)

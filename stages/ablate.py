@@ -34,23 +34,35 @@ def main(params_path, coco_dir, proj_dir, captions, out, metrics_out) -> None:
     from mmn.metrics.bertscore import BertScorer
     from mmn.neurons.decode import top_token_ids_all_units
     from mmn.neurons.filter import load_wordlist, vocab_word_mask
-    from mmn.pipeline import build_prefix_lm, seed_everything
+    from mmn.distributed import all_reduce_sum, distributed, gather_frames
+    from mmn.pipeline import attributed_layers, build_prefix_lm, seed_everything
     from mmn.quality import check_ablation
 
     params = load_params(params_path)
     seed_everything(params.seed)
     ap, f = params.ablate, params.filter
-    plm, enc = build_prefix_lm(params, Path(proj_dir))
-    ad = plm.adapter
-    # interpretability of every unit (for the `filtered` kind): top tokens of all units
-    words = vocab_word_mask(plm.tokenizer, ad.vocab_size, load_wordlist(f.wordlist), f.min_letters)
-    top_ids = top_token_ids_all_units(ad, top_n=f.top_n, final_norm=params.decode.final_norm)
-    interpretable = words[top_ids].sum(-1) >= f.min_words
-    log(NAME, f"{int(interpretable.sum())} of {interpretable.numel()} units interpretable")
     caps = pl.read_parquet(captions)
     layout = CocoLayout(Path(coco_dir))
-    df = ablate_images(caps, layout.load_image, plm, enc, interpretable, ks=ap.ks, mode=ap.mode,
-                       max_new_tokens=params.caption.max_new_tokens, regenerate=ap.regenerate, seed=params.seed)
+    with distributed() as info:
+        plm, enc = build_prefix_lm(params, Path(proj_dir))
+        ad = plm.adapter
+        layers = attributed_layers(params, ad.n_layers)
+        # interpretability of every unit (for the `filtered` kind): top tokens of all units
+        words = vocab_word_mask(plm.tokenizer, ad.vocab_size, load_wordlist(f.wordlist), f.min_letters)
+        top_ids = top_token_ids_all_units(ad, top_n=f.top_n, final_norm=params.decode.final_norm)
+        interpretable = (words[top_ids].sum(-1) >= f.min_words).cpu()
+        if info.is_main:
+            log(NAME, f"{int(interpretable.sum())} of {interpretable.numel()} units interpretable")
+        part = ablate_images(caps, layout.load_image, plm, enc, interpretable, ks=ap.ks, mode=ap.mode,
+                             max_new_tokens=params.caption.max_new_tokens, regenerate=ap.regenerate,
+                             seed=params.seed, layers=layers, progress=info.is_main, shard=info.shard,
+                             reduce_sum=lambda t: all_reduce_sum(t, info))
+        df = gather_frames(part, info)
+    if not info.is_main:
+        return
+    df = df.sort(["image_id", "kind", "k"])
+    if info.world > 1:
+        log(NAME, f"merged {info.world} shards")
     if ap.regenerate:
         bert = BertScorer.from_params(params.model.bert_model, params.model.bert_layers, device=ad.device)
         orig = dict(zip(caps["image_id"].to_list(), caps["caption"].to_list()))

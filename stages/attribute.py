@@ -31,7 +31,7 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
     from mmn.data.layout import CocoLayout
     from mmn.distributed import distributed, gather_frames
     from mmn.neurons.attribution import attribute_captions
-    from mmn.pipeline import build_prefix_lm, seed_everything
+    from mmn.pipeline import attributed_layers, build_prefix_lm, seed_everything
     from mmn.quality import check_attributions
 
     params = load_params(params_path)
@@ -41,9 +41,10 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
     layout = CocoLayout(Path(coco_dir))
     with distributed() as info:
         plm, enc = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)
+        layers = attributed_layers(params, plm.adapter.n_layers)
         part = attribute_captions(caps, layout.load_image, plm, enc, k=ap.k, batch_size=ap.batch_size,
-                                  preactivation=ap.preactivation, progress=info.is_main,
-                                  shard=(info.rank, info.world))
+                                  preactivation=ap.preactivation, progress=info.is_main, shard=info.shard,
+                                  layers=layers)
         df = gather_frames(part, info)
     if not info.is_main:
         return
@@ -52,7 +53,7 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
         log(NAME, f"merged {info.world} shards")
     n_img = int(caps["has_noun"].sum())
     check_attributions(df, k=ap.k, n_layers=plm.adapter.n_layers, n_units=plm.adapter.d_mlp,
-                       n_patches=enc.n_patches)
+                       n_patches=enc.n_patches, layers=layers)
     write_parquet(df, out)
     log(NAME, f"{df.height} triples for {n_img} images ({caps.height - n_img} without a noun skipped); wrote {out}")
 

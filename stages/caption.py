@@ -28,18 +28,26 @@ def main(params_path: str, coco_dir: str, proj_dir: str, out: str) -> None:
 
     from mmn.captioning import caption_images
     from mmn.data.layout import CocoLayout
+    from mmn.distributed import distributed, gather_frames
     from mmn.pipeline import build_prefix_lm, seed_everything
     from mmn.quality import check_captions
 
     params = load_params(params_path)
     seed_everything(params.seed)
-    plm, enc = build_prefix_lm(params, Path(proj_dir))
     c = params.caption
-    with torch.inference_mode():
-        df = caption_images(
-            CocoLayout(Path(coco_dir)), plm, enc,
-            batch_size=c.batch_size, max_new_tokens=c.max_new_tokens, stop_at_newline=c.stop_at_newline,
-        )
+    with distributed() as info:
+        plm, enc = build_prefix_lm(params, Path(proj_dir))
+        with torch.inference_mode():
+            part = caption_images(
+                CocoLayout(Path(coco_dir)), plm, enc, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
+                stop_at_newline=c.stop_at_newline, progress=info.is_main, shard=info.shard,
+            )
+        df = gather_frames(part, info)
+    if not info.is_main:
+        return
+    df = df.sort("image_id")
+    if info.world > 1:
+        log(NAME, f"merged {info.world} shards")
     check_captions(df)
     write_parquet(df, out)
     n_noun = int(df["has_noun"].sum())

@@ -1,7 +1,9 @@
 """Stage download_coco: materialise the COCO-format layout in data/coco.
 
 source `sample` (embedded profile): photos shipped in installed wheels + the project's
-own annotations; source `coco`: COCO 2017 from params `data.coco.base_url`.
+own annotations; source `coco`: COCO 2017 from params `data.coco.base_url`. Images that
+cannot be fetched or decoded fail the stage, or with `data.on_bad_image: skip` are left
+out and listed in data/coco/skipped.csv.
 """
 
 from __future__ import annotations
@@ -34,11 +36,15 @@ def main(params_path: str, out_dir: str, cache_dir: str) -> None:
         else:
             from mmn.data.coco import download_coco
 
-            summary = download_coco(params.data.coco, tmp, seed=params.seed, cache_dir=Path(cache_dir))
+            summary = download_coco(params.data.coco, tmp, seed=params.seed, cache_dir=Path(cache_dir),
+                                    on_bad_image=params.data.on_bad_image)
         from mmn.quality import check_coco_layout
 
         check_coco_layout(tmp)
     log(NAME, f"source={source}: {summary}; wrote {out_dir}/")
+    if summary.get("n_skipped"):
+        log(NAME, f"skipped {summary['n_skipped']} bad image(s) (data.on_bad_image: skip); "
+                  f"listed with the reason in {out_dir}/skipped.csv")
 
 
 if __name__ == "__main__":

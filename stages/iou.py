@@ -32,11 +32,11 @@ NAME = "iou"
 def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, selectivity_out,
          metrics_out) -> None:
     import polars as pl
-    import torch
     from pycocotools.coco import COCO
 
     from mmn.data.layout import CocoLayout
-    from mmn.experiments.iou import image_activations, iou_summary, iou_table, selectivity_table
+    from mmn.distributed import distributed, gather_frames
+    from mmn.experiments.iou import iou_experiment, iou_summary, selectivity_plan, selectivity_table
     from mmn.metrics.iou import single_instance_images
     from mmn.pipeline import build_prefix_lm, seed_everything
     from mmn.quality import check_iou
@@ -54,19 +54,21 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
     if empty:
         raise StageError(f"{params_path}: profiles.{params.profile}.iou_categories: no single-instance image of "
                          f"{empty} in {layout.instances_path}")
-    plm, enc = build_prefix_lm(params, Path(proj_dir))
-    caps, att = pl.read_parquet(captions), pl.read_parquet(attributions)
-    df, acts = iou_table(coco, caps, att, layout.load_image, plm, enc, cats, top_units=ip.top_units,
-                         random_draws=ip.random_draws, quantile=ip.quantile, mask_size=ip.mask_size,
-                         seed=params.seed)
-
-    def activations(image_id: int) -> torch.Tensor:
-        if image_id not in acts:
-            with torch.no_grad():
-                acts[image_id] = image_activations(plm, plm.soft_tokens(enc.encode([layout.load_image(image_id)])))
-        return acts[image_id]
-
-    sel = selectivity_table(coco, att, pl.read_parquet(neurons), cats, activations, ip.selectivity_units)
+    caps, att, interp = pl.read_parquet(captions), pl.read_parquet(attributions), pl.read_parquet(neurons)
+    with distributed() as info:
+        plm, enc = build_prefix_lm(params, Path(proj_dir))
+        part, part_means = iou_experiment(
+            coco, caps, att, interp, layout.load_image, plm, enc, cats, top_units=ip.top_units,
+            random_draws=ip.random_draws, quantile=ip.quantile, mask_size=ip.mask_size,
+            selectivity_units=ip.selectivity_units, seed=params.seed, progress=info.is_main, shard=info.shard)
+        df, means = gather_frames(part, info), gather_frames(part_means, info)
+    if not info.is_main:
+        return
+    if info.world > 1:
+        log(NAME, f"merged {info.world} shards")
+    df = df.sort(["category", "image_id", "kind", "layer", "unit", "draw"])
+    plan, sel_imgs = selectivity_plan(coco, att, interp, cats, ip.selectivity_units)
+    sel = selectivity_table(plan, sel_imgs, means, cats)
     check_iou(df)
     metrics = iou_summary(df, cats)
     metrics["selectivity_rows"] = sel.height

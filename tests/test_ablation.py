@@ -94,3 +94,64 @@ def test_rank_units_and_random_like():
     rnd = random_like([(0, 1), (0, 2), (1, 3)], 4, rng)
     assert sorted(l for l, _ in rnd) == [0, 0, 1]
     assert len(set(rnd)) == 3
+
+
+class _FakeEncoder:
+    """Stands in for a PatchEncoder: an image is its integer id; features are seeded by it."""
+
+    def encode(self, images):
+        return torch.stack([torch.randn(N_PATCH, D_ENC, generator=torch.Generator().manual_seed(int(i))) * 2
+                            for i in images])
+
+
+def _captions(tok, n=5):
+    import polars as pl
+
+    texts = [" a cat on the mat", " two dogs in snow", " a red bus", " the old clock", " one cup of tea"]
+    rows = []
+    for i in range(n):
+        ids = tok(texts[i % len(texts)]).input_ids
+        rows.append({"image_id": 10 + i, "caption_token_ids": ids, "target_pos": len(ids) - 1,
+                     "target_token_id": ids[-1], "has_noun": True})
+    rows.append({"image_id": 99, "caption_token_ids": [1], "target_pos": None, "target_token_id": None,
+                 "has_noun": False})
+    return pl.DataFrame(rows)
+
+
+def test_ablate_images_shards_merge_to_the_single_run_and_layers_cap_k(tiny_adapters):
+    """Two shards (every 2nd image) concatenate to the one-process table; with
+    ``layers=[last]`` a huge k is capped at that layer's d_mlp units (k_effective)."""
+    import polars as pl
+
+    from mmn.experiments.ablation import ablate_images
+
+    ad, tok = tiny_adapters["gpt2"]
+    torch.manual_seed(0)
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
+    caps, enc = _captions(tok), _FakeEncoder()
+    interp = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
+    interp[:, ::3] = True
+    kw = dict(ks=[0, 3, 10_000], max_new_tokens=3, regenerate=True, seed=0, progress=False)
+    full = ablate_images(caps, lambda i: i, plm, enc, interp, **kw)
+    parts = [ablate_images(caps, lambda i: i, plm, enc, interp, shard=(r, 2), **kw) for r in range(2)]
+    assert parts[0]["image_id"].unique().sort().to_list() == [10, 12, 14]
+    merged = pl.concat(parts).sort(["image_id", "kind", "k"])
+    assert merged.equals(full)
+    last = ad.n_layers - 1
+    only = ablate_images(caps, lambda i: i, plm, enc, interp, layers=[last], **kw)
+    big = only.filter(pl.col("k") == 10_000)
+    assert set(big.filter(pl.col("kind") != "filtered")["k_effective"]) == {ad.d_mlp}
+    assert set(big.filter(pl.col("kind") == "filtered")["k_effective"]) == {int(interp[last].sum())}
+    assert set(full.filter(pl.col("k") == 10_000, pl.col("kind") == "unfiltered")["k_effective"]) == {
+        ad.n_layers * ad.d_mlp}
+    # p_clean is p with nothing ablated: equal to the k = 0 rows
+    k0 = full.filter(pl.col("k") == 0)
+    assert (k0["p_target"] - k0["p_clean"]).abs().max() < 1e-6
+    assert (k0["rel_drop"].abs() < 1e-5).all()
+
+
+def test_rank_units_limit():
+    s = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.8]])
+    assert rank_units(s, limit=3) == [(0, 1), (1, 2), (1, 0)]
+    layer1 = torch.tensor([[False] * 3, [True] * 3])
+    assert rank_units(s, layer1, limit=2) == [(1, 2), (1, 0)]

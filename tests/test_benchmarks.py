@@ -66,6 +66,45 @@ def test_bench_caption_smoke():
     assert "same captions: yes" in out.splitlines()
 
 
+def test_bench_ablate_smoke():
+    """2 images, ks 0,100,1600: one 3-row forward per image vs 3 one-row forwards, same p(c)."""
+    out = run_script("bench_ablate.py")
+    rows = parse_table(out)
+    check_rows(rows, ("batched", "per-k"), "images/s", 2)
+    assert [int(r["rows"]) for r in rows] == [3, 1]
+    assert [int(r["forwards"]) for r in rows] == [2, 6]  # one per image vs one per (image, k)
+    for r in rows:
+        assert 0 < float(r["ablation s"]) <= float(r["seconds"])
+    assert "torch threads = 2" in out
+    assert "speed ratio" in out
+    assert "unit rankings: 2 of 2 images identical" in out
+    assert "same p(c): yes" in out.splitlines()
+
+
+def test_bench_memory_smoke():
+    """Counts 2 and 4, each in its own process: one row per count, growth = peak - ready."""
+    out = run_script("bench_memory.py")
+    rows = parse_table(out)
+    assert [int(r["images"]) for r in rows] == [2, 4]
+    growth = {}
+    for r in rows:
+        n = int(r["images"])
+        ready, peak, g = float(r["RSS ready MB"]), float(r["peak RSS MB"]), float(r["growth MB"])
+        assert 100 < ready <= peak < 64_000
+        assert int(r["batch"]) == 2 and int(r["rows kept"]) == 100 * n  # k = 100 rows per image
+        assert g == pytest.approx(peak - ready, abs=0.15)  # each printed with one decimal
+        assert float(r["growth per image KB"]) == pytest.approx(g * 1024 / n, abs=0.05 * 1024 / n + 0.5)
+        assert float(r["images/s"]) == pytest.approx(n / float(r["seconds"]), rel=0.02, abs=2e-3)
+        growth[n] = g
+    line = next(ln for ln in out.splitlines() if ln.startswith("growth ratio (4 vs 2 images"))
+    if growth[2] > 0:
+        ratio = float(line.split(": ")[1].split("x")[0])
+        assert ratio == pytest.approx(growth[4] / growth[2], rel=0.01, abs=0.01)
+    # flat, loosely (RSS is noisy): twice the images must not come near twice the growth
+    assert growth[4] < 1.5 * growth[2] + 100
+    assert "torch threads = 2" in out
+
+
 def test_bench_gpu_smoke():
     """The GPU benchmark runs its tiny CPU config and prints one row per batch size whose
     TFLOP/s column equals 4 · N_params · tokens/img · img/s."""

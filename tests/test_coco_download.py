@@ -196,6 +196,46 @@ def test_truncated_image_is_detected(make_server, mini: Path, tmp_path: Path) ->
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def test_bad_images_are_skipped_and_recorded(make_server, mini: Path, tmp_path: Path) -> None:
+    """on_bad_image="skip": a corrupt and a missing (404) image are left out of the
+    layout (records and annotations) and listed in skipped.csv with the reason."""
+    from mmn.data.layout import CocoLayout
+    from mmn.quality import check_coco_layout
+
+    corrupt, missing = "000000397133.jpg", "000000000139.jpg"
+    srv = make_server(corrupt_images=[corrupt])
+    srv.faults[f"/val2017/{missing}"] = ["404"]
+    out = tmp_path / "coco"
+    summary = download_coco(_cfg(srv), out, seed=0, progress=False, on_bad_image="skip")
+    assert summary["n_skipped"] == 2 and summary["n_images"] == 98
+    lay = CocoLayout(out)
+    skipped = {r["file_name"]: r for r in lay.skipped()}
+    assert set(skipped) == {corrupt, missing}
+    assert skipped[missing]["image_id"] == 139 and "404" in skipped[missing]["reason"]
+    assert skipped[corrupt]["image_id"] == 397133 and "decode" in skipped[corrupt]["reason"]
+    left = {r["id"] for r in _load(out, "instances")["images"]}
+    assert len(left) == 98 and not left & {139, 397133}
+    for kind in ("instances", "captions"):
+        assert not {a["image_id"] for a in _load(out, kind)["annotations"]} & {139, 397133}
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(r["file_name"] for r in lay.images)
+    check_coco_layout(out)  # the gate accepts it (skipped ids are not in the layout)
+
+
+def test_skipped_table_gate_rejects_a_skipped_image_still_in_the_layout(make_server, tmp_path: Path) -> None:
+    from mmn.data.layout import write_skipped
+    from mmn.quality import QualityError, check_coco_layout
+
+    srv = make_server()
+    out = tmp_path / "coco"
+    summary = download_coco(_cfg(srv, subset=3), out, seed=0, progress=False)
+    assert summary["n_skipped"] == 0 and (out / "skipped.csv").read_text() == "image_id,file_name,reason\n"
+    kept = _image_ids(out)[0]
+    write_skipped([{"image_id": kept, "file_name": "x.jpg", "reason": "test"}], out)
+    with pytest.raises(QualityError) as info:
+        check_coco_layout(out)
+    assert "coco_skipped" in str(info.value) and str(kept) in str(info.value)
+
+
 def test_wrong_archive_sha1_is_rejected(make_server, tmp_path: Path) -> None:
     srv = make_server()
     bad = "0" * 40

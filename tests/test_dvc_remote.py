@@ -60,10 +60,12 @@ def _wipe(repo: Path, *extra: str) -> None:
     """Remove the local DVC cache and every DVC-managed output (git-tracked files stay)."""
     shutil.rmtree(repo / ".dvc/cache", ignore_errors=True)
     for p in [*(repo / "data").iterdir(), *(repo / e for e in extra)]:
-        if p.name == ".gitkeep":
+        if p.name in (".gitkeep", "wordlist"):
             continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    assert sorted(p.name for p in (repo / "data").iterdir()) == [".gitkeep"]
+    (repo / "data/wordlist/american-english").unlink()  # the DVC-tracked input (its .dvc file is in git)
+    assert sorted(p.name for p in (repo / "data").iterdir()) == [".gitkeep", "wordlist"]
+    assert sorted(p.name for p in (repo / "data/wordlist").iterdir()) == [".gitignore", "american-english.dvc"]
 
 
 def _trim_pipeline(repo: Path, last: str = "filter") -> None:
@@ -167,10 +169,9 @@ def test_fresh_clone_pulls_and_reproduces_metrics_without_recomputing(remote_rep
     shutil.copy2(repo / ".dvc/config.local", clone / ".dvc/config.local")  # the user's own credentials
     r = _ok(_dvc(clone, "pull"))
     assert "fetched" in r.stdout
-    # the filter stage's word list is a git-ignored dependency that scripts/setup.sh fetches
-    st = _dvc(clone, "status").stdout
-    assert ".cache/wordlist/american-english" in st and "deleted" in st, st
-    shutil.copytree(repo / ".cache/wordlist", clone / ".cache/wordlist")
+    # the filter's word list is a DVC-tracked input: pulled with the outputs
+    assert (clone / "data/wordlist/american-english").read_bytes() == (
+        repo / "data/wordlist/american-english").read_bytes()
     assert UP_TO_DATE in _ok(_dvc(clone, "status")).stdout
     r = _ok(_dvc(clone, "repro"))
     assert _ran(r.stdout) == [], r.stdout

@@ -195,3 +195,64 @@ def test_generation_never_emits_padded_head_rows(tiny_adapters):
     finally:
         with torch.no_grad():
             ad.unembed.bias[ad.vocab_size:] = 0
+
+
+# --------------------------------------------------------------- hub models that cannot be loaded
+
+
+def _offline_hub():
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:  # conftest sets HF_HUB_OFFLINE=1; never reach the real hub
+        pytest.skip("HF_HUB_OFFLINE is not set")
+
+
+@pytest.mark.parametrize("kind", ["lm", "encoder"])
+def test_uncached_hub_model_offline_is_one_clear_error(kind):
+    """transformers' multi-line OSError becomes one ModelLoadError naming the model and the fix."""
+    from mmn.models.lm import ModelLoadError, load_lm
+    from mmn.models.vision import load_encoder
+
+    _offline_hub()
+    name = "mmn-tests/no-such-model"
+    with pytest.raises(ModelLoadError) as err:
+        if kind == "lm":
+            load_lm(name, revision="float16")
+        else:
+            load_encoder(f"hf:{name}", 14, 224)
+    msg = str(err.value)
+    what = "language model 'mmn-tests/no-such-model' (revision 'float16')" if kind == "lm" else \
+        "image encoder 'mmn-tests/no-such-model'"
+    assert msg.startswith(what), msg
+    assert "offline" in msg and "HF_HOME" in msg and "internet" in msg
+    assert "\n" not in msg
+
+
+def test_hub_error_message_online_and_local_path(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from mmn.models.lm import hub_error_message
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    err = OSError("mmn-tests/x is not a local folder and is not a valid model identifier\nmore text")
+    msg = hub_error_message("language model", "mmn-tests/x", None, err)
+    assert msg.startswith("language model 'mmn-tests/x' could not be loaded from the Hugging Face hub")
+    assert "not a valid model identifier…]" in msg and "more text" not in msg and "HF_HOME" in msg
+    msg = hub_error_message("image encoder", str(tmp_path / "beit"), None, OSError("no config.json"))
+    assert msg.endswith("from that local folder [OSError: no config.json]: check the path")
+
+
+def test_model_load_error_is_one_line_in_a_stage(monkeypatch, capsys):
+    from mmn.cli import stage_main
+    from mmn.models.lm import ModelLoadError
+
+    monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main would re-exec the interpreter otherwise
+
+    @stage_main("load_projection")
+    def stage() -> None:
+        raise ModelLoadError("language model 'x' is not in the Hugging Face cache")
+
+    with pytest.raises(SystemExit) as exc:
+        stage()
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == "[load_projection] error: language model 'x' is not in the Hugging Face cache\n"

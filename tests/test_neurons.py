@@ -203,3 +203,39 @@ def test_streaming_topk_equals_full_maps(tiny_adapters, family, k):
             assert getattr(full, field).tolist() == getattr(stream, field).tolist()
         torch.testing.assert_close(full.g, stream.g)
         torch.testing.assert_close(full.activation, stream.activation)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_restricted_topk_equals_full_maps_of_those_layers(tiny_adapters, family):
+    """attribute_topk(layers=S) == top_k over the full maps with every other layer's g
+    set to -inf: only layers in S appear, with the same g as the unrestricted pass."""
+    from mmn.neurons.attribution import attribute_topk
+
+    plm, soft, texts, targets = _setup(tiny_adapters, family)
+    n_layers = plm.adapter.n_layers
+    assert n_layers >= 2
+    keep = [n_layers - 1]
+    y, a, grad = attribution_maps(plm, soft, texts, targets)
+    y2, tops = attribute_topk(plm, soft, texts, targets, 15, layers=keep)
+    torch.testing.assert_close(y, y2)
+    sub_a, sub_g = a[:, keep], grad[:, keep]
+    for full, stream in zip(top_k(sub_a, sub_g, 15), tops):
+        assert set(stream.layer.tolist()) == set(keep)
+        assert (full.unit.tolist(), full.patch.tolist()) == (stream.unit.tolist(), stream.patch.tolist())
+        torch.testing.assert_close(full.g, stream.g)
+    with pytest.raises(ValueError, match="out of range"):
+        attribute_topk(plm, soft, texts, targets, 5, layers=[n_layers])
+
+
+def test_attributed_layers_param_checked_against_the_model():
+    from mmn.params import ParamsError, load_params
+    from mmn.pipeline import attributed_layers
+
+    from conftest import REPO
+
+    p = load_params(REPO / "params.yaml")
+    assert attributed_layers(p, 4) == [0, 1, 2, 3]
+    q = p.model_copy(update={"attribute": p.attribute.model_copy(update={"layers": [1, 5]})})
+    with pytest.raises(ParamsError, match=r"attribute.layers: \[5\] out of range.*layers 0..3"):
+        attributed_layers(q, 4)
+    assert attributed_layers(q, 6) == [1, 5]

@@ -31,10 +31,22 @@ def test_repo_params_are_valid():
     assert p.attribute.k == 100 and p.filter.min_words == 7
 
 
-def test_profile_switch_resolves_paper_models():
-    p = parse_params(_with("profile", "paper"))
-    assert p.model.lm == "EleutherAI/gpt-j-6B"
-    assert p.model.encoder_grid == 14 and p.model.projection == "limber"
+def test_profile_switch_resolves_paper_models(tmp_path):
+    """`dvc exp run -S profile=paper` writes this into params.yaml; every stage then sees the
+    paper's models through ``params.model``."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(_with("profile", "paper"), sort_keys=False))
+    p = load_params(path)
+    m = p.model
+    assert m is p.profiles["paper"]
+    assert m.data_source == "coco"
+    assert (m.lm, m.lm_revision) == ("EleutherAI/gpt-j-6B", "float16")
+    assert m.encoder == "hf:microsoft/beit-large-patch16-224-pt22k" and m.encoder_grid == 14 and m.image_size == 224
+    assert m.projection == "limber" and m.limber_url.endswith("/limber_weights/beit_linear/proj.ckpt")
+    assert (m.dtype, m.device) == ("float16", "auto")
+    assert m.iou_categories == ["person", "cat", "dog", "horse", "giraffe", "zebra", "elephant", "bus", "train",
+                                "airplane", "pizza", "teddy bear"]
+    assert m.clip_pretrained == "openai" and m.bert_model == "roberta-large"
 
 
 @pytest.mark.parametrize(
@@ -56,6 +68,10 @@ def test_profile_switch_resolves_paper_models():
         ("iou.quantile", 1.5, "iou.quantile"),
         ("iou.quantile", 0.0, "iou.quantile"),
         ("ablate.ks", [0, -5], "ablate.ks"),
+        ("attribute.layers", [], "attribute.layers"),
+        ("attribute.layers", [0, -1], "attribute.layers"),
+        ("attribute.layers", "all", "attribute.layers"),
+        ("data.on_bad_image", "ignore", "data.on_bad_image"),
         ("profiles.embedded.iou_categories", [], "profiles.embedded.iou_categories"),
         ("profiles.embedded.iou_categories", ["person", "dgo"], "profiles.embedded.iou_categories"),
     ],
@@ -90,3 +106,8 @@ def test_file_errors(tmp_path):
     bad.write_text("profile: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_layers_are_sorted_and_deduplicated():
+    assert parse_params(_with("attribute.layers", [3, 1, 3])).attribute.layers == [1, 3]
+    assert parse_params(_with("attribute.layers", None)).attribute.layers is None

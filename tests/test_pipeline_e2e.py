@@ -31,8 +31,8 @@ def _env() -> dict:
     return env
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1500)
+def _run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _copy_repo(dst: Path) -> Path:
@@ -44,10 +44,12 @@ def _copy_repo(dst: Path) -> Path:
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
     (dst / ".cache").mkdir()
-    shutil.copytree(REPO / ".cache" / "wordlist", dst / ".cache" / "wordlist")
+    wordlist = "data/wordlist/american-english"  # DVC-tracked input, git-ignored (scripts/setup.sh)
+    shutil.copy2(REPO / wordlist, dst / wordlist)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+                ["dvc", "commit", "-q", "-f", f"{wordlist}.dvc"]):  # into the copy's cache, as setup.sh does
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True, env=_env())
     return dst
 
 
@@ -165,24 +167,35 @@ def test_coco_source_stage_from_local_mirror(tmp_path):
             COCO_MINI / "images" / img["file_name"]).read_bytes()
 
 
-def test_two_rank_gloo_attribution_equals_single_process(pipeline_repo, tmp_path):
-    """torchrun with 2 CPU ranks (gloo) writes the same attributions as one process."""
+@pytest.mark.parametrize(
+    ("stage", "outs"),
+    [
+        ("caption", {"--out": "data/captions.parquet"}),
+        ("attribute", {"--out": "data/attributions.parquet"}),
+        ("iou", {"--out": "data/iou.parquet", "--selectivity-out": "data/selectivity.parquet",
+                 "--metrics": "metrics/iou.json"}),
+        ("ablate", {"--out": "data/ablation.parquet", "--metrics": "metrics/ablation.json"}),
+    ],
+)
+def test_two_rank_gloo_stage_equals_single_process(pipeline_repo, tmp_path, stage, outs):
+    """torchrun with 2 CPU ranks (gloo) writes byte for byte what one process wrote."""
     repo, _ = pipeline_repo
     torchrun = Path(sys.executable).parent / "torchrun"
-    out = tmp_path / "att2.parquet"
     import torch
 
     # torchrun defaults to OMP_NUM_THREADS=1; CPU results are bit-identical only with the
     # thread count of the single-process run
     env = {**_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "stages.attribute",
-                        "--out", str(out)], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    args = [a for opt, rel in outs.items() for a in (opt, str(tmp_path / Path(rel).name))]
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", f"stages.{stage}", *args],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "merged 2 shards" in r.stderr
-    single = pl.read_parquet(repo / "data/attributions.parquet")
-    merged = pl.read_parquet(out)
-    assert merged.equals(single)
-    assert out.read_bytes() == (repo / "data/attributions.parquet").read_bytes()
+    for rel in outs.values():
+        single, merged = repo / rel, tmp_path / Path(rel).name
+        if rel.endswith(".parquet"):
+            assert pl.read_parquet(merged).equals(pl.read_parquet(single)), rel
+        assert merged.read_bytes() == single.read_bytes(), rel
 
 
 def _stage(repo: Path, stage: str, *args: str) -> subprocess.CompletedProcess:

@@ -49,7 +49,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -57,6 +57,7 @@ import requests
 from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
+from mmn.data.layout import write_skipped
 from mmn.params import CocoParams
 
 __all__ = [
@@ -460,6 +461,7 @@ def download_coco(
     seed: int,
     cache_dir: Path | None = None,
     progress: bool = True,
+    on_bad_image: Literal["fail", "skip"] = "fail",
 ) -> dict[str, Any]:
     """Fetch, verify and write COCO images + instances + captions (all, or a seeded subset).
 
@@ -471,6 +473,9 @@ def download_coco(
         seed: seed of the subset choice (see :func:`select_image_ids`).
         cache_dir: download cache; default ``out_dir.parent / ".coco_cache"``.
         progress: show tqdm bars (archive bytes, image count).
+        on_bad_image: ``fail``: an image that cannot be downloaded (after the retries)
+            or decoded raises; ``skip``: it is left out of the layout (images and
+            annotations) and recorded in ``skipped.csv`` with the reason.
 
     Returns:
         ``n_images``, ``n_instances``, ``n_captions``, ``archive_sha1`` (actual sha1 of the
@@ -507,6 +512,7 @@ def download_coco(
                                     "several chosen images share a file_name")
 
         sources: list[tuple[dict[str, Any], Path]] = []
+        skipped: list[dict[str, Any]] = []
         n_fetched = 0
         with tqdm(total=len(chosen_ids), desc="COCO images", unit="img", disable=not progress) as bar:
             for image_id in chosen_ids:
@@ -514,9 +520,21 @@ def download_coco(
                 split = image_split(rec, cfg.split)
                 url = f"{base}/{split}/{rec['file_name']}"
                 dest = site / split / rec["file_name"]
-                n_fetched += _get_image(session, cfg, rec, url, dest)
-                sources.append((rec, dest))
+                try:
+                    n_fetched += _get_image(session, cfg, rec, url, dest)
+                except CocoDownloadError as err:
+                    if on_bad_image == "fail":
+                        raise
+                    log.warning("skipping %s", err)
+                    skipped.append({"image_id": image_id, "file_name": rec["file_name"], "reason": str(err)})
+                else:
+                    sources.append((rec, dest))
                 bar.update(1)
+    if skipped and not sources:
+        raise CocoDownloadError(f"none of the {len(chosen_ids)} chosen images could be fetched; first problem: "
+                                f"{skipped[0]['reason']}")
+    chosen_set -= {r["image_id"] for r in skipped}
+    chosen_ids = [i for i in chosen_ids if i in chosen_set]
 
     # Output records keep the order of the source file.
     chosen_images = [im for im in instances["images"] if im["id"] in chosen_set]
@@ -537,6 +555,7 @@ def download_coco(
         _write_json(out_captions, tmp / "annotations" / "captions.json")
         _check_loads_in_pycocotools(tmp / "annotations" / "instances.json")
         _check_loads_in_pycocotools(tmp / "annotations" / "captions.json")
+        write_skipped(skipped, tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -554,6 +573,7 @@ def download_coco(
         "n_available": len(by_id),
         "n_fetched": n_fetched,
         "n_cached": len(chosen_ids) - n_fetched,
+        "n_skipped": len(skipped),
     }
     log.info("COCO %s: %s", out_dir, summary)
     return summary

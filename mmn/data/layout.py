@@ -1,17 +1,34 @@
 """Read the COCO-format layout every data source produces.
 
-``root/images/<file_name>``, ``root/annotations/instances.json`` and
-``root/annotations/captions.json`` (pycocotools-loadable). Errors name the file.
+``root/images/<file_name>``, ``root/annotations/instances.json``,
+``root/annotations/captions.json`` (pycocotools-loadable) and ``root/skipped.csv``
+(images the source left out under ``data.on_bad_image: skip``, with the reason;
+header only when none). Errors name the file.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+
+SKIPPED_COLUMNS = ("image_id", "file_name", "reason")
+
+
+def write_skipped(rows: list[dict], root: Path) -> Path:
+    """Write ``root/skipped.csv`` (sorted by image_id; header only when ``rows`` is empty)."""
+    path = Path(root) / "skipped.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=SKIPPED_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in sorted(rows, key=lambda r: r["image_id"]):
+            w.writerow({k: r[k] for k in SKIPPED_COLUMNS})
+    return path
 
 
 class LayoutError(ValueError):
@@ -48,6 +65,17 @@ class CocoLayout:
     @property
     def captions_path(self) -> Path:
         return self.root / "annotations" / "captions.json"
+
+    @property
+    def skipped_path(self) -> Path:
+        return self.root / "skipped.csv"
+
+    def skipped(self) -> list[dict]:
+        """Rows of ``skipped.csv`` (image_id as int); [] when the file is absent."""
+        if not self.skipped_path.exists():
+            return []
+        with open(self.skipped_path, newline="", encoding="utf-8") as f:
+            return [{**r, "image_id": int(r["image_id"])} for r in csv.DictReader(f)]
 
     @cached_property
     def instances(self) -> dict:

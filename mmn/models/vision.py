@@ -117,9 +117,12 @@ def load_encoder(spec: str, grid: int, image_size: int, device: str | torch.devi
     elif spec.startswith("hf:"):
         from transformers import AutoImageProcessor, AutoModel
 
+        from mmn.models.lm import hub_errors
+
         name = spec[3:]
-        model = AutoModel.from_pretrained(name)
-        proc = AutoImageProcessor.from_pretrained(name)
+        with hub_errors("image encoder", name):
+            model = AutoModel.from_pretrained(name)
+            proc = AutoImageProcessor.from_pretrained(name)
         mean, std = proc.image_mean, proc.image_std
         enc = HFPatchEncoder(model, grid=grid, image_size=image_size, mean=mean, std=std)
     else:

@@ -92,14 +92,17 @@ def unit_scores(a: Tensor, grad: Tensor) -> Tensor:
     return (a * grad).amax(dim=1)
 
 
-def rank_units(scores: Tensor, allowed: Tensor | None = None) -> list[tuple[int, int]]:
-    """(layer, unit) sorted by score descending, ties by (layer, unit); optionally only ``allowed``."""
+def rank_units(scores: Tensor, allowed: Tensor | None = None, limit: int | None = None) -> list[tuple[int, int]]:
+    """(layer, unit) sorted by score descending, ties by (layer, unit); optionally only
+    ``allowed`` (``Bool[Tensor, "layers d_mlp"]``) and only the first ``limit``."""
     n_layers, n_units = scores.shape
     flat = scores.reshape(-1)
     order = torch.sort(flat, descending=True, stable=True).indices
     if allowed is not None:
-        order = order[allowed.reshape(-1)[order]]
-    return [(int(i) // n_units, int(i) % n_units) for i in order]
+        order = order[allowed.to(order.device).reshape(-1)[order]]
+    if limit is not None:
+        order = order[:limit]
+    return [(int(i) // n_units, int(i) % n_units) for i in order.tolist()]
 
 
 def random_like(units: Sequence[tuple[int, int]], n_units: int, rng: np.random.Generator) -> list[tuple[int, int]]:

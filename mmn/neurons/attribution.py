@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,20 +47,26 @@ class TopK:
 
 
 def _one_pass(
-    plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int], preactivation: bool
+    plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int], preactivation: bool,
+    layers: Sequence[int] | None = None,
 ) -> tuple[Tensor, list[Tensor], tuple[Tensor, ...], slice]:
     """One forward + one backward: ``(y [batch], A per layer, dy/dA per layer, image slice)``.
 
-    Logits are computed only at the positions that predict c (one per distinct row
-    length), so the LM head costs nothing at the other positions.
+    Only ``layers`` (default: all) are traced and differentiated; the lists follow
+    their order. Logits are computed only at the positions that predict c (one per
+    distinct row length), so the LM head costs nothing at the other positions.
     """
     ad = plm.adapter
+    layers = list(range(ad.n_layers)) if layers is None else list(layers)
+    bad = [x for x in layers if not 0 <= x < ad.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range 0..{ad.n_layers - 1}")
     batch = plm.build(soft.detach(), texts)
     embeds = batch.inputs_embeds.detach().requires_grad_(True)
     if preactivation:
-        mods, kw = ad.preact_modules(), {"retain_output": True}
+        mods, kw = {str(l): ad.preact_module(l) for l in layers}, {"retain_output": True}
     else:
-        mods, kw = ad.act_modules(), {"retain_input": True}
+        mods, kw = {str(l): ad.act_module(l) for l in layers}, {"retain_input": True}
     dev = embeds.device
     keep = sorted({n - 1 for n in batch.lengths})
     col = torch.tensor([keep.index(n - 1) for n in batch.lengths], device=dev)
@@ -69,7 +75,7 @@ def _one_pass(
                        logits_to_keep=torch.tensor(keep, device=dev))
         rows = torch.arange(len(targets), device=dev)
         y = out.logits[rows, col, torch.tensor(targets, device=dev)]
-        acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in range(ad.n_layers)]
+        acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in layers]
         grads = torch.autograd.grad(y.sum(), acts)
     return y.detach().float(), acts, grads, batch.image_slice
 
@@ -105,19 +111,23 @@ def attribute_topk(
     k: int,
     *,
     preactivation: bool = False,
+    layers: Sequence[int] | None = None,
 ) -> tuple[Tensor, list[TopK]]:
     """Top-k triples per image without materialising all layers' maps at once.
 
     Same forward/backward as :func:`attribution_maps`, but each layer's g is reduced to
     its own top k (on the model's device) before moving on, so memory beyond the
     autograd graph is O(batch · L · k) instead of O(batch · L · P · d_mlp). Equal to
-    ``top_k(*attribution_maps(...)[1:], k)`` (tested).
+    ``top_k(*attribution_maps(...)[1:], k)`` (tested). ``layers`` restricts the
+    candidates to those layers (default: all); then equal to the same top-k over the
+    maps of those layers only.
     """
-    y, acts, grads, sl = _one_pass(plm, soft, texts, targets, preactivation)
+    layers = list(range(plm.adapter.n_layers)) if layers is None else sorted(set(layers))
+    y, acts, grads, sl = _one_pass(plm, soft, texts, targets, preactivation, layers)
     b = soft.shape[0]
     n_patch, n_units = sl.stop - sl.start, plm.adapter.d_mlp
     cand_v, cand_i, cand_a, cand_g = [], [], [], []
-    for layer, (a_l, g_l) in enumerate(zip(acts, grads)):
+    for layer, a_l, g_l in zip(layers, acts, grads):
         # rank in the model's dtype (no full-size fp32 copies), then recompute the kept
         # g in fp32 from the gathered activation and gradient
         a_l = a_l[:, sl, :].detach().reshape(b, -1)
@@ -186,29 +196,28 @@ def attribute_captions(
     preactivation: bool = False,
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
+    layers: Sequence[int] | None = None,
 ) -> "pl.DataFrame":
     """Top-k triples for every image of ``captions`` that has a target (:func:`attribution_schema`).
 
     Images are batched in image_id order; captions of different lengths share a batch
     (right padding). Rows are sorted by (image_id, rank). ``shard=(rank, world)`` keeps
-    only this rank's batches.
+    only this rank's batches; ``layers`` restricts attribution to those layers.
     """
     import polars as pl
+
+    from mmn.distributed import shard_batches
 
     todo = captions.filter(pl.col("has_noun")).sort("image_id")
     rows: list[dict] = []
     recs = list(todo.iter_rows(named=True))
-    rank, world = shard
-    # shard whole batches (batch i goes to rank i % world), so every batch has the same
-    # images, padding and shapes as in one process: merged results are bit-identical
-    starts = list(range(0, len(recs), batch_size))[rank::world]
-    for start in tqdm(starts, desc="attribute", disable=not progress):
-        chunk = recs[start : start + batch_size]
+    for idx in tqdm(shard_batches(len(recs), batch_size, shard), desc="attribute", disable=not progress):
+        chunk = [recs[i] for i in idx]
         with torch.no_grad():
             soft = plm.soft_tokens(enc.encode([load_image(r["image_id"]) for r in chunk]))
         texts = [list(r["caption_token_ids"][: r["target_pos"]]) for r in chunk]
         targets = [int(r["target_token_id"]) for r in chunk]
-        y, tops = attribute_topk(plm, soft, texts, targets, k, preactivation=preactivation)
+        y, tops = attribute_topk(plm, soft, texts, targets, k, preactivation=preactivation, layers=layers)
         for r, yi, top in zip(chunk, y.tolist(), tops):
             for rank, (l, u, p, gv, av, dv) in enumerate(
                 zip(top.layer.tolist(), top.unit.tolist(), top.patch.tolist(), top.g.tolist(),

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import polars as pl
 
-DEFAULT_WORDLIST = Path(".cache/wordlist/american-english")
+DEFAULT_WORDLIST = Path("data/wordlist/american-english")
 
 
 def load_wordlist(path: Path | str = DEFAULT_WORDLIST) -> frozenset[str]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: word list missing; run scripts/setup.sh (fetches Debian wamerican)")
+        raise FileNotFoundError(f"{path}: word list missing; run scripts/setup.sh (fetches Debian wamerican) "
+                                f"or `dvc pull {path}.dvc` from a remote")
     words = {w.strip().lower() for w in path.read_text(encoding="utf-8", errors="replace").splitlines()}
     return frozenset(w for w in words if w.isalpha() and w.isascii())
 

@@ -21,12 +21,20 @@ def _pl(df: Any) -> pl.DataFrame:
     return df if isinstance(df, pl.DataFrame) else pl.from_pandas(df)
 
 
-def attributions_suite(k: int, n_layers: int, n_units: int, n_patches: int) -> list[dict]:
+def attributions_suite(k: int, n_layers: int, n_units: int, n_patches: int,
+                       layers: list[int] | None = None) -> list[dict]:
+    """``layers``: the attributed layers (``attribute.layers``; None = all)."""
     cols = ["image_id", "rank", "layer", "unit", "patch", "g", "activation", "gradient", "target_token_id"]
+    layer_check = (
+        expect("expect_column_values_to_be_between", column="layer", min_value=0, max_value=n_layers - 1)
+        if layers is None else
+        expect("expect_column_values_to_be_in_set", column="layer", value_set=list(layers),
+               description="only the layers of attribute.layers")
+    )
     return [
         *[expect("expect_column_to_exist", column=c) for c in cols],
         *[expect("expect_column_values_to_not_be_null", column=c) for c in cols],
-        expect("expect_column_values_to_be_between", column="layer", min_value=0, max_value=n_layers - 1),
+        layer_check,
         expect("expect_column_values_to_be_between", column="unit", min_value=0, max_value=n_units - 1),
         expect("expect_column_values_to_be_between", column="patch", min_value=0, max_value=n_patches - 1),
         expect("expect_column_values_to_be_between", column="rank", min_value=0, max_value=k - 1),
@@ -42,7 +50,8 @@ def attributions_suite(k: int, n_layers: int, n_units: int, n_patches: int) -> l
     ]
 
 
-def check_attributions(df: Any, *, k: int, n_layers: int, n_units: int, n_patches: int) -> None:
+def check_attributions(df: Any, *, k: int, n_layers: int, n_units: int, n_patches: int,
+                       layers: list[int] | None = None) -> None:
     d = _pl(df).sort(["image_id", "rank"])
     d = d.with_columns(
         (pl.col("g").is_finite() & pl.col("activation").is_finite() & pl.col("gradient").is_finite())
@@ -53,8 +62,8 @@ def check_attributions(df: Any, *, k: int, n_layers: int, n_units: int, n_patche
         pl.len().over("image_id").cast(pl.Int64).alias("rows_per_image"),
     )
     # an image may have fewer than k triples only if the model has fewer than k in all
-    k_eff = min(k, n_layers * n_units * n_patches)
-    run_suite(d, "attributions", attributions_suite(k_eff, n_layers, n_units, n_patches))
+    n_candidates = (n_layers if layers is None else len(layers)) * n_units * n_patches
+    run_suite(d, "attributions", attributions_suite(min(k, n_candidates), n_layers, n_units, n_patches, layers))
 
 
 def neurons_suite(top_n: int, n_layers: int, n_units: int) -> list[dict]:

@@ -19,7 +19,7 @@ import io
 import json
 import pathlib
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 
@@ -176,10 +176,24 @@ def coco_categories_suite() -> list[dict]:
     ]
 
 
+def coco_skipped_suite(image_ids: Sequence[int]) -> list[dict]:
+    """``skipped.csv``: images the source left out (``data.on_bad_image: skip``); none
+    of them may still be in the layout, and every row says why."""
+    return [
+        *_exists("image_id", "file_name", "reason"),
+        expect("expect_column_values_to_not_be_null", column="image_id"),
+        expect("expect_column_values_to_be_unique", column="image_id"),
+        expect("expect_column_values_to_not_be_in_set", column="image_id", value_set=list(image_ids),
+               description="a skipped image must not be in instances.json"),
+        expect("expect_column_values_to_not_be_null", column="reason"),
+    ]
+
+
 register_suite("coco_images", coco_images_suite)
 register_suite("coco_instances", coco_instances_suite)
 register_suite("coco_captions", coco_captions_suite)
 register_suite("coco_categories", coco_categories_suite)
+register_suite("coco_skipped", coco_skipped_suite)
 
 _REQUIRED_KEYS = {
     "instances.json": ("images", "annotations", "categories"),
@@ -275,8 +289,12 @@ def coco_frames(root: pathlib.Path) -> dict[str, pd.DataFrame]:
     instances["mask_pixels"], instances["mask_error"] = _mask_pixels(inst)
     instances = instances.drop(columns=[c for c in ("segmentation",) if c in instances])
     categories = _records(inst["categories"], ["id", "name"], inst_path, "categories")
+    skipped_path = root / "skipped.csv"  # written by the project's sources; absent = nothing skipped
+    dtypes = {"image_id": "Int64", "file_name": "string", "reason": "string"}
+    skipped = (pd.read_csv(skipped_path, dtype=dtypes) if skipped_path.is_file()
+               else pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()}))
     return {"images": images, "instances": instances, "captions": captions,
-            "categories": categories}
+            "categories": categories, "skipped": skipped}
 
 
 def check_coco_layout(root: pathlib.Path) -> None:
@@ -292,12 +310,14 @@ def check_coco_layout(root: pathlib.Path) -> None:
         ("coco_instances", frames["instances"], coco_instances_suite(image_ids, category_ids)),
         ("coco_captions", frames["captions"], coco_captions_suite(image_ids)),
         ("coco_categories", frames["categories"], coco_categories_suite()),
+        ("coco_skipped", frames["skipped"], coco_skipped_suite(image_ids)),
     ]
     keys = {
         "coco_images": ("id", "file_name"),
         "coco_instances": ("id", "image_id", "mask_error"),
         "coco_captions": ("id", "image_id", "caption"),
         "coco_categories": ("id", "name"),
+        "coco_skipped": ("image_id", "file_name", "reason"),
     }
     messages, failures = [], []
     for name, df, suite in plan:
