@@ -167,6 +167,65 @@ def test_coco_source_stage_from_local_mirror(tmp_path):
             COCO_MINI / "images" / img["file_name"]).read_bytes()
 
 
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_download_coco_bad_image_policy(tmp_path, policy):
+    """A corrupt image on the server: `fail` stops download_coco naming it; `skip` leaves it
+    out and lists it in data/coco/skipped.csv (the stage log says so)."""
+    if not COCO_MINI.is_dir():
+        pytest.skip(f"coco-mini not found at {COCO_MINI}")
+    from coco_server import coco_server, load_mini_json
+
+    from mmn.data.coco import select_image_ids
+
+    ids = [im["id"] for im in load_mini_json("instances", COCO_MINI)["images"]]
+    chosen = select_image_ids(ids, 4, 0)
+    by_id = {im["id"]: im for im in load_mini_json("instances", COCO_MINI)["images"]}
+    victim = by_id[chosen[1]]["file_name"]
+    repo = _copy_repo(tmp_path / "repo")
+    with coco_server(tmp_path / "mirror", corrupt_images=[victim]) as srv:
+        _small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
+                               "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 4,
+                               "data.on_bad_image": policy})
+        r = _stage(repo, "download_coco")
+    if policy == "fail":
+        assert r.returncode == 1
+        assert victim in r.stderr and "decode" in r.stderr and "[download_coco] error:" in r.stderr
+        assert not (repo / "data/coco").exists()
+        return
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped 1 bad image(s)" in r.stderr and "data/coco/skipped.csv" in r.stderr
+    skipped = pl.read_csv(repo / "data/coco/skipped.csv")
+    assert skipped["file_name"].to_list() == [victim] and skipped["image_id"].to_list() == [chosen[1]]
+    assert "decode" in skipped["reason"][0]
+    kept = sorted(p.name for p in (repo / "data/coco/images").iterdir())
+    assert kept == sorted(by_id[i]["file_name"] for i in chosen if i != chosen[1])
+
+
+def test_attribute_layers_restrict_the_stage(pipeline_repo, tmp_path):
+    """`attribute.layers` (as `dvc exp run -S 'attribute.layers=[...]'` sets it): only those
+    layers in the output, k rows per image; a layer the LM lacks fails naming the key."""
+    repo, _ = pipeline_repo
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["attribute"]["layers"] = [2, 5]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(p))
+    out = tmp_path / "att.parquet"
+    r = _stage(repo, "attribute", "--params", str(params), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    att = pl.read_parquet(out)
+    assert set(att["layer"].unique()) <= {2, 5} and 5 in set(att["layer"])
+    assert set(att.group_by("image_id").len()["len"]) == {p["attribute"]["k"]}
+    full = pl.read_parquet(repo / "data/attributions.parquet")
+    # the same (layer, unit, patch) g as the all-layer run wherever both kept a triple
+    both = att.join(full, on=["image_id", "layer", "unit", "patch"], suffix="_all")
+    assert both.height > 0 and (both["g"] - both["g_all"]).abs().max() < 1e-5
+    p["attribute"]["layers"] = [0, 400]
+    params.write_text(yaml.safe_dump(p))
+    r = _stage(repo, "attribute", "--params", str(params), "--out", str(tmp_path / "bad.parquet"))
+    assert r.returncode == 1 and "attribute.layers: [400] out of range" in r.stderr
+    assert not (tmp_path / "bad.parquet").exists()
+
+
 @pytest.mark.parametrize(
     ("stage", "outs"),
     [
