@@ -82,8 +82,12 @@ def test_two_gloo_ranks_mean_ablation_equals_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [float((tmp_path / f"sum{r}.txt").read_text()) for r in range(2)] == [3.0, 3.0]
     merged = pl.read_parquet(tmp_path / "merged.parquet").sort(["image_id", "kind", "k"])
-    torch.set_num_threads(1)
-    single = _ablate_mean((0, 1), lambda t: t)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers
+    try:
+        single = _ablate_mean((0, 1), lambda t: t)
+    finally:
+        torch.set_num_threads(threads)  # other tests compare against fresh processes' thread count
     assert merged.select("image_id", "kind", "k", "k_effective").equals(
         single.select("image_id", "kind", "k", "k_effective"))
     # the fill is a float64 sum over ranks, cast to float32: equal up to rounding

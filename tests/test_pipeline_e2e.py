@@ -240,11 +240,11 @@ def test_two_rank_gloo_stage_equals_single_process(pipeline_repo, tmp_path, stag
     """torchrun with 2 CPU ranks (gloo) writes byte for byte what one process wrote."""
     repo, _ = pipeline_repo
     torchrun = Path(sys.executable).parent / "torchrun"
-    import torch
-
     # torchrun defaults to OMP_NUM_THREADS=1; CPU results are bit-identical only with the
-    # thread count of the single-process run
-    env = {**_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # thread count of the single-process run, i.e. what a fresh stage process picks (not
+    # this pytest process, which another test may have changed)
+    threads = _run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], repo).stdout.strip()
+    env = {**_env(), "OMP_NUM_THREADS": threads}
     args = [a for opt, rel in outs.items() for a in (opt, str(tmp_path / Path(rel).name))]
     r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", f"stages.{stage}", *args],
                        cwd=repo, env=env, capture_output=True, text=True, timeout=900)
