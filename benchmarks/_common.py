@@ -150,8 +150,34 @@ def add_common_args(p: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random projection")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip the untimed warm-up run of each method's first batch")
+    p.add_argument("--warmup", dest="warmup", action="store_true",
+                   help="run the warm-up (the default, except in bench_memory.py)")
     p.add_argument("--method", choices=methods, help=argparse.SUPPRESS)  # internal: worker mode
     p.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def common_argv(args: argparse.Namespace) -> list[str]:
+    """The :func:`add_common_args` options to forward to the worker processes."""
+    return ["--threads", str(args.threads), "--seed", str(args.seed), "--warmup" if args.warmup else "--no-warmup"]
+
+
+def int_list(flag: str, minimum: int) -> Callable[[str], list[int]]:
+    """argparse type: comma-separated integers >= ``minimum``."""
+
+    def parse(s: str) -> list[int]:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+        if not vals or min(vals) < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} needs comma-separated integers >= {minimum}")
+        return vals
+
+    return parse
+
+
+def print_header(title: str, threads: int) -> None:
+    """The ``# title`` line and the machine description."""
+    print(f"# {title}")
+    for line in machine_info(threads):
+        print(line)
 
 
 # --- fresh-subprocess workers in lockstep --------------------------------------------

@@ -40,11 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     MODELS_LINE,
     add_common_args,
+    common_argv,
+    int_list,
     load_average,
     load_images,
     load_models,
-    machine_info,
     markdown_table,
+    print_header,
     run_lockstep,
     serve,
     texts_and_targets,
@@ -99,17 +101,10 @@ def worker(args: argparse.Namespace) -> None:
     serve(run, args.result, meta)
 
 
-def parse_ks(s: str) -> list[int]:
-    ks = [int(x) for x in s.split(",") if x.strip()]
-    if not ks or min(ks) < 0:
-        raise argparse.ArgumentTypeError("--ks needs comma-separated integers >= 0")
-    return ks
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=8, help="number of images (default 8)")
-    p.add_argument("--ks", type=parse_ks, default=list(KS),
+    p.add_argument("--ks", type=int_list("--ks", 0), default=list(KS),
                    help=f"comma-separated numbers of top units to ablate, one row each "
                         f"(default {','.join(map(str, KS))}, as params.yaml ablate.ks)")
     p.add_argument("--atol", type=float, default=ATOL,
@@ -126,11 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
 
-    print("# ablation benchmark: batched (one forward per image, one row per k) vs per-k (one forward per k)")
-    for line in machine_info(args.threads):
-        print(line)
-    fwd = ["--images", str(args.images), "--ks", ",".join(map(str, args.ks)), "--threads", str(args.threads),
-           "--seed", str(args.seed), *([] if args.warmup else ["--no-warmup"])]
+    print_header("ablation benchmark: batched (one forward per image, one row per k) vs per-k (one forward per k)",
+                 args.threads)
+    fwd = ["--images", str(args.images), "--ks", ",".join(map(str, args.ks)), *common_argv(args)]
     res = run_lockstep(Path(__file__).resolve(), METHODS, fwd, args.images, 1)
     bat, one = res["batched"], res["per-k"]
     print(f"{MODELS_LINE}, seed {args.seed}, fp32")

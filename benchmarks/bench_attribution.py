@@ -34,14 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
-    ENCODER,
-    LM,
+    MODELS_LINE,
     add_common_args,
+    common_argv,
     load_average,
     load_images,
     load_models,
-    machine_info,
     markdown_table,
+    print_header,
     run_lockstep,
     serve,
     texts_and_targets,
@@ -184,14 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
 
-    print("# attribution benchmark: one-pass / streaming (library) vs naive (one backward per layer)")
-    for line in machine_info(args.threads):
-        print(line)
-    fwd = ["--images", str(args.images), "--batch-size", str(args.batch_size), "--k", str(args.k),
-           "--threads", str(args.threads), "--seed", str(args.seed), *([] if args.warmup else ["--no-warmup"])]
+    print_header("attribution benchmark: one-pass / streaming (library) vs naive (one backward per layer)",
+                 args.threads)
+    fwd = ["--images", str(args.images), "--batch-size", str(args.batch_size), "--k", str(args.k), *common_argv(args)]
     res = run_lockstep(Path(__file__).resolve(), METHODS, fwd, args.images, args.batch_size)
     one, nv = res["one-pass"], res["naive"]
-    print(f"models: {LM} + {ENCODER} (7x7 patches) + random Linear(1280, 576), seed {args.seed}, fp32")
+    print(f"{MODELS_LINE}, seed {args.seed}, fp32")
     print(f"images: {one['images']} from {one['source']}; sequence lengths {sorted(set(one['seq_lens']))}; "
           f"k = {args.k}; timed: encode + project + attribution + top-k"
           f"{' (after an untimed warm-up of each method on its first batch)' if args.warmup else ' (no warm-up)'}")

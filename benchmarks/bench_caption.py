@@ -29,14 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
-    ENCODER,
-    LM,
+    MODELS_LINE,
     add_common_args,
+    common_argv,
     load_average,
     load_images,
     load_models,
-    machine_info,
     markdown_table,
+    print_header,
     run_lockstep,
     serve,
 )
@@ -93,15 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
 
-    print("# caption benchmark: batched vs one-by-one greedy generation (KV cache)")
-    for line in machine_info(args.threads):
-        print(line)
+    print_header("caption benchmark: batched vs one-by-one greedy generation (KV cache)", args.threads)
     fwd = ["--images", str(args.images), "--batch-size", str(args.batch_size),
-           "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--seed", str(args.seed),
-           *([] if args.warmup else ["--no-warmup"])]
+           "--max-new-tokens", str(args.max_new_tokens), *common_argv(args)]
     res = run_lockstep(Path(__file__).resolve(), METHODS, fwd, args.images, args.batch_size)
     bat, one = res["batched"], res["one-by-one"]
-    print(f"models: {LM} + {ENCODER} (7x7 patches) + random Linear(1280, 576), seed {args.seed}, fp32")
+    print(f"{MODELS_LINE}, seed {args.seed}, fp32")
     print(f"images: {bat['images']} from {bat['source']}; max_new_tokens = {args.max_new_tokens}, stop at EOS/newline; "
           f"timed: encode + project + generate + decode"
           f"{' (after an untimed warm-up of each method on its first batch)' if args.warmup else ' (no warm-up)'}")

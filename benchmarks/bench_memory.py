@@ -32,11 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     MODELS_LINE,
     add_common_args,
+    common_argv,
     image_loader,
+    int_list,
     load_average,
     load_models,
-    machine_info,
     markdown_table,
+    print_header,
     run_lockstep,
     serve,
     texts_and_targets,
@@ -86,43 +88,32 @@ def worker(args: argparse.Namespace) -> None:
     serve(run, args.result, meta)
 
 
-def parse_counts(s: str) -> list[int]:
-    counts = [int(x) for x in s.split(",") if x.strip()]
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError("--counts needs comma-separated integers >= 1")
-    return sorted(set(counts))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--counts", type=parse_counts, default=list(COUNTS),
+    p.add_argument("--counts", type=int_list("--counts", 1), default=list(COUNTS),
                    help=f"comma-separated image counts, one fresh process each (default {','.join(map(str, COUNTS))})")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4, as params.yaml)")
     p.add_argument("--k", type=int, default=100, help="top-k triples kept per image (default 100, as params.yaml)")
     add_common_args(p, (METHOD,))
-    p.set_defaults(warmup=False)
-    p.add_argument("--warmup", dest="warmup", action="store_true",
-                   help="run one batch before RSS ready is taken (default: no, so the growth includes one batch)")
+    p.set_defaults(warmup=False)  # --warmup: one batch before RSS ready is taken (default: growth includes one)
     p.add_argument("--images", type=int, help=argparse.SUPPRESS)  # internal: the worker's count
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny run: counts {','.join(map(str, SMOKE_COUNTS))}, batch 2")
     args = p.parse_args(argv)
     if args.smoke:
         args.counts, args.batch_size = list(SMOKE_COUNTS), 2
+    args.counts = sorted(set(args.counts))
     if args.batch_size < 1 or args.k < 1:
         p.error("--batch-size and --k must be >= 1")
     if args.method:
         worker(args)
         return 0
 
-    print("# memory benchmark: streaming attribution (attribute_captions) vs number of images, "
-          "one fresh process per count")
-    for line in machine_info(args.threads):
-        print(line)
+    print_header("memory benchmark: streaming attribution (attribute_captions) vs number of images, "
+                 "one fresh process per count", args.threads)
     res = {}
     for n in args.counts:
-        fwd = ["--images", str(n), "--batch-size", str(args.batch_size), "--k", str(args.k),
-               "--threads", str(args.threads), "--seed", str(args.seed), *(["--warmup"] if args.warmup else [])]
+        fwd = ["--images", str(n), "--batch-size", str(args.batch_size), "--k", str(args.k), *common_argv(args)]
         res[n] = run_lockstep(Path(__file__).resolve(), (METHOD,), fwd, n, n)[METHOD]
     first = res[args.counts[0]]
     print(f"{MODELS_LINE}, seed {args.seed}, fp32")

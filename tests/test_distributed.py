@@ -39,19 +39,14 @@ def _free_port() -> int:
 
 def _ablate_mean(shard: tuple[int, int], reduce_sum) -> pl.DataFrame:
     """ablate_images(mode="mean") on a tiny random GPT-2 and 5 seeded fake images."""
-    from conftest import tiny_lm
+    from conftest import load_tokenizer, tiny_lm
     from test_ablation import _captions, _FakeEncoder, D_ENC
 
     from mmn.experiments.ablation import ablate_images
-    from mmn.models.lm import EMBEDDED_LMS, package_file, prepare_lm
+    from mmn.models.lm import prepare_lm
     from mmn.models.prefix_lm import ImagePrefixLM
-    from transformers import AutoTokenizer
 
-    pkg, fname = EMBEDDED_LMS["embedded:smollm2-135m"]
-    gguf = package_file(pkg, fname)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer()
     ad, tok = prepare_lm(tiny_lm("gpt2", len(tok)), tok)
     torch.manual_seed(0)
     plm = ImagePrefixLM(ad, tok, torch.nn.Linear(D_ENC, ad.d_model))
