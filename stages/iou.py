@@ -54,21 +54,21 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
     if empty:
         raise StageError(f"{params_path}: profiles.{params.profile}.iou_categories: no single-instance image of "
                          f"{empty} in {layout.instances_path}")
-    caps, att, interp = pl.read_parquet(captions), pl.read_parquet(attributions), pl.read_parquet(neurons)
+    caps, att = pl.read_parquet(captions), pl.read_parquet(attributions)
+    plan, plan_imgs = selectivity_plan(coco, att, pl.read_parquet(neurons), cats, ip.selectivity_units)
     with distributed() as info:
         plm, enc = build_prefix_lm(params, Path(proj_dir))
         part, part_means = iou_experiment(
-            coco, caps, att, interp, layout.load_image, plm, enc, cats, top_units=ip.top_units,
-            random_draws=ip.random_draws, quantile=ip.quantile, mask_size=ip.mask_size,
-            selectivity_units=ip.selectivity_units, seed=params.seed, progress=info.is_main, shard=info.shard)
+            coco, caps, att, plan, plan_imgs, layout.load_image, plm, enc, cats, top_units=ip.top_units,
+            random_draws=ip.random_draws, quantile=ip.quantile, mask_size=ip.mask_size, seed=params.seed,
+            progress=info.is_main, shard=info.shard)
         df, means = gather_frames(part, info), gather_frames(part_means, info)
     if not info.is_main:
         return
     if info.world > 1:
         log(NAME, f"merged {info.world} shards")
     df = df.sort(["category", "image_id", "kind", "layer", "unit", "draw"])
-    plan, sel_imgs = selectivity_plan(coco, att, interp, cats, ip.selectivity_units)
-    sel = selectivity_table(plan, sel_imgs, means, cats)
+    sel = selectivity_table(plan, plan_imgs, means, cats)
     check_iou(df)
     metrics = iou_summary(df, cats)
     metrics["selectivity_rows"] = sel.height

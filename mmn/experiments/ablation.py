@@ -69,16 +69,15 @@ def ablate_images(
     ``layers`` restricts the ranked (and so the random) units to those layers, as
     ``attribute.layers`` does for attribution. ``shard=(rank, world)`` keeps every
     ``world``-th image; ``reduce_sum`` sums a tensor over ranks (for the mean fill,
-    accumulated in float64). Memory stays flat in the image count: pass 1 keeps only
-    the top ``max(ks)`` units per image, pass 2 recomputes the soft tokens.
+    accumulated in float64). ``zero``: one pass, each image ranked and ablated in turn;
+    ``mean``: two passes (the fill needs all images first), keeping only the top
+    ``max(ks)`` units per image in between, so memory stays flat in the image count.
     """
     from mmn.distributed import shard_batches
 
     ad = plm.adapter
-    allowed = torch.ones(ad.n_layers, ad.d_mlp, dtype=torch.bool)
-    if layers is not None:
-        allowed[:] = False
-        allowed[list(layers)] = True
+    allowed = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
+    allowed[list(range(ad.n_layers)) if layers is None else list(layers)] = True
     recs = list(captions.filter(pl.col("has_noun")).sort("image_id").iter_rows(named=True))
     todo = [recs[b[0]] for b in shard_batches(len(recs), 1, shard)]
     stop = stop_token_ids(plm.tokenizer, ad.vocab_size, True)
@@ -88,22 +87,16 @@ def ablate_images(
         with torch.no_grad():
             return plm.soft_tokens(enc.encode([load_image(r["image_id"])]))
 
-    # pass 1: unit rankings (top max(ks) only) and, for mean ablation, the activation sum
-    ranked, mean_acc = [], torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.float64)
-    for r in tqdm(todo, desc="ablate: rank units", disable=not progress):
+    def rank(r: dict, soft: torch.Tensor) -> tuple[list, list, torch.Tensor]:
+        """Top ``max(ks)`` units (all allowed, interpretable allowed) and A's mean over positions."""
         text = list(r["caption_token_ids"][: r["target_pos"]])
-        _, a, grad = attribution_maps(plm, soft_of(r), [text], [int(r["target_token_id"])])
+        _, a, grad = attribution_maps(plm, soft, [text], [int(r["target_token_id"])])
         scores = unit_scores(a[0], grad[0])
-        if mode == "mean":
-            mean_acc += a[0].mean(dim=1).cpu().double()
-        ranked.append((rank_units(scores, allowed, limit=top), rank_units(scores, allowed & interpretable, limit=top)))
-    fill = None
-    if mode == "mean":
-        n = reduce_sum(torch.tensor([float(len(todo))], dtype=torch.float64))
-        fill = (reduce_sum(mean_acc) / n.clamp(min=1)).float()
-    rows = []
-    for r, (order_all, order_int) in tqdm(list(zip(todo, ranked)), desc="ablate", disable=not progress):
-        soft = soft_of(r)
+        return (rank_units(scores, allowed, limit=top), rank_units(scores, allowed & interpretable, limit=top),
+                a[0].mean(dim=1))
+
+    def ablate_one(r: dict, soft: torch.Tensor, order_all: list, order_int: list, fill) -> list[dict]:
+        """Every (kind, k) row of one image: one batched forward (+ one batched generation)."""
         text = list(r["caption_token_ids"][: r["target_pos"]])
         sets: list[list[tuple[int, int]]] = [[]]  # row 0: nothing ablated (p_clean)
         meta = []
@@ -124,13 +117,31 @@ def ablate_images(
         caps = (ablated_captions(plm, soft, masks[:, 1:], max_new_tokens, stop, fill) if regenerate
                 else [None] * len(meta))
         clean = list(r["caption_token_ids"])
-        for (kind, k, k_eff), pk, cap in zip(meta, p, caps):
-            rows.append({
-                "image_id": r["image_id"], "kind": kind, "k": k, "k_effective": k_eff, "p_target": pk,
-                "p_clean": p_clean, "rel_drop": (p_clean - pk) / p_clean if p_clean > 0 else 0.0,
-                "caption": None if cap is None else plm.tokenizer.decode(cap).strip(),
-                "caption_changed": None if cap is None else cap != clean,
-            })
+        return [{
+            "image_id": r["image_id"], "kind": kind, "k": k, "k_effective": k_eff, "p_target": pk,
+            "p_clean": p_clean, "rel_drop": (p_clean - pk) / p_clean if p_clean > 0 else 0.0,
+            "caption": None if cap is None else plm.tokenizer.decode(cap).strip(),
+            "caption_changed": None if cap is None else cap != clean,
+        } for (kind, k, k_eff), pk, cap in zip(meta, p, caps)]
+
+    rows: list[dict] = []
+    if mode != "mean":
+        for r in tqdm(todo, desc="ablate", disable=not progress):
+            soft = soft_of(r)
+            order_all, order_int, _ = rank(r, soft)
+            rows += ablate_one(r, soft, order_all, order_int, None)
+    else:
+        # the fill needs every image's activations (over all ranks) first: pass 1 ranks and
+        # sums, keeping only the top max(ks) units per image; pass 2 recomputes the soft tokens
+        ranked, acc = [], torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.float64)
+        for r in tqdm(todo, desc="ablate: rank units", disable=not progress):
+            order_all, order_int, a_mean = rank(r, soft_of(r))
+            acc += a_mean.cpu().double()
+            ranked.append((order_all, order_int))
+        n = reduce_sum(torch.tensor([float(len(todo))], dtype=torch.float64))
+        fill = (reduce_sum(acc) / n.clamp(min=1)).float()
+        for r, (order_all, order_int) in tqdm(list(zip(todo, ranked)), desc="ablate", disable=not progress):
+            rows += ablate_one(r, soft_of(r), order_all, order_int, fill)
     return pl.DataFrame(rows, schema=ABLATION_SCHEMA).sort(["image_id", "kind", "k"])
 
 

@@ -93,17 +93,17 @@ MEANS_SCHEMA = {"image_id": pl.Int64, "layer": pl.Int64, "unit": pl.Int64, "mean
 
 
 def iou_experiment(
-    coco, captions: pl.DataFrame, attributions: pl.DataFrame, interpretable: pl.DataFrame,
+    coco, captions: pl.DataFrame, attributions: pl.DataFrame, plan: pl.DataFrame, plan_images: dict[str, list[int]],
     load_image: Callable[[int], Image.Image], plm: ImagePrefixLM, enc: PatchEncoder, categories: list[str], *,
-    top_units: int, random_draws: int, quantile: float, mask_size: int, selectivity_units: int, seed: int,
+    top_units: int, random_draws: int, quantile: float, mask_size: int, seed: int,
     progress: bool = True, shard: tuple[int, int] = (0, 1),
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``(iou rows, unit means)`` for this shard's images, one LM forward per image.
 
     IoU rows (:data:`IOU_SCHEMA`) per (image, category, unit, kind, draw) for the
     single-instance images with a target; unit means (:data:`MEANS_SCHEMA`): the mean
-    activation over image positions of every :func:`selectivity_plan` unit on every
-    image the selectivity table averages over. Each image's activations
+    activation over image positions of every unit of ``plan`` on every image of
+    ``plan_images`` (both from :func:`selectivity_plan`). Each image's activations
     (``[L, P, d_mlp]``) are dropped once used, so memory is flat in the image count.
     ``shard=(rank, world)`` keeps every ``world``-th image.
     """
@@ -117,9 +117,8 @@ def iou_experiment(
         for img in per_cat[cat]:
             if img in with_target:
                 iou_cats.setdefault(img, []).append(cat)
-    plan, sel_imgs = selectivity_plan(coco, attributions, interpretable, categories, selectivity_units)
     sel_units = sorted(set(plan.select("layer", "unit").iter_rows()))
-    sel_set = {i for v in sel_imgs.values() for i in v}
+    sel_set = {i for v in plan_images.values() for i in v}
     images = sorted(set(iou_cats) | (sel_set if sel_units else set()))
     mine = [images[b[0]] for b in shard_batches(len(images), 1, shard)]
     rows, means = [], []
