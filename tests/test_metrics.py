@@ -389,27 +389,46 @@ def test_ks_2samp():
         ks_2samp([], [1.0])
 
 
-def test_mean_ci():
-    from mmn.metrics.stats import mean_ci
+def test_bootstrap_ci_contains_mean_shrinks_with_n_and_is_seeded():
+    from mmn.metrics.stats import bootstrap_ci
 
-    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    r = mean_ci(x)
-    half = 1.959963984540054 * x.std(ddof=1) / np.sqrt(5)
-    assert r["mean"] == 3.0 and r["n"] == 5
-    assert r["lo"] == pytest.approx(3.0 - half) and r["hi"] == pytest.approx(3.0 + half)
     rng = np.random.default_rng(1)
-    y = rng.normal(10.0, 2.0, size=400)
-    b1, b2 = mean_ci(y, method="bootstrap", seed=3), mean_ci(y, method="bootstrap", seed=3)
-    assert b1 == b2  # seeded
-    n = mean_ci(y)
-    assert b1["lo"] < b1["mean"] < b1["hi"]
-    assert b1["lo"] == pytest.approx(n["lo"], abs=0.05) and b1["hi"] == pytest.approx(n["hi"], abs=0.05)
-    one = mean_ci([4.0])
-    assert one["mean"] == 4.0 and np.isnan(one["lo"]) and np.isnan(one["hi"])
+    small, large = rng.normal(10.0, 2.0, size=25), rng.normal(10.0, 2.0, size=2500)
+    a, b = bootstrap_ci(small, seed=3), bootstrap_ci(small, seed=3)
+    assert a == b  # seeded
+    big = bootstrap_ci(large)
+    for r in (a, big):
+        assert r["lo"] < r["mean"] < r["hi"]
+    assert (big["hi"] - big["lo"]) < (a["hi"] - a["lo"]) / 5  # ~ 1/sqrt(n): 10x the n, ~1/10 the width
+    # Against the normal-theory interval at large n (independent computation).
+    half = 1.959963984540054 * large.std(ddof=1) / np.sqrt(large.size)
+    assert big["lo"] == pytest.approx(large.mean() - half, abs=0.02)
+    assert big["hi"] == pytest.approx(large.mean() + half, abs=0.02)
+    assert bootstrap_ci([4.0]) == {"mean": 4.0, "lo": None, "hi": None, "n": 1}
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == {"mean": 2.0, "lo": 2.0, "hi": 2.0, "n": 3}
     with pytest.raises(ValueError):
-        mean_ci([])
-    with pytest.raises(ValueError, match="method"):
-        mean_ci(x, method="t")
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="non-finite"):
+        bootstrap_ci([1.0, float("nan")])
+
+
+def test_paired_test_exact_sign_flip_on_a_hand_case():
+    from mmn.metrics.stats import paired_test
+
+    # 5 pairs, every difference positive: of the 2**5 sign patterns only the observed one and
+    # its mirror are as extreme, so the exact two-sided p is 2/32.
+    a, b = np.array([3.0, 4.0, 5.0, 6.0, 7.0]), np.array([1.0, 2.0, 3.5, 4.0, 5.5])
+    r = paired_test(a, b)
+    assert r["n"] == 5 and r["diff"] == pytest.approx(np.mean(a - b))
+    assert r["p"] == pytest.approx(2 / 32)
+    assert r["lo"] <= r["diff"] <= r["hi"]
+    assert paired_test(a, a)["p"] == 1.0
+    # Pairing matters: a shift shared by both members of a pair cancels.
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 10, size=40)
+    assert paired_test(base + 0.5 + rng.normal(0, 0.1, 40), base)["p"] < 1e-3
+    with pytest.raises(ValueError, match="equal length"):
+        paired_test([1.0, 2.0], [1.0])
 
 
 def test_random_like_embeddings():

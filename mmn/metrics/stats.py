@@ -1,4 +1,4 @@
-"""Statistics for the score tables: KS test, confidence intervals, the random-embedding
+"""Statistics: KS test, bootstrap CIs over images, paired tests over images, the random-embedding
 baseline and nearest-token decoding of soft prompts (the paper's Table 2 / Fig. 3).
 
 Gotchas:
@@ -31,41 +31,72 @@ def ks_2samp(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     return {"D": float(r.statistic), "p": float(r.pvalue)}
 
 
-def mean_ci(
+def bootstrap_ci(
     x: Sequence[float] | np.ndarray,
     level: float = 0.95,
-    method: str = "normal",
-    n_boot: int = 10_000,
+    n_resamples: int = 9999,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Mean with a two-sided ``level`` CI: ``{"mean", "lo", "hi", "n"}``.
+    """Mean over images with a two-sided ``level`` bootstrap CI: ``{"mean", "lo", "hi", "n"}``.
 
-    ``method="normal"``: mean ± z·s/√n (s with ddof=1). ``method="bootstrap"``: percentile
-    bootstrap of the mean with ``n_boot`` resamples from ``numpy.random.default_rng(seed)``.
-    With one value the interval is (nan, nan); NaNs in ``x`` are an error.
+    ``x`` holds ONE value per image (never per-item values that share an image: those are
+    pseudo-replicates). ``scipy.stats.bootstrap`` with the percentile method and
+    ``numpy.random.default_rng(seed)``, so reruns are identical. With fewer than 2 values, or
+    when every value is the same (no spread to resample), ``lo``/``hi`` are NaN-free: the
+    interval collapses to the mean for a constant sample and is ``None`` for n < 2 (JSON null).
+    Non-finite values are an error (name what produced them upstream).
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     if x.size == 0:
-        raise ValueError("mean_ci of an empty sample")
+        raise ValueError("bootstrap_ci of an empty sample")
     if not np.isfinite(x).all():
-        raise ValueError("mean_ci got non-finite values")
+        raise ValueError(f"bootstrap_ci got {int((~np.isfinite(x)).sum())} non-finite values")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     m, n = float(x.mean()), int(x.size)
     if n < 2:
-        return {"mean": m, "lo": float("nan"), "hi": float("nan"), "n": n}
-    alpha = 1.0 - level
-    if method == "normal":
-        half = float(scipy.stats.norm.ppf(1 - alpha / 2) * x.std(ddof=1) / np.sqrt(n))
-        lo, hi = m - half, m + half
-    elif method == "bootstrap":
-        rng = np.random.default_rng(seed)
-        means = np.concatenate([x[rng.integers(0, n, size=(min(1000, n_boot - i), n))].mean(axis=1)
-                                for i in range(0, n_boot, 1000)])
-        lo, hi = (float(v) for v in np.quantile(means, [alpha / 2, 1 - alpha / 2]))
-    else:
-        raise ValueError(f"method must be 'normal' or 'bootstrap', got {method!r}")
-    return {"mean": m, "lo": float(lo), "hi": float(hi), "n": n}
+        return {"mean": m, "lo": None, "hi": None, "n": n}
+    if np.all(x == x[0]):
+        return {"mean": m, "lo": m, "hi": m, "n": n}
+    r = scipy.stats.bootstrap((x,), np.mean, confidence_level=level, n_resamples=n_resamples,
+                              method="percentile", vectorized=True,
+                              rng=np.random.default_rng(seed))
+    return {"mean": m, "lo": float(r.confidence_interval.low),
+            "hi": float(r.confidence_interval.high), "n": n}
+
+
+def paired_test(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    level: float = 0.95,
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired comparison of two per-image samples (``a[i]`` and ``b[i]`` from the same image).
+
+    Returns ``{"diff", "lo", "hi", "p", "n"}``: the mean of ``a - b`` with its bootstrap CI
+    (:func:`bootstrap_ci`) and the two-sided p-value of a paired sign-flip permutation test
+    of the mean difference (``scipy.stats.permutation_test``, ``permutation_type="samples"``;
+    exact when 2**n <= n_resamples). ``p`` is None for n < 2; all-zero differences give p = 1.
+    """
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired_test needs samples of equal length, got {a.size} and {b.size}")
+    d = a - b
+    ci = bootstrap_ci(d, level=level, n_resamples=n_resamples, seed=seed)
+    out = {"diff": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "p": None, "n": ci["n"]}
+    if d.size < 2:
+        return out
+    if np.all(d == 0):
+        out["p"] = 1.0
+        return out
+    r = scipy.stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis),
+                                     permutation_type="samples", vectorized=True,
+                                     n_resamples=n_resamples, alternative="two-sided",
+                                     rng=np.random.default_rng(seed))
+    out["p"] = float(r.pvalue)
+    return out
 
 
 def random_like_embeddings(emb: Tensor, n: int, seed: int) -> Tensor:
