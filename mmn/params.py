@@ -26,6 +26,7 @@ class _Strict(BaseModel):
 
 
 Device = Literal["auto", "cpu", "cuda"]
+TrainData = Literal["coco-train", "split", "eval"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -50,6 +51,20 @@ class ModelProfile(_Strict):
     clip_checkpoint: str | None = Field(default=None, description="local open_clip checkpoint file")
     bert_model: str = Field(min_length=1, description="BERTScore model ('embedded:all-MiniLM-L6-v2' or HF id)")
     bert_layers: int | None = Field(default=None, gt=0, description="null = bert_score's default for the model")
+    bert_rescale: bool = Field(default=False, description="BERTScore baseline rescaling with bert_score's own "
+                               "baseline file for bert_model/bert_layers (the paper's scale); none exists for "
+                               "embedded models")
+    # Per-profile data sizes (null = the global key), so that `-S profile=laptop` is the one switch.
+    train_data: TrainData | None = Field(default=None, description="overrides projection.train.data")
+    train_subset: int | None = Field(default=None, ge=0, description="overrides projection.train.subset")
+    eval_subset: int | None = Field(default=None, ge=0, description="overrides data.coco.subset")
+
+    @model_validator(mode="after")
+    def _rescale_needs_a_baseline(self) -> ModelProfile:
+        if self.bert_rescale and self.bert_model.startswith("embedded:"):
+            raise ValueError(f"bert_rescale: true needs a bert_score baseline file, and none exists for "
+                             f"{self.bert_model}; set bert_rescale: false (raw F1) or a bert_score model")
+        return self
 
     @field_validator("iou_categories")
     @classmethod
@@ -92,11 +107,27 @@ class DataParams(_Strict):
 
 
 class TrainParams(_Strict):
-    steps: int = Field(gt=0)
+    max_steps: int = Field(gt=0, description="optimizer steps at most (cosine decay reaches 0 here)")
     batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0)
-    views: int = Field(gt=0, description="augmented views per image per epoch")
+    lr: float = Field(gt=0, description="peak learning rate (after warmup; cosine decay to 0 at max_steps)")
+    views: int = Field(gt=0, description="views per training image: the plain resize + views-1 random crops")
     warmup_steps: int = Field(ge=0)
+    val_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="training images held out for the validation loss; 0 = none "
+        "(train max_steps, keep the last step)")
+    val_max_images: int = Field(default=64, gt=0, description="cap on the validation images")
+    eval_every: int = Field(default=10, gt=0, description="steps between validation-loss evaluations")
+    patience: int = Field(
+        default=5, ge=0, description="stop after this many evaluations without a lower validation loss; 0 = never")
+    # Which images the projection learns from (stage download_train, data/coco_train/).
+    data: TrainData = Field(
+        default="eval",
+        description="coco-train: a seeded subset of COCO `split` (train2017); split: a seeded disjoint "
+        "train/eval split of the source's images; eval: the evaluated images themselves (not held out)",
+    )
+    holdout: float = Field(default=0.2, gt=0, lt=1, description="evaluated fraction of the images under `split`")
+    subset: int = Field(default=3000, ge=0, description="COCO train images fetched under `coco-train`; 0 = all")
+    split: Literal["train2017", "val2017"] = Field(default="train2017", description="COCO split of `coco-train`")
 
 
 class ProjectionParams(_Strict):
@@ -111,8 +142,16 @@ class CaptionParams(_Strict):
 
 
 class AttributeParams(_Strict):
-    k: int = Field(gt=0, description="top (layer, unit, patch) triples kept per image")
+    k: int = Field(gt=0, description="top units (rank_by=unit) or (layer, unit, patch) triples kept per image")
+    rank_by: Literal["unit", "triple"] = Field(
+        default="unit", description="unit: the paper's 'the 100 u_k with highest g', a unit scored by its max "
+        "over image positions of g (k distinct units); triple: top (layer, unit, patch) triples")
     preactivation: bool = False
+    method: Literal["grad_x_act", "direct_logit", "integrated_gradients"] = Field(
+        default="grad_x_act", description="grad_x_act: the paper's g = A dy/dA; direct_logit: A (W_U[c] W_out^k) "
+        "(MM_Neurons); integrated_gradients: A times the path-averaged gradient from 0 to A")
+    ig_steps: int = Field(default=16, gt=0, le=1024, description="integrated gradients: path points "
+                          "(midpoint rule), the rows of one forward + backward per image")
     batch_size: int = Field(gt=0)
     dtype: DType | None = Field(default=None, description="null = the profile's dtype")
     device: Device | None = Field(default=None, description="null = the profile's device")
@@ -132,10 +171,33 @@ class AttributeParams(_Strict):
             raise ValueError(f"layers must be >= 0, got {bad}")
         return sorted(set(v))
 
+    @model_validator(mode="after")
+    def _preactivation_method(self) -> "AttributeParams":
+        if self.preactivation and self.method != "grad_x_act":
+            raise ValueError(f"preactivation is defined for method grad_x_act only, not {self.method!r}")
+        return self
+
+
+class CompareParams(_Strict):
+    """Stage compare_methods: every attribution method against exact single-unit ablation."""
+
+    candidates: int = Field(default=32, gt=0, description="top units per method; their union is ablated one by one")
+    precision_k: int = Field(default=10, gt=0, description="k of precision@k (exact top k by dy recovered)")
+    batch_size: int = Field(default=32, gt=0, description="rows (ablations or IG path points) per forward")
+    max_images: int | None = Field(default=50, gt=0, description="first n images with a target, by id; null = all")
+
+    @model_validator(mode="after")
+    def _k_within_candidates(self) -> "CompareParams":
+        if self.precision_k > self.candidates:
+            raise ValueError(f"precision_k ({self.precision_k}) cannot exceed candidates ({self.candidates})")
+        return self
+
 
 class DecodeParams(_Strict):
     top_n: int = Field(gt=0, le=1000)
-    final_norm: bool = True
+    lens: Literal["unembed", "logit_lens"] = Field(
+        default="unembed", description="unembed: the paper's decoder(W_out^k), unembedding x raw column (no "
+        "final norm, no lm_head bias); logit_lens: final norm, unembedding and lm_head bias")
 
 
 class FilterParams(_Strict):
@@ -153,8 +215,8 @@ class FilterParams(_Strict):
 
 class ScoreParams(_Strict):
     clip_model: str = Field(min_length=1, description="open_clip architecture, e.g. ViT-B-32")
-    clip_w: float = Field(gt=0, description="CLIPScore weight w in 100*w*max(cos,0)")
-    top_units: int = Field(gt=0, description="top units per image whose decodings are scored")
+    clip_w: float = Field(gt=0, description="CLIPScore weight w in 100*w*max(cos,0); 1 = the paper's scale, "
+                          "2.5 = Hessel et al.'s")
     random_draws: int = Field(gt=0)
     prompt_neighbours: int = Field(gt=0, description="nearest vocabulary tokens per soft token (Table 2)")
     batch_size: int = Field(gt=0)
@@ -163,9 +225,16 @@ class ScoreParams(_Strict):
 class IouParams(_Strict):
     quantile: float = Field(gt=0, lt=1)
     mask_size: int = Field(gt=0)
-    top_units: int = Field(gt=0, description="multimodal units per image tested")
+    top_units: int | None = Field(default=None, gt=0,
+                                  description="null = all of an image's top units; n = its first n by rank")
     random_draws: int = Field(gt=0)
     selectivity_units: int = Field(gt=0)
+    single: Literal["only_object", "one_instance"] = Field(
+        default="only_object", description="only_object: the image's only annotation is one object of the "
+                                           "category; one_instance: one instance of it, other objects allowed")
+    threshold: Literal["image", "dataset"] = Field(
+        default="image", description="image: per-image quantile of the map; dataset: NetDissect per-unit "
+                                     "quantile over all evaluated images")
 
 
 class AblateParams(_Strict):
@@ -195,7 +264,7 @@ class PlotParams(_Strict):
 
 
 class Params(_Strict):
-    profile: Literal["embedded", "paper"]
+    profile: Literal["embedded", "paper", "laptop"]
     seed: int = Field(ge=0)
     profiles: dict[str, ModelProfile]
     data: DataParams
@@ -207,6 +276,7 @@ class Params(_Strict):
     score: ScoreParams
     iou: IouParams
     ablate: AblateParams
+    compare: CompareParams = Field(default_factory=CompareParams)
     plot: PlotParams = Field(default_factory=PlotParams)
 
     @field_validator("profiles")
@@ -217,10 +287,36 @@ class Params(_Strict):
             raise ValueError(f"missing profile(s): {sorted(missing)}")
         return v
 
+    @model_validator(mode="after")
+    def _active_profile_defined(self) -> "Params":
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not defined under 'profiles' (have {sorted(self.profiles)})")
+        return self
+
     @property
     def model(self) -> ModelProfile:
         """The resolved model settings of the active profile."""
         return self.profiles[self.profile]
+
+    @property
+    def train_data(self) -> TrainData:
+        """``projection.train.data``, or the active profile's ``train_data`` when set."""
+        return self.model.train_data or self.projection.train.data
+
+    @property
+    def coco_eval(self) -> CocoParams:
+        """``data.coco`` with the active profile's ``eval_subset`` (when set) as its subset."""
+        if self.model.eval_subset is None:
+            return self.data.coco
+        return self.data.coco.model_copy(update={"subset": self.model.eval_subset})
+
+    @property
+    def coco_train(self) -> CocoParams:
+        """``data.coco`` (server, archive, retries) on ``projection.train.split`` with
+        ``projection.train.subset`` (or the profile's ``train_subset``): the ``coco-train`` source."""
+        t = self.projection.train
+        subset = t.subset if self.model.train_subset is None else self.model.train_subset
+        return self.data.coco.model_copy(update={"split": t.split, "subset": subset})
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

@@ -1,8 +1,13 @@
 """Stage attribute: g = A · dy^c/dA for every MLP unit at every image position, one
-forward + one backward pass per batch; keeps the top k (layer, unit, patch) per image.
+forward + one backward pass per batch; keeps "the 100 u_k with highest g" per image:
+attribute.rank_by=unit (default) ranks units by their max over image positions of g and
+keeps k distinct units (patch = the arg-max patch); rank_by=triple keeps the top k
+(layer, unit, patch) triples. attribute.method swaps dy/dA for another multiplier M
+(direct_logit: W_U[c]·W_out^k, one forward; integrated_gradients: the gradient averaged
+over attribute.ig_steps path points from 0 to A); then g = A·M and gradient = M.
 
 Writes data/attributions.parquet (image_id, rank, layer, unit, patch, g, activation,
-gradient, target token, y).
+gradient, target token, y; activation/gradient at the recorded patch).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
         layers = attributed_layers(params, plm.adapter.n_layers)
         part = attribute_captions(caps, layout.load_image, plm, enc, k=ap.k, batch_size=ap.batch_size,
                                   preactivation=ap.preactivation, progress=info.is_main, shard=info.shard,
-                                  layers=layers)
+                                  layers=layers, rank_by=ap.rank_by, method=ap.method, ig_steps=ap.ig_steps)
         df = gather_frames(part, info)
     if not info.is_main:
         return
@@ -53,9 +58,10 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
         log(NAME, f"merged {info.world} shards")
     n_img = int(caps["has_noun"].sum())
     check_attributions(df, k=ap.k, n_layers=plm.adapter.n_layers, n_units=plm.adapter.d_mlp,
-                       n_patches=enc.n_patches, layers=layers)
+                       n_patches=enc.n_patches, layers=layers, rank_by=ap.rank_by)
     write_parquet(df, out)
-    log(NAME, f"{df.height} triples for {n_img} images ({caps.height - n_img} without a noun skipped); wrote {out}")
+    log(NAME, f"{df.height} {ap.rank_by}s for {n_img} images ({caps.height - n_img} without a noun skipped); "
+              f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Stage decode: top tokens of every unit in the attributions, W_out column through
-the (final norm and) unembedding, one matrix product per layer.
+"""Stage decode: top tokens of every unit in the attributions: the paper's
+decoder(W_out^k), the unembedding times the raw W_out column (decode.lens=unembed; or
+final norm + unembedding + head bias with decode.lens=logit_lens), over the tokenizer's
+real tokens only, one fp32 matrix product per layer.
 
 Writes data/neurons.parquet (layer, unit, token_ids, tokens, logits, decoded).
 """
@@ -31,7 +33,7 @@ def main(params_path: str, attributions: str, out: str) -> None:
     seed_everything(params.seed)
     adapter, tok = build_lm(params, dtype="float32", device="cpu")
     att = pl.read_parquet(attributions)
-    df = decode_units(adapter, tok, att, top_n=params.decode.top_n, final_norm=params.decode.final_norm)
+    df = decode_units(adapter, tok, att, top_n=params.decode.top_n, lens=params.decode.lens)
     check_neurons(df, top_n=params.decode.top_n, n_layers=adapter.n_layers, n_units=adapter.d_mlp)
     write_parquet(df, out)
     log(NAME, f"decoded {df.height} distinct units; wrote {out}")

@@ -1,7 +1,9 @@
 """Stage download_coco: materialise the COCO-format layout in data/coco.
 
 source `sample` (embedded profile): photos shipped in installed wheels + the project's
-own annotations; source `coco`: COCO 2017 from params `data.coco.base_url`. Images that
+own annotations; source `coco`: COCO 2017 from params `data.coco.base_url` (`data.coco.subset`
+images, or the profile's `eval_subset`). Under `projection.train.data: split` only the
+evaluated part (`projection.train.holdout`) of the seeded split is kept. Images that
 cannot be fetched or decoded fail the stage, or with `data.on_bad_image: skip` are left
 out and listed in data/coco/skipped.csv.
 """
@@ -28,20 +30,25 @@ NAME = "download_coco"
 def main(params_path: str, out_dir: str, cache_dir: str) -> None:
     params = load_params(params_path)
     source = params.model.data_source
+    eval_part = None
+    if params.train_data == "split":  # keep only the evaluated part; download_train gets the rest
+        from mmn.data.split import split_part
+
+        eval_part = split_part("eval", params.projection.train.holdout, params.seed)
     with atomic_dir(out_dir) as tmp:
         if source == "sample":
-            from mmn.data.sample import materialize_sample
+            from mmn.data.sample import materialize_sample, sample_image_ids
 
-            summary = materialize_sample(tmp)
+            summary = materialize_sample(tmp, image_ids=eval_part(sample_image_ids()) if eval_part else None)
         else:
             from mmn.data.coco import download_coco
 
-            summary = download_coco(params.data.coco, tmp, seed=params.seed, cache_dir=Path(cache_dir),
-                                    on_bad_image=params.data.on_bad_image)
+            summary = download_coco(params.coco_eval, tmp, seed=params.seed, cache_dir=Path(cache_dir),
+                                    on_bad_image=params.data.on_bad_image, restrict=eval_part)
         from mmn.quality import check_coco_layout
 
         check_coco_layout(tmp)
-    log(NAME, f"source={source}: {summary}; wrote {out_dir}/")
+    log(NAME, f"source={source} train_data={params.train_data}: {summary}; wrote {out_dir}/")
     if summary.get("n_skipped"):
         log(NAME, f"skipped {summary['n_skipped']} bad image(s) (data.on_bad_image: skip); "
                   f"listed with the reason in {out_dir}/skipped.csv")

@@ -1,7 +1,10 @@
 """Stage load_projection: load LiMBeR's proj.ckpt or train a LiMBeR-style projection.
 
-Writes data/projection/ (projection.safetensors + meta.json) and, when training,
-data/projection/loss.csv (step, loss) for `dvc plots`.
+Training reads the training layout data/coco_train/ (stage download_train; its
+split.json says whether it is held out from the evaluation images), holds out a
+seeded validation split of it, and keeps the checkpoint of the lowest validation loss.
+Writes data/projection/ (projection.safetensors + meta.json, and when training
+loss.csv: step, train_loss, val_loss for `dvc plots`) and metrics/projection.json.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 import click
 
 from mmn.cli import StageError, log, stage_main
-from mmn.io import atomic_dir
+from mmn.io import atomic_dir, write_json
 from mmn.params import load_params
 
 NAME = "load_projection"
@@ -20,16 +23,20 @@ NAME = "load_projection"
 
 @click.command(help=__doc__)
 @click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path())
-@click.option("--coco", "coco_dir", default="data/coco", show_default=True, type=click.Path())
+@click.option("--coco", "coco_dir", default="data/coco", show_default=True, type=click.Path(),
+              help="the evaluation layout (checked for overlap with the training images)")
+@click.option("--train", "train_dir", default="data/coco_train", show_default=True, type=click.Path(),
+              help="the training layout (with split.json)")
 @click.option("--out", "out_dir", default="data/projection", show_default=True, type=click.Path())
+@click.option("--metrics", "metrics_out", default="metrics/projection.json", show_default=True, type=click.Path())
 @click.option("--ckpt", default=None, type=click.Path(),
               help="local LiMBeR proj.ckpt (overrides the profile's limber_url)")
 @stage_main(NAME)
-def main(params_path: str, coco_dir: str, out_dir: str, ckpt: str | None) -> None:
+def main(params_path: str, coco_dir: str, train_dir: str, out_dir: str, metrics_out: str, ckpt: str | None) -> None:
     from mmn.data.layout import CocoLayout
     from mmn.models.projection import load_limber, save_projection
     from mmn.pipeline import build_encoder, build_lm, seed_everything
-    from mmn.projection_training import train_from_layout
+    from mmn.projection_training import loss_csv, train_from_layout
 
     params = load_params(params_path)
     seed_everything(params.seed)
@@ -44,14 +51,67 @@ def main(params_path: str, coco_dir: str, out_dir: str, ckpt: str | None) -> Non
             path = Path(src) if Path(src).exists() else _fetch(src, Path(".cache/limber"))
             lin = load_limber(path, enc.dim, adapter.d_model)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            save_projection(tmp, lin, {"source": "limber", "checkpoint": str(src), "sha256": digest})
+            # LiMBeR trained on CC3M: disjoint from the COCO images evaluated here
+            meta = {"source": "limber", "checkpoint": str(src), "sha256": digest, "held_out": True,
+                    "train_data": "CC3M (LiMBeR)"}
+            save_projection(tmp, lin, meta)
             log(NAME, f"loaded LiMBeR projection {src} (sha256 {digest[:12]})")
         else:
-            lin, losses, meta = train_from_layout(CocoLayout(Path(coco_dir)), adapter, tok, enc, params)
-            save_projection(tmp, lin, meta)
-            (tmp / "loss.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses)))
-            log(NAME, f"trained projection: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
-    log(NAME, f"wrote {out_dir}/")
+            split = read_split(Path(train_dir))
+            layout = CocoLayout(Path(train_dir))
+            check_disjoint(layout, CocoLayout(Path(coco_dir)), split)
+            if not split["held_out"]:
+                log(NAME, f"WARNING: the projection is trained on the evaluated images (projection.train.data: "
+                          f"{split['mode']}); held_out: false - every downstream effect is partly memorisation")
+            proj, res, meta = train_from_layout(layout, adapter, tok, enc, params)
+            meta.update(held_out=bool(split["held_out"]), train_data=split["mode"])
+            save_projection(tmp, proj, meta)
+            (tmp / "loss.csv").write_text(loss_csv(res.history))
+            _log_training(res, meta)
+    write_json(projection_metrics(meta), metrics_out)
+    log(NAME, f"wrote {out_dir}/ and {metrics_out}")
+
+
+def read_split(train_dir: Path) -> dict:
+    """``train_dir/split.json`` (written by download_train), checked by
+    :func:`mmn.data.split.read_split_info` (SplitError names the file and key)."""
+    from mmn.data.split import read_split_info
+
+    return read_split_info(train_dir).to_json()
+
+
+def check_disjoint(train, evaluation, split: dict) -> None:
+    """A held-out training layout must share no image id with the evaluation layout."""
+    if not split["held_out"] or not evaluation.instances_path.exists():
+        return
+    shared = sorted({r["id"] for r in train.images} & {r["id"] for r in evaluation.images})
+    if shared:
+        raise StageError(f"{train.root}/split.json says held_out but {len(shared)} training image id(s) are "
+                         f"also in {evaluation.root}: {shared[:10]}")
+
+
+def _log_training(res, meta: dict) -> None:
+    h = res.history
+    log(NAME, f"trained projection on {meta['n_train_images']} images ({meta['n_views']} views), "
+              f"{meta['n_val_images']} validation images; {res.steps_run} steps"
+              f"{' (stopped early)' if res.stopped_early else ''}; train loss {h[0]['train_loss']:.3f} -> "
+              f"{h[-1]['train_loss']:.3f}")
+    if res.best_val_loss is None:
+        log(NAME, "WARNING: no validation split (projection.train.val_fraction: 0 or one image): kept the last step")
+        return
+    log(NAME, f"validation loss {res.initial_val_loss:.3f} (untrained) -> best {res.best_val_loss:.3f} at step "
+              f"{res.best_step} (kept)")
+    if res.best_step == 0:
+        log(NAME, "WARNING: the validation loss never fell below the untrained projection's; the projection "
+                  "carries no learned image information")
+
+
+def projection_metrics(meta: dict) -> dict:
+    """Numbers-only summary for metrics/projection.json (null where not applicable)."""
+    keys = ("n_train_images", "n_val_images", "steps_run", "best_step", "best_val_loss", "initial_val_loss")
+    out = {k: meta.get(k) for k in keys}
+    out["held_out"] = int(bool(meta.get("held_out")))
+    return out
 
 
 def _fetch(url: str, cache: Path) -> Path:

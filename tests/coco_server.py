@@ -6,10 +6,14 @@
     val2017/<file_name>                         # symlinks to coco-mini images (by coco_url)
     train2017/<file_name>
 
-The val JSONs are coco-mini's ``instances.json``/``captions.json`` byte for byte (they
-also list coco-mini's 21 train2017 images, whose ``coco_url`` points at ``train2017/``);
-the train JSONs hold only the train images. The zip is deterministic (fixed timestamps),
-so its sha1 is stable.
+Both splits are served: images under ``val2017/`` (79) and ``train2017/`` (21), and one
+archive with ``instances_{val,train}2017.json`` and ``captions_{val,train}2017.json``. By
+default the val JSONs are coco-mini's ``instances.json``/``captions.json`` byte for byte
+(they also list coco-mini's 21 train2017 images, whose ``coco_url`` points at
+``train2017/``: all 100 images through ``split: val2017``); with ``merged_val=False`` they
+hold only the 79 val2017 images, as on the official server, so that a ``coco-train``
+projection (train JSONs: the 21 train images) is disjoint from the evaluated images. The
+zip is deterministic (fixed timestamps), so its sha1 is stable.
 
 :func:`serve` serves a folder with :class:`http.server.ThreadingHTTPServer` on
 ``127.0.0.1`` (free port, background thread), with single-range ``Range`` support (206/416),
@@ -110,16 +114,20 @@ def build_site(
     instances_bytes: bytes | None = None,
     captions_bytes: bytes | None = None,
     corrupt_images: Iterable[str] = (),
+    merged_val: bool = True,
 ) -> CocoSite:
     """Write the official layout under ``root`` from coco-mini.
 
     ``instances_bytes``/``captions_bytes`` replace the val2017 JSON members (e.g. truncated
-    or with a key removed); ``corrupt_images`` are file names served truncated to half.
+    or with a key removed); ``corrupt_images`` are file names served truncated to half;
+    ``merged_val=False``: the val2017 JSONs list only val2017 images (as the real server).
     """
     mini = mini or require_coco_mini()
     root = Path(root)
     raw = {k: (mini / "annotations" / f"{k}.json").read_bytes() for k in ("instances", "captions")}
     data = {k: json.loads(v) for k, v in raw.items()}
+    if not merged_val:
+        raw = {k: json.dumps(_only_split(data[k], "val2017")).encode() for k in raw}
     if instances_bytes is not None:
         raw["instances"] = instances_bytes
     if captions_bytes is not None:
@@ -305,3 +313,36 @@ def coco_server_factory(tmp_path: Path) -> Iterator[Any]:
             return stack.enter_context(coco_server(tmp_path / f"site{next(count)}", **build_kwargs))
 
         yield make
+
+
+def _main() -> None:
+    """``python tests/coco_server.py DIR [--val-only] [--port N]``: build the mirror in DIR and
+    serve it until Ctrl-C (for running the pipeline by hand against coco-mini)."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=_main.__doc__)
+    ap.add_argument("root", type=Path, help="folder to build the mirror in (created)")
+    ap.add_argument("--val-only", action="store_true",
+                    help="val2017 JSONs hold only the 79 val images (as the official server)")
+    ap.add_argument("--port", type=int, default=0, help="0 = a free port")
+    args = ap.parse_args()
+    mini = coco_mini_dir()
+    if mini is None:
+        raise SystemExit(f"coco-mini not found (set ${COCO_MINI_ENV})")
+    site = build_site(args.root, mini, merged_val=not args.val_only)
+    handler = functools.partial(RangeRequestHandler, directory=str(site.root))
+    httpd = _Server(("127.0.0.1", args.port), handler)
+    host, port = httpd.server_address[:2]
+    print(f"-S data.coco.base_url='http://{host}:{port}' -S data.coco.annotations_sha1='{site.sha1}'", flush=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        httpd.shutdown()
+
+
+if __name__ == "__main__":
+    _main()

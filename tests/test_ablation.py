@@ -9,7 +9,7 @@ from torch import nn
 
 from mmn.hooks import TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.neurons.ablation import ablated, rank_units, random_like, target_probs, unit_masks, unit_scores
+from mmn.neurons.ablation import ablated, random_ranking, rank_units, target_probs, unit_masks, unit_scores
 
 N_PATCH, D_ENC = 6, 12
 
@@ -77,7 +77,7 @@ def test_k0_leaves_p_unchanged_and_rows_are_independent(setup):
     assert abs(float(p[1]) - float(p_clean)) > 1e-6 * float(p_clean)  # well above fp32 rounding (~1e-7)
 
 
-def test_rank_units_and_random_like():
+def test_rank_units():
     a = torch.zeros(2, 3, 4)
     grad = torch.ones(2, 3, 4)
     a[1, 2, 3] = 5
@@ -90,10 +90,25 @@ def test_rank_units_and_random_like():
     allowed = torch.zeros(2, 4, dtype=torch.bool)
     allowed[1, 3] = True
     assert rank_units(s, allowed) == [(1, 3)]
-    rng = np.random.default_rng(0)
-    rnd = random_like([(0, 1), (0, 2), (1, 3)], 4, rng)
-    assert sorted(l for l, _ in rnd) == [0, 0, 1]
-    assert len(set(rnd)) == 3
+
+
+def test_random_ranking_is_nested_with_the_layer_mix_of_every_prefix():
+    """Random sets = prefixes of ONE random ranking: nested across k, and every prefix holds
+    as many units per layer as the same prefix of the top ranking; distinct; seeded."""
+    from collections import Counter
+
+    order = [(2, 0), (0, 5), (2, 1), (2, 7), (0, 1), (3, 3), (2, 2), (0, 0)]
+    rnd = random_ranking(order, 8, np.random.default_rng(0))
+    assert len(rnd) == len(order) and len(set(rnd)) == len(rnd)
+    for k in range(len(order) + 1):
+        assert Counter(l for l, _ in rnd[:k]) == Counter(l for l, _ in order[:k])
+    assert rnd == random_ranking(order, 8, np.random.default_rng(0))
+    assert rnd != random_ranking(order, 8, np.random.default_rng(1))
+    # a whole layer: a permutation of it
+    full = random_ranking([(1, u) for u in range(8)], 8, np.random.default_rng(3))
+    assert sorted(u for _, u in full) == list(range(8))
+    with pytest.raises(ValueError, match="n_units=8"):
+        random_ranking([(1, u) for u in range(9)], 8, np.random.default_rng(0))
 
 
 class _FakeEncoder:
@@ -155,3 +170,276 @@ def test_rank_units_limit():
     assert rank_units(s, limit=3) == [(0, 1), (1, 2), (1, 0)]
     layer1 = torch.tensor([[False] * 3, [True] * 3])
     assert rank_units(s, layer1, limit=2) == [(1, 2), (1, 0)]
+
+
+def _plm(tiny_adapters, family="gpt2"):
+    ad, tok = tiny_adapters[family]
+    torch.manual_seed(0)
+    return ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model)), tok
+
+
+def test_ablate_images_random_sets_are_nested_across_k(tiny_adapters, monkeypatch):
+    """The masks actually ablated: for each image the random set of a smaller k is a subset
+    of a larger k's, with the unfiltered set's layer mix at every k; the per-image ranking
+    differs between images."""
+    import mmn.experiments.ablation as A
+
+    plm, tok = _plm(tiny_adapters)
+    ad = plm.adapter
+    seen = []
+    real = A.target_probs
+
+    def spy(plm_, soft, text, target, masks, fill=None):
+        seen.append(masks.clone())
+        return real(plm_, soft, text, target, masks, fill)
+
+    monkeypatch.setattr(A, "target_probs", spy)
+    ks = [0, 2, 5, 11, 40]
+    interp = torch.ones(ad.n_layers, ad.d_mlp, dtype=torch.bool)
+    A.ablate_images(_captions(tok, 3), lambda i: i, plm, _FakeEncoder(), interp, ks=ks, regenerate=False,
+                    progress=False)
+    assert len(seen) == 3
+    rnd_sets = []
+    for masks in seen:  # [L, 1 + kinds*ks, U]; rows: clean, then kinds in KINDS order, ks ascending
+        rows = masks[:, 1:].permute(1, 0, 2)  # [rows, L, U]
+        unf, rnd = rows[: len(ks)], rows[2 * len(ks):]
+        for j, k in enumerate(ks):
+            assert int(rnd[j].sum()) == int(unf[j].sum()) == min(k, ad.n_layers * ad.d_mlp)
+            torch.testing.assert_close(rnd[j].sum(-1), unf[j].sum(-1))  # same units per layer
+            if j:
+                assert bool((rnd[j - 1] <= rnd[j]).all()), f"random set of k={ks[j - 1]} not inside k={k}"
+        rnd_sets.append(rnd[-1])
+    assert not torch.equal(rnd_sets[0], rnd_sets[1])
+
+
+def test_drop_of_mean_and_mean_of_drops_on_a_hand_case():
+    """Two images: p_clean 0.5 -> 0.1 (drop 0.8) and 0.01 -> 0.02 (drop -1.0): the mean of
+    per-image drops is -0.1, the drop of the mean 1 - 0.06/0.255; the paired test against
+    random matches scipy on the same differences."""
+    import polars as pl
+    import scipy.stats
+
+    from mmn.experiments.ablation import ablation_curve, ablation_metrics, drop_of_mean
+
+    rows = []
+    for img, pc, pu, pr in ((1, 0.5, 0.1, 0.5), (2, 0.01, 0.02, 0.01), (3, 0.2, 0.05, 0.19)):
+        for kind, p in (("unfiltered", pu), ("random", pr)):
+            rows.append({"image_id": img, "kind": kind, "k": 10, "k_effective": 10, "p_target": p, "p_clean": pc,
+                         "rel_drop": 1 - p / pc})
+    df = pl.DataFrame(rows)
+    two = df.filter(pl.col("image_id") < 3, pl.col("kind") == "unfiltered")
+    assert two["rel_drop"].mean() == pytest.approx(-0.1)
+    assert drop_of_mean(two["p_target"], two["p_clean"]) == pytest.approx(1 - 0.06 / 0.255)
+    assert drop_of_mean([0.1], [0.0]) is None
+    c = ablation_curve(df)
+    u = c.filter(pl.col("kind") == "unfiltered").row(0, named=True)
+    du = [0.8, -1.0, 0.75]
+    dr = [0.0, 0.0, 0.05]
+    assert u["rel_drop"] == pytest.approx(np.mean(du))
+    assert u["drop_of_mean"] == pytest.approx(1 - (0.1 + 0.02 + 0.05) / (0.5 + 0.01 + 0.2))
+    assert u["rel_drop_lo"] <= u["rel_drop"] <= u["rel_drop_hi"]
+    assert u["vs_random_diff"] == pytest.approx(np.mean(np.subtract(du, dr)))
+    # n = 3: the sign-flip test is exact over 2**3 flips
+    ref = scipy.stats.permutation_test((np.array(du), np.array(dr)), lambda x, y, axis: np.mean(x - y, axis=axis),
+                                       permutation_type="samples", alternative="two-sided")
+    assert u["vs_random_p"] == pytest.approx(ref.pvalue)
+    r = c.filter(pl.col("kind") == "random").row(0, named=True)
+    assert r["vs_random_p"] is None and r["drop_of_mean"] == pytest.approx(1 - 0.7 / 0.71)
+    m = ablation_metrics(c, [0, 10])
+    assert m["unfiltered"]["k10"]["rel_drop"]["mean"] == pytest.approx(np.mean(du))
+    assert m["unfiltered"]["k10"]["vs_random_p"] == pytest.approx(ref.pvalue)
+    assert "vs_random_p" not in m["random"]["k10"] and m["n_images"] == 3
+
+
+def _leaves(d) -> list:
+    return [x for v in d.values() for x in (_leaves(v) if isinstance(v, dict) else [v])]
+
+
+def test_ablation_metrics_are_compact_numbers_for_headline_ks():
+    import polars as pl
+
+    from mmn.experiments.ablation import KINDS, ablation_curve, ablation_metrics, headline_ks
+
+    ks = [0, 50, 100, 200, 400, 800, 1600, 3200, 6400]
+    assert headline_ks(ks) == [100, 6400]
+    assert headline_ks([0, 10]) == [10] and headline_ks([0, 5, 20]) == [5, 20] and headline_ks([0]) == []
+    rng = np.random.default_rng(0)
+    rows = [{"image_id": i, "kind": kind, "k": k, "k_effective": k, "p_target": float(p * rng.uniform(0.2, 1)),
+             "p_clean": p, "rel_drop": 0.0} for i in range(6) for p in [float(rng.uniform(0.1, 0.9))]
+            for kind in KINDS for k in ks]
+    df = pl.DataFrame(rows).with_columns((1 - pl.col("p_target") / pl.col("p_clean")).alias("rel_drop"))
+    curve = ablation_curve(df)
+    assert curve.height == len(KINDS) * len(ks)
+    m = ablation_metrics(curve, ks)
+    leaves = _leaves(m)
+    assert len(leaves) <= 40
+    assert all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in leaves)
+    assert set(m["filtered"]) == {"k100", "k6400"}
+
+
+def test_ablated_captions_honour_stop_at_newline(tiny_adapters):
+    """A tiny model made to emit a newline after every ordinary token: with
+    ``stop_at_newline`` the regenerated captions stop there (one token, no newline);
+    without it they run on through newlines."""
+    plm, tok = _plm(tiny_adapters)
+    model = plm.adapter.model
+    nl = tok("\n").input_ids[-1]
+    assert "\n" in tok.decode([nl])
+    state = {}
+
+    def pre(mod, args, kwargs):
+        state["ids"] = kwargs.get("input_ids")
+
+    def post(mod, args, out):
+        ids = state.get("ids")
+        if ids is None:  # the prefix step (inputs_embeds): leave the model's own choice
+            return out
+        boost = (ids[:, -1] != nl).to(out.dtype) * 1e4  # after an ordinary token: newline
+        out = out.clone()
+        out[:, -1, nl] += boost
+        return out
+
+    h1 = model.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = model.get_output_embeddings().register_forward_hook(post)
+    from mmn.experiments.ablation import ablate_images
+
+    try:
+        kw = dict(ks=[0, 3], max_new_tokens=6, regenerate=True, progress=False)
+        interp = torch.ones(plm.adapter.n_layers, plm.adapter.d_mlp, dtype=torch.bool)
+        caps = _captions(tok, 3)
+        on = ablate_images(caps, lambda i: i, plm, _FakeEncoder(), interp, stop_at_newline=True, **kw)
+        off = ablate_images(caps, lambda i: i, plm, _FakeEncoder(), interp, stop_at_newline=False, **kw)
+    finally:
+        h1.remove(), h2.remove()
+    assert not any("\n" in c for c in on["caption"].to_list())
+    assert all(len(tok(c, add_special_tokens=False).input_ids) <= 2 for c in on["caption"].to_list())
+    assert all("\n" in c for c in off["caption"].to_list())
+    # p(c) does not depend on how captions are generated
+    assert on["p_target"].to_list() == off["p_target"].to_list()
+
+
+def test_check_ablation_rejects_more_units_than_k_and_drops_above_one():
+    import polars as pl
+
+    from mmn.quality import QualityError, check_ablation
+
+    good = pl.DataFrame({"image_id": [1, 1], "kind": ["random", "random"], "k": [0, 5], "k_effective": [0, 5],
+                         "p_target": [0.4, 0.1], "p_clean": [0.4, 0.4], "rel_drop": [0.0, 0.75]})
+    check_ablation(good)
+    with pytest.raises(QualityError, match="k_effective_ok"):
+        check_ablation(good.with_columns(pl.Series("k_effective", [0, 6])))
+    with pytest.raises(QualityError, match="rel_drop"):
+        check_ablation(good.with_columns(pl.Series("rel_drop", [0.0, 1.5])))
+
+
+def test_ablate_stage_decides_interpretability_on_fp32_cpu_like_decode_and_filter(tiny_adapters, tmp_path,
+                                                                                   monkeypatch):
+    """stages.ablate loads an fp32 CPU LM and its mask equals decode_units + apply_filter
+    (what the decode and filter stages write) for EVERY unit."""
+    from types import SimpleNamespace
+
+    import polars as pl
+
+    import mmn.pipeline
+    from mmn.neurons.decode import decode_units
+    from mmn.neurons.filter import apply_filter, load_wordlist
+    from mmn.params import DecodeParams, FilterParams
+    from stages.ablate import interpretable_fp32
+
+    ad, tok = tiny_adapters["gpt2"]
+    # a word list of every alphabetic token text below id 20000 (so some units pass, some fail)
+    texts = {tok.decode([i]).strip().lower() for i in range(20000)}
+    wl = tmp_path / "words"
+    wl.write_text("\n".join(sorted(t for t in texts if t.isalpha() and t.isascii())))
+    calls = []
+
+    def fake_build_lm(params, dtype=None, device=None):
+        calls.append((dtype, device))
+        return ad, tok
+
+    monkeypatch.setattr(mmn.pipeline, "build_lm", fake_build_lm)
+    dec = DecodeParams(top_n=12)
+    filt = FilterParams(min_words=4, top_n=10, min_letters=3, wordlist=str(wl))
+    mask = interpretable_fp32(SimpleNamespace(decode=dec, filter=filt))
+    assert calls == [("float32", "cpu")]
+    units = pl.DataFrame({"layer": [l for l in range(ad.n_layers) for _ in range(ad.d_mlp)],
+                          "unit": [u for _ in range(ad.n_layers) for u in range(ad.d_mlp)]})
+    neu = apply_filter(decode_units(ad, tok, units, top_n=dec.top_n, lens=dec.lens), load_wordlist(wl),
+                       min_words=filt.min_words, top_n=filt.top_n, min_letters=filt.min_letters)
+    ref = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
+    for r in neu.iter_rows(named=True):
+        ref[r["layer"], r["unit"]] = r["interpretable"]
+    assert 0 < int(ref.sum()) < ref.numel()
+    assert torch.equal(mask.cpu(), ref)
+
+
+def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(tiny_adapters, tmp_path,
+                                                                               monkeypatch):
+    """stages.ablate in-process with a tiny LM: caption.stop_at_newline reaches the generator,
+    the curve table has one row per (kind, k), metrics are compact numbers, strings go to info."""
+    import json
+
+    import polars as pl
+    import yaml
+    from click.testing import CliRunner
+
+    import mmn.data.layout
+    import mmn.experiments.ablation as A
+    import mmn.pipeline
+    import stages.ablate as S
+    from mmn.metrics import bertscore
+
+    plm, tok = _plm(tiny_adapters)
+    ad = plm.adapter
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["ablate"].update(ks=[0, 3, 100, 200], regenerate=True)
+    raw["caption"].update(stop_at_newline=False, max_new_tokens=3)
+    raw["attribute"]["layers"] = None
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    caps = _captions(tok, 4).with_columns(pl.lit("a clean caption").alias("caption"))
+    caps.write_parquet(tmp_path / "captions.parquet")
+    interp = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
+    interp[:, ::2] = True
+    seen = {}
+    real = A.ablate_images
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    class Layout:
+        def __init__(self, root):
+            pass
+
+        def load_image(self, i):
+            return i
+
+    class Bert:
+        def f1(self, cands, refs):
+            return [0.5 + 0.01 * len(c) for c in cands]
+
+    monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main would re-exec the interpreter otherwise
+    monkeypatch.setattr(A, "ablate_images", spy)
+    monkeypatch.setattr(S, "interpretable_fp32", lambda params: interp)
+    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: (plm, _FakeEncoder()))
+    monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
+    monkeypatch.setattr(bertscore.BertScorer, "from_params", classmethod(lambda cls, *a, **k: Bert()))
+    out = {n: tmp_path / n for n in ("ablation.parquet", "curve.csv", "ablation.json", "info.json")}
+    r = CliRunner().invoke(S.main, ["--params", str(tmp_path / "params.yaml"), "--captions",
+                                    str(tmp_path / "captions.parquet"), "--out", str(out["ablation.parquet"]),
+                                    "--curve", str(out["curve.csv"]), "--metrics", str(out["ablation.json"]),
+                                    "--info", str(out["info.json"])])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert seen["stop_at_newline"] is False and seen["max_new_tokens"] == 3
+    curve = pl.read_csv(out["curve.csv"])
+    assert curve.height == 3 * 4 and set(curve["n"]) == {4}
+    m = json.loads(out["ablation.json"].read_text())
+    assert m["n_images"] == 4 and set(m["unfiltered"]) == {"k100", "k200"}
+    leaves = _leaves(m)
+    assert len(leaves) <= 40 and all(v is None or isinstance(v, (int, float)) for v in leaves)
+    u = curve.filter(pl.col("kind") == "unfiltered", pl.col("k") == 100).row(0, named=True)
+    assert m["unfiltered"]["k100"]["rel_drop"]["mean"] == pytest.approx(u["rel_drop"], abs=1e-6)
+    info = json.loads(out["info.json"].read_text())
+    assert info["stop_at_newline"] is False and info["interpretable_units"] == int(interp.sum())
+    df = pl.read_parquet(out["ablation.parquet"])
+    assert df["bertscore_f1"].null_count() == 0

@@ -182,6 +182,62 @@ def test_select_image_ids() -> None:
     assert s == sorted(sorted(ids)[i] for i in pick)
 
 
+def test_restrict_fetches_only_one_part_of_the_split(make_server, mini: Path, tmp_path: Path) -> None:
+    from mmn.data.split import split_ids, split_part
+
+    srv = make_server()
+    cache = tmp_path / "cache"
+    all_ids = sorted(im["id"] for im in load_mini_json("instances", mini)["images"])
+    pool = select_image_ids(all_ids, 10, 4)
+    parts = split_ids(pool, 0.3, 4)
+    s_eval = download_coco(_cfg(srv, subset=10), tmp_path / "eval", seed=4, cache_dir=cache, progress=False,
+                           restrict=split_part("eval", 0.3, 4))
+    assert _image_ids(tmp_path / "eval") == parts.eval and len(parts.eval) == 3
+    assert s_eval["n_pool"] == 10 and s_eval["n_images"] == 3 and s_eval["n_fetched"] == 3
+    fetched = {r.path.rsplit("/", 1)[1] for r in _image_requests(srv)}
+    by_id = {im["id"]: im for im in load_mini_json("instances", mini)["images"]}
+    assert fetched == {by_id[i]["file_name"] for i in parts.eval}  # the other part is not downloaded
+    download_coco(_cfg(srv, subset=10), tmp_path / "train", seed=4, cache_dir=cache, progress=False,
+                  restrict=split_part("train", 0.3, 4))
+    assert _image_ids(tmp_path / "train") == parts.train and len(parts.train) == 7
+    caps = _load(tmp_path / "train", "captions")
+    assert {x["image_id"] for x in caps["annotations"]} == set(parts.train)
+    with pytest.raises(ValueError, match="restrict returned ids that were not chosen"):
+        download_coco(_cfg(srv, subset=10), tmp_path / "bad", seed=4, cache_dir=cache, progress=False,
+                      restrict=lambda ids: [*ids[:2], -1])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_mirror_serves_both_splits(make_server, mini: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    records = load_mini_json("instances", mini)["images"]
+    val = sorted(r["id"] for r in records if split_of(r) == "val2017")
+    train = sorted(r["id"] for r in records if split_of(r) == "train2017")
+    assert (len(val), len(train)) == (79, 21)
+    merged, official = make_server(), make_server(merged_val=False)
+    for srv, want_val in ((merged, sorted(val + train)), (official, val)):
+        with zipfile.ZipFile(srv.site.archive) as zf:
+            assert sorted(zf.namelist()) == [f"annotations/{k}_{s}.json" for k in ("captions", "instances")
+                                             for s in ("train2017", "val2017")]
+            for kind in ("instances", "captions"):
+                got_val = json.loads(zf.read(f"annotations/{kind}_val2017.json"))
+                got_train = json.loads(zf.read(f"annotations/{kind}_train2017.json"))
+                assert sorted(im["id"] for im in got_val["images"]) == want_val
+                assert sorted(im["id"] for im in got_train["images"]) == train
+                assert {a["image_id"] for a in got_train["annotations"]} <= set(train)
+                assert {a["image_id"] for a in got_val["annotations"]} <= set(want_val)
+    # the official-like mirror: train2017 from /train2017/ only, val2017 from /val2017/ only
+    cache = tmp_path / "cache"
+    download_coco(_cfg(official, split="train2017", subset=4), tmp_path / "t", seed=0, cache_dir=cache,
+                  progress=False)
+    download_coco(_cfg(official, subset=4), tmp_path / "v", seed=0, cache_dir=cache, progress=False)
+    paths = [r.path for r in _image_requests(official)]
+    assert len(paths) == 8
+    assert all(p.startswith("/train2017/") for p in paths[:4]) and all(p.startswith("/val2017/") for p in paths[4:])
+    assert set(_image_ids(tmp_path / "t")) <= set(train) and set(_image_ids(tmp_path / "v")) <= set(val)
+
+
 def test_truncated_image_is_detected(make_server, mini: Path, tmp_path: Path) -> None:
     victim = "000000397133.jpg"
     srv = make_server(corrupt_images=[victim])

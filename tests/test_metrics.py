@@ -57,10 +57,10 @@ def _hand_cos(model, preprocess, tokenizer, images, texts) -> torch.Tensor:
 
 
 def test_clipscore_matches_hand_computation(tiny_clip):
-    from mmn.metrics.clipscore import ClipScorer
+    from mmn.metrics.clipscore import HESSEL_W, PAPER_W, ClipScorer
 
     model, preprocess, tokenizer = tiny_clip
-    scorer = ClipScorer.from_model(model, preprocess, tokenizer, batch_size=3)  # batching crosses a boundary
+    scorer = ClipScorer.from_model(model, preprocess, tokenizer, batch_size=3, w=HESSEL_W)  # batches cross a boundary
     images = _images()
     cos = _hand_cos(model, preprocess, tokenizer, images, TEXTS)
     expected = 250.0 * cos.clamp(min=0)
@@ -76,18 +76,22 @@ def test_clipscore_matches_hand_computation(tiny_clip):
     flipped = scorer.score_matrix(img_emb, -txt_emb)
     np.testing.assert_allclose(flipped, (250.0 * (-cos).clamp(min=0)).numpy(), rtol=1e-5, atol=1e-4)
     assert (flipped[cos.numpy() > 0] == 0).all()
-    # w=1 is the paper's (torchmetrics) scale: exactly 1/2.5 of the default
-    w1 = ClipScorer.from_model(model, preprocess, tokenizer, w=1.0)
+    # the default w = 1 is the paper's (torchmetrics) scale: exactly 1/2.5 of Hessel's
+    w1 = ClipScorer.from_model(model, preprocess, tokenizer)
+    assert w1.w == PAPER_W == 1.0
     np.testing.assert_allclose(w1.score(images, TEXTS) * 2.5, scorer.score(images, TEXTS), rtol=1e-5, atol=1e-4)
 
 
 def test_clipscore_hand_vectors_and_alignment(tiny_clip):
-    from mmn.metrics.clipscore import ClipScorer
+    from mmn.metrics.clipscore import HESSEL_W, ClipScorer
 
-    scorer = ClipScorer.from_model(*tiny_clip)
+    scorer = ClipScorer.from_model(*tiny_clip, w=HESSEL_W)
     img = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     txt = torch.tensor([[-1.0, 0.0], [0.6, 0.8], [0.0, -3.0]])
     np.testing.assert_allclose(scorer.score_matrix(img, txt), [[0.0, 150.0, 0.0], [0.0, 200.0, 0.0]], atol=1e-4)
+    # default (paper) scale: 100 * max(cos, 0)
+    np.testing.assert_allclose(ClipScorer.from_model(*tiny_clip).score_matrix(img, txt),
+                               [[0.0, 60.0, 0.0], [0.0, 80.0, 0.0]], atol=1e-4)
     with pytest.raises(ValueError, match="aligned pairs"):
         scorer.score(_images(2), TEXTS)
 
@@ -231,6 +235,80 @@ def test_bertscore_edge_cases(bert):
         BertScorer.from_params("embedded:all-MiniLM-L6-v2", 6, rescale_with_baseline=True)
     with pytest.raises(ValueError, match="1..6"):
         BertScorer.from_params("embedded:all-MiniLM-L6-v2", 12)
+
+
+def test_bertscore_baseline_is_bert_scores_own_file():
+    """b for roberta-large at its tuned layer 17 is read from the file inside the bert_score package."""
+    import bert_score
+    import pandas as pd
+
+    from mmn.metrics.bertscore import baseline_file, read_baseline
+
+    f = baseline_file("roberta-large")
+    assert f.parent.parent.parent == Path(bert_score.__file__).parent and f.is_file()
+    assert read_baseline(f, 17) == pytest.approx(0.8312, abs=1e-4)
+    df = pd.read_csv(f)
+    assert read_baseline(f, 17) == float(df.iloc[17]["F"])  # bert_score's own row lookup (iloc[num_layers])
+    with pytest.raises(ValueError, match="layer 99"):
+        read_baseline(f, 99)
+
+
+def test_bertscore_rescale_matches_bert_score(bert, minilm_path, tmp_path):
+    """rescaled = (raw - b)/(1 - b), b from bert_score's roberta-large file (row of layer 6), and
+    equal to bert_score.score(..., rescale_with_baseline=True) pointed at the same file."""
+    import shutil
+
+    import bert_score
+    import pandas as pd
+
+    from mmn.metrics.bertscore import BertScorer, baseline_file
+
+    f = tmp_path / "baseline.tsv"
+    shutil.copy(baseline_file("roberta-large"), f)  # bert_score's file, used for the MiniLM at layer 6
+    b = float(pd.read_csv(f).iloc[6]["F"])
+    resc = BertScorer.from_params("embedded:all-MiniLM-L6-v2", 6, device="cpu", rescale=True, baseline_path=f)
+    assert resc.baseline == pytest.approx(b) and resc.rescaled and not bert.rescaled
+    assert "rescaled" in resc.description
+    refs = [r[0] for r in REFS_MULTI]
+    raw = bert.f1(CANDS, refs)
+    got = resc.f1(CANDS, refs)
+    np.testing.assert_allclose(got, (raw - b) / (1 - b), rtol=1e-6)
+    _, _, f_bs = bert_score.score(CANDS, refs, model_type=minilm_path, num_layers=6, device="cpu", lang="en",
+                                  rescale_with_baseline=True, baseline_path=str(f))
+    np.testing.assert_allclose(got, f_bs.numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, raw, atol=1e-3)  # the rescale really changed the numbers
+    assert resc.min_score() == pytest.approx(-b / (1 - b))
+
+
+def test_bertscore_f1_guard_on_a_crafted_pair(bert, minilm_path):
+    """Signed cosines: P = -0.10, R = 0.11 gives bert_score's 2PR/(P+R) = -2.2; the guard clamps
+    P, R at 0 first, so F = 0; positive P, R keep bert_score's F exactly."""
+    import bert_score
+
+    from mmn.metrics.bertscore import BertScorer, guarded_f1
+
+    # a real MiniLM pair (the issue's decoded text) with R < 0 < P: bert_score's F is not 0
+    cand, ref = ["Historically, text, Limit, Text, Fine"], ["two dogs"]
+    p_bs, r_bs, f_bs = bert_score.score(cand, ref, model_type=minilm_path, num_layers=6, device="cpu")
+    assert p_bs.item() > 0 > r_bs.item() and f_bs.item() != 0
+    assert f_bs.item() == pytest.approx(2 * p_bs.item() * r_bs.item() / (p_bs.item() + r_bs.item()), rel=1e-4)
+    assert bert.f1(cand, ref)[0] == 0.0
+
+    p = np.array([-0.10, -0.5, 0.6, 0.0, 0.3])
+    r = np.array([0.11, -0.4, 0.3, 0.0, -0.2])
+    assert 2 * p[0] * r[0] / (p[0] + r[0]) == pytest.approx(-2.2)
+    np.testing.assert_allclose(guarded_f1(p, r), [0.0, 0.0, 0.4, 0.0, 0.0])
+
+    class _Crafted:  # stands in for bert_score.BERTScorer: returns the crafted P, R
+        def score(self, cands, refs, batch_size=64):
+            P, R = torch.tensor([-0.10, 0.6]), torch.tensor([0.11, 0.3])
+            return P, R, 2 * P * R / (P + R)
+
+    s = BertScorer(_Crafted(), "crafted")
+    np.testing.assert_allclose(s.pair_f1(["Historically, text, Limit, Text, Fine", "a cat"], ["x y", "a cat"]),
+                               [0.0, 0.4], rtol=1e-6)
+    s.baseline = 0.5
+    np.testing.assert_allclose(s.pair_f1(["a", "b"], ["c", "d"]), [-1.0, -0.2], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- IoU

@@ -12,7 +12,7 @@ from torch import nn
 
 from mmn.hooks import Trace, TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM, stop_token_ids
-from mmn.models.projection import ProjectionError, fold_standardisation, load_limber
+from mmn.models.projection import Projection, ProjectionError, load_limber, load_projection, save_projection
 
 FAMILIES = ["gptj", "gpt2", "llama"]
 
@@ -58,6 +58,49 @@ def test_gptj_real_vocab_restriction(tiny_adapters):
     ad, tok = tiny_adapters["gptj"]
     assert ad.unembed.weight.shape[0] == len(tok) + 7
     assert ad.vocab_size == len(tok)
+    # the 7 padded head rows are not real tokens
+    assert ad.real_token_ids.tolist() == list(range(len(tok)))
+
+
+@pytest.fixture
+def added_token_lm(tokenizer):
+    """A tiny GPT-2 whose tokenizer has 3 tokens added on top of its base vocabulary (like
+    GPT-J's ``<|extratoken_n|>`` fillers), embeddings resized to match, plus 2 padded head rows."""
+    import copy
+
+    from conftest import tiny_lm
+
+    from mmn.models.lm import prepare_lm
+
+    tok = copy.deepcopy(tokenizer)
+    base = len(tok)
+    tok.add_tokens(["<|extratoken_1|>", "<|extratoken_2|>", "zzqxword"])
+    model = tiny_lm("gpt2", base)
+    model.resize_token_embeddings(len(tok) + 2)
+    ad, tok = prepare_lm(model, tok)
+    return ad, tok, base
+
+
+def test_real_token_ids_exclude_added_tokens(added_token_lm):
+    ad, tok, base = added_token_lm
+    assert len(tok) == base + 3 and ad.unembed.weight.shape[0] == base + 5
+    # generation logits still span every tokenizer id (added EOS-like tokens stay generable)
+    assert ad.vocab_size == base + 3
+    real = ad.real_token_ids
+    assert real.dtype == torch.long and real.tolist() == list(range(base))
+    # special tokens of the base vocabulary (EOS) are real
+    assert tok.eos_token_id in set(real.tolist())
+
+
+def test_real_token_ids_slow_and_missing_tokenizer():
+    from types import SimpleNamespace
+
+    from mmn.models.adapters import real_token_ids
+
+    slow = SimpleNamespace(vocab_size=10)  # no backend_tokenizer: base vocabulary = range(vocab_size)
+    assert real_token_ids(slow, 8).tolist() == list(range(8))
+    assert real_token_ids(slow, 20).tolist() == list(range(10))
+    assert real_token_ids(None, 5).tolist() == list(range(5))
 
 
 def test_preact_module_feeds_activation(tiny_adapters):
@@ -133,13 +176,22 @@ def test_limber_non_state_dict_rejected(tmp_path):
         load_limber(path2, 1024, 4096)
 
 
-def test_fold_standardisation():
+def test_projection_standardises_and_roundtrips(tmp_path):
+    """Projection(x) = W ((x - mean) / std) + b, computed by hand; mean/std survive save/load."""
     torch.manual_seed(0)
-    lin = nn.Linear(5, 3)
     mean, std = torch.randn(5), torch.rand(5) + 0.5
-    folded = fold_standardisation(lin, mean, std)
+    proj = Projection(5, 3, mean, std)
     x = torch.randn(4, 5)
-    torch.testing.assert_close(folded(x), lin((x - mean) / std))
+    want = ((x - mean) / std) @ proj.weight.detach().T + proj.bias.detach()
+    torch.testing.assert_close(proj(x), want)
+    save_projection(tmp_path, proj, {"source": "test"})
+    back, meta = load_projection(tmp_path)
+    assert meta["d_in"] == 5 and meta["d_out"] == 3
+    assert torch.equal(back(x), proj(x))
+    # a plain Linear (LiMBeR) is saved with mean 0 / std 1: exactly the Linear
+    lin = nn.Linear(5, 3)
+    save_projection(tmp_path / "lin", lin, {})
+    assert torch.equal(load_projection(tmp_path / "lin")[0](x), lin(x))
 
 
 def _plm(ad, tok, d_enc=24, seed=0):

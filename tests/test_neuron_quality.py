@@ -44,6 +44,28 @@ def test_broken_attributions_fail(mutate, needle):
     assert needle in str(err.value)
 
 
+def test_unit_mode_requires_distinct_units():
+    """rank_by=unit: a unit repeated within an image (at another patch) fails; triple mode allows it."""
+    dup = _att().with_columns(pl.when(pl.col("rank") == 2).then(1).otherwise(pl.col("layer")).alias("layer"),
+                              pl.when(pl.col("rank") == 2).then(6).otherwise(pl.col("unit")).alias("unit"))
+    check_attributions(dup, **DIMS, rank_by="triple")
+    with pytest.raises(QualityError) as err:
+        check_attributions(dup, **DIMS, rank_by="unit")
+    assert "distinct_units_per_image" in str(err.value)
+    check_attributions(_att(), **DIMS, rank_by="unit")
+
+
+def test_unit_mode_k_capped_by_units_not_triples():
+    """With fewer units than k (2 layers x 2 units = 4 < k = 6), unit mode expects 4 rows per
+    image, triple mode 6 (4 units x 9 patches >= 6)."""
+    rows = [{"image_id": 1, "rank": r, "layer": r // 2, "unit": r % 2, "patch": 0, "g": 4.0 - r,
+             "activation": 4.0 - r, "gradient": 1.0, "target_token_id": 7} for r in range(4)]
+    df = pl.DataFrame(rows)
+    check_attributions(df, k=6, n_layers=2, n_units=2, n_patches=9, rank_by="unit")
+    with pytest.raises(QualityError, match="rows_per_image"):
+        check_attributions(df, k=6, n_layers=2, n_units=2, n_patches=9, rank_by="triple")
+
+
 def _neu(n_tok=10):
     return pl.DataFrame({"layer": [0, 1], "unit": [3, 4], "token_ids": [list(range(n_tok))] * 2,
                          "tokens": [[f"t{i}" for i in range(n_tok)]] * 2,

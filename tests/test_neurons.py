@@ -126,9 +126,10 @@ def test_top_k_order_and_indices():
     assert top.g.tolist() == [5.0, 3.0, 3.0]
 
 
-# final_norm=True only for RMSNorm (llama): a LayerNorm recentres the vector, so the premise fails
-@pytest.mark.parametrize(("family", "final_norm"), [("gptj", False), ("gpt2", False), ("llama", False), ("llama", True)])
-def test_decoding_token_direction_returns_token(tiny_adapters, family, final_norm):
+# logit_lens only for RMSNorm (llama): a LayerNorm recentres the vector, so the premise fails
+@pytest.mark.parametrize(("family", "lens"), [("gptj", "unembed"), ("gpt2", "unembed"), ("llama", "unembed"),
+                                              ("llama", "logit_lens")])
+def test_decoding_token_direction_returns_token(tiny_adapters, family, lens):
     """(d) a unit whose W_out column is a token's unembedding direction decodes to that token.
 
     The token with the largest unembedding norm t satisfies u_t·u_t >= u_s·u_t for all s
@@ -138,16 +139,15 @@ def test_decoding_token_direction_returns_token(tiny_adapters, family, final_nor
     t = int(u.norm(dim=1).argmax())
     w = ad.w_out(1)
     saved = w[:, 5].clone()
-    if final_norm:
+    if lens == "logit_lens":
         assert torch.all(ad.final_norm.weight == 1)  # RMSNorm with unit gain keeps the direction
     with torch.no_grad():
         w[:, 5] = u[t]
     try:
-        vals, ids = decode_layer(ad, 1, [5, 6], top_n=10, final_norm=final_norm)
+        vals, ids = decode_layer(ad, 1, [5, 6], top_n=10, lens=lens)
         assert int(ids[0, 0]) == t
         assert vals.shape == (2, 10) and torch.all(vals[:, :-1] >= vals[:, 1:])
-        df = decode_units(ad, tok, pl.DataFrame({"layer": [1, 1, 1], "unit": [5, 5, 6]}), top_n=10,
-                          final_norm=final_norm)
+        df = decode_units(ad, tok, pl.DataFrame({"layer": [1, 1, 1], "unit": [5, 5, 6]}), top_n=10, lens=lens)
         assert df.height == 2 and df["token_ids"][0][0] == t
         assert df["tokens"][0][0] == tok.decode([t]).strip()
     finally:
@@ -155,16 +155,105 @@ def test_decoding_token_direction_returns_token(tiny_adapters, family, final_nor
             w[:, 5] = saved
 
 
-def test_decoding_restricted_to_real_vocab(tiny_adapters):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unembed_lens_is_raw_column_times_unembedding(tiny_adapters, family):
+    """decode.lens=unembed is the paper's decoder(W_out^k) = W_d · W_out[:, k]: the logits are
+    exactly that product (hand computed), with no final norm and no lm_head bias."""
+    ad, _ = tiny_adapters[family]
+    units = [0, 3, 7]
+    ref = (ad.w_out(2)[:, units].T.float() @ ad.unembed.weight[: ad.vocab_size].float().T)  # [3, vocab]
+    vals, ids = decode_layer(ad, 2, units, top_n=10, lens="unembed")
+    ref_vals, ref_ids = torch.topk(ref, 10, dim=1)
+    assert ids.tolist() == ref_ids.tolist()
+    torch.testing.assert_close(vals, ref_vals)
+    if getattr(ad.unembed, "bias", None) is not None:  # GPT-J: the head bias is ignored by unembed only
+        target = int(ref_ids[0, -1])
+        with torch.no_grad():
+            ad.unembed.bias[target] = 1e4
+        try:
+            assert decode_layer(ad, 2, units, 10, lens="unembed")[1].tolist() == ref_ids.tolist()
+            assert int(decode_layer(ad, 2, units, 10, lens="logit_lens")[1][0, 0]) == target
+        finally:
+            with torch.no_grad():
+                ad.unembed.bias[target] = 0
+
+
+@pytest.mark.parametrize("lens", ["unembed", "logit_lens"])
+def test_decoding_restricted_to_real_vocab(tiny_adapters, lens):
     ad, tok = tiny_adapters["gptj"]
     with torch.no_grad():
         ad.unembed.bias[ad.vocab_size:] = 1e4
+        saved = ad.unembed.weight[ad.vocab_size:].clone()
+        ad.unembed.weight[ad.vocab_size:] = ad.w_out(0)[:, :1].T * 100  # padded rows point at unit 0
     try:
-        _, ids = decode_layer(ad, 0, [0, 1, 2], top_n=10, final_norm=True)
+        _, ids = decode_layer(ad, 0, [0, 1, 2], top_n=10, lens=lens)
         assert int(ids.max()) < ad.vocab_size
     finally:
         with torch.no_grad():
             ad.unembed.bias[ad.vocab_size:] = 0
+            ad.unembed.weight[ad.vocab_size:] = saved
+
+
+@pytest.fixture
+def added_token_adapter(tokenizer):
+    """A tiny GPT-J whose tokenizer has 3 tokens added on top of its base vocabulary (like
+    GPT-J's 143 ``<|extratoken_n|>``), embeddings resized; the added rows of the unembedding
+    point along unit 4 of layer 1 (so they would win without the restriction)."""
+    import copy
+
+    from conftest import tiny_lm
+
+    from mmn.models.lm import prepare_lm
+
+    tok = copy.deepcopy(tokenizer)
+    base = len(tok)
+    tok.add_tokens(["<|extratoken_1|>", "<|extratoken_2|>", "zzqxword"])
+    model = tiny_lm("gptj", base)
+    model.resize_token_embeddings(len(tok))
+    ad, tok = prepare_lm(model, tok)
+    with torch.no_grad():
+        ad.unembed.weight[base:] = ad.w_out(1)[:, 4] * 100
+        ad.unembed.bias[base:] = 1e3
+    return ad, tok, base
+
+
+@pytest.mark.parametrize("lens", ["unembed", "logit_lens"])
+def test_decoding_excludes_added_tokens(added_token_adapter, lens):
+    from mmn.neurons.decode import top_token_ids_all_units
+
+    ad, tok, base = added_token_adapter
+    assert ad.vocab_size == base + 3 and ad.real_token_ids.tolist() == list(range(base))
+    # without the restriction the added tokens win for unit 4 (premise of the test)
+    full = ad.w_out(1)[:, [4]].T.float() @ ad.unembed.weight.float().T
+    assert set(torch.topk(full, 3).indices[0].tolist()) == {base, base + 1, base + 2}
+    _, ids = decode_layer(ad, 1, [4, 5], top_n=10, lens=lens)
+    assert int(ids.max()) < base
+    df = decode_units(ad, tok, pl.DataFrame({"layer": [1], "unit": [4]}), top_n=10, lens=lens)
+    assert not {"<|extratoken_1|>", "<|extratoken_2|>", "zzqxword"} & set(df["tokens"][0])
+    assert int(top_token_ids_all_units(ad, top_n=10, lens=lens).max()) < base
+
+
+def test_interpretable_units_equals_decode_then_filter(tiny_adapters):
+    """The all-units function (for ablate) decides exactly what decode + filter decide."""
+    from mmn.neurons.decode import top_token_ids_all_units
+    from mmn.neurons.filter import interpretable_units
+    from mmn.params import DecodeParams, FilterParams
+
+    ad, tok = tiny_adapters["gpt2"]
+    every = pl.DataFrame({"layer": [l for l in range(ad.n_layers) for _ in range(ad.d_mlp)],
+                          "unit": [u for _ in range(ad.n_layers) for u in range(ad.d_mlp)]})
+    dec = decode_units(ad, tok, every, top_n=12, lens="unembed")
+    # a word list made of some units' decoded tokens, so that some units pass and some fail
+    words = frozenset(t.lower() for toks in dec["tokens"].to_list()[::5] for t in toks if t.isalpha())
+    fp = FilterParams(min_words=4, top_n=10, min_letters=3, wordlist="x")
+    flt = apply_filter(dec, words, min_words=fp.min_words, top_n=fp.top_n, min_letters=fp.min_letters)
+    expect = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
+    for r in flt.iter_rows(named=True):
+        expect[r["layer"], r["unit"]] = r["interpretable"]
+    assert 0 < int(expect.sum()) < expect.numel()
+    got = interpretable_units(ad, tok, words, DecodeParams(top_n=12, lens="unembed"), fp)
+    assert got.dtype == torch.bool and torch.equal(got, expect)
+    assert top_token_ids_all_units(ad, 12, "unembed")[0, 0].tolist() == dec["token_ids"][0].to_list()
 
 
 WORDS = frozenset({"cat", "dog", "tree", "house", "car", "bus", "red", "sky", "run", "blue", "an", "ok"})
@@ -191,12 +280,12 @@ def test_filter_hand_made_lists():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("k", [1, 17, 10_000])
 def test_streaming_topk_equals_full_maps(tiny_adapters, family, k):
-    """attribute_topk (per-layer reduction) == top_k over the full maps."""
+    """attribute_topk (per-layer reduction) == top_k over the full maps (rank_by=triple)."""
     from mmn.neurons.attribution import attribute_topk
 
     plm, soft, texts, targets = _setup(tiny_adapters, family)
     y, a, grad = attribution_maps(plm, soft, texts, targets)
-    y2, tops = attribute_topk(plm, soft, texts, targets, k)
+    y2, tops = attribute_topk(plm, soft, texts, targets, k, rank_by="triple")
     torch.testing.assert_close(y, y2)
     for full, stream in zip(top_k(a, grad, k), tops):
         for field in ("layer", "unit", "patch"):
@@ -216,7 +305,7 @@ def test_layer_restricted_topk_equals_full_maps_of_those_layers(tiny_adapters, f
     assert n_layers >= 2
     keep = [n_layers - 1]
     y, a, grad = attribution_maps(plm, soft, texts, targets)
-    y2, tops = attribute_topk(plm, soft, texts, targets, 15, layers=keep)
+    y2, tops = attribute_topk(plm, soft, texts, targets, 15, layers=keep, rank_by="triple")
     torch.testing.assert_close(y, y2)
     sub_a, sub_g = a[:, keep], grad[:, keep]
     for full, stream in zip(top_k(sub_a, sub_g, 15), tops):
@@ -239,3 +328,178 @@ def test_attributed_layers_param_checked_against_the_model():
     with pytest.raises(ParamsError, match=r"attribute.layers: \[5\] out of range.*layers 0..3"):
         attributed_layers(q, 4)
     assert attributed_layers(q, 6) == [1, 5]
+
+
+def _brute_force_units(a: torch.Tensor, grad: torch.Tensor, k: int) -> list[list[tuple]]:
+    """Per image, layer by layer, unit by unit: g_k = max over patches of a·grad (first
+    maximal patch); all units sorted by (-g, layer, unit); first k as (layer, unit, patch, g)."""
+    out = []
+    for b in range(a.shape[0]):
+        rows = []
+        for layer in range(a.shape[1]):
+            g = (a[b, layer] * grad[b, layer]).tolist()  # [P][U]
+            for unit in range(a.shape[3]):
+                col = [g[p][unit] for p in range(a.shape[2])]
+                best = max(col)
+                rows.append((layer, unit, col.index(best), best))
+        rows.sort(key=lambda r: (-r[3], r[0], r[1]))
+        out.append(rows[:k])
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("k", [1, 17, 100, 10_000])
+def test_unit_ranking_equals_brute_force_max_over_patches(tiny_adapters, family, k):
+    """rank_by=unit: k DISTINCT units per image, ranked by their max over image positions of
+    g, equal to a brute-force per-layer computation on the full maps (and to top_k's
+    reference); activation/gradient are read at the recorded arg-max patch."""
+    from mmn.neurons.attribution import attribute_topk
+
+    plm, soft, texts, targets = _setup(tiny_adapters, family)
+    ad = plm.adapter
+    y, a, grad = attribution_maps(plm, soft, texts, targets)
+    y2, tops = attribute_topk(plm, soft, texts, targets, k, rank_by="unit")
+    torch.testing.assert_close(y, y2)
+    n_all = ad.n_layers * ad.d_mlp
+    for b, (brute, stream, ref) in enumerate(zip(_brute_force_units(a, grad, k), tops, top_k(a, grad, k, "unit"))):
+        pairs = list(zip(stream.layer.tolist(), stream.unit.tolist()))
+        assert len(pairs) == len(set(pairs)) == min(k, n_all)
+        assert [(l, u, p) for l, u, p, _ in brute] == list(zip(stream.layer.tolist(), stream.unit.tolist(),
+                                                              stream.patch.tolist()))
+        torch.testing.assert_close(stream.g, torch.tensor([r[3] for r in brute]), rtol=1e-5, atol=1e-8)
+        for f in ("layer", "unit", "patch"):
+            assert getattr(ref, f).tolist() == getattr(stream, f).tolist()
+        torch.testing.assert_close(stream.activation, a[b, stream.layer, stream.patch, stream.unit])
+        torch.testing.assert_close(stream.gradient, grad[b, stream.layer, stream.patch, stream.unit])
+        assert torch.all(stream.g[:-1] >= stream.g[1:])
+
+
+def test_unit_ranking_differs_from_triples_on_a_hand_made_map():
+    """One unit winning at two patches: triples keep it twice, units once (next unit enters)."""
+    a = torch.zeros(1, 2, 3, 4)
+    grad = torch.ones(1, 2, 3, 4)
+    a[0, 1, 0, 2] = 9.0
+    a[0, 1, 2, 2] = 8.0  # same unit (1, 2), another patch
+    a[0, 0, 1, 3] = 7.0
+    a[0, 0, 2, 1] = -1.0
+    tri = top_k(a, grad, 3, "triple")[0]
+    assert list(zip(tri.layer.tolist(), tri.unit.tolist(), tri.patch.tolist())) == [(1, 2, 0), (1, 2, 2), (0, 3, 1)]
+    uni = top_k(a, grad, 3, "unit")[0]
+    assert list(zip(uni.layer.tolist(), uni.unit.tolist(), uni.patch.tolist())) == [(1, 2, 0), (0, 3, 1), (0, 0, 0)]
+    assert uni.g.tolist() == [9.0, 7.0, 0.0]  # third: the first all-zero unit (ties by layer, unit; first patch)
+    with pytest.raises(ValueError, match="rank_by"):
+        top_k(a, grad, 3, "patch")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_restricted_unit_ranking(tiny_adapters, family):
+    from mmn.neurons.attribution import attribute_topk
+
+    plm, soft, texts, targets = _setup(tiny_adapters, family)
+    keep = [0, 2]
+    _, a, grad = attribution_maps(plm, soft, texts, targets)
+    _, tops = attribute_topk(plm, soft, texts, targets, 30, layers=keep, rank_by="unit")
+    for full, stream in zip(top_k(a[:, keep], grad[:, keep], 30, "unit"), tops):
+        assert [keep[l] for l in full.layer.tolist()] == stream.layer.tolist()
+        assert (full.unit.tolist(), full.patch.tolist()) == (stream.unit.tolist(), stream.patch.tolist())
+
+
+def test_attribute_captions_unit_mode_schema(tiny_adapters):
+    """attribute_captions(rank_by=unit) writes k distinct units per image in the usual schema
+    and passes the attributions suite; the triple mode repeats units."""
+    from mmn.neurons.attribution import attribute_captions, attribution_schema
+    from mmn.quality import QualityError, check_attributions
+
+    ad, tok = tiny_adapters["llama"]
+    torch.manual_seed(0)
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
+    feats = {i: torch.randn(N_PATCH, D_ENC) * 2 for i in (3, 5)}
+
+    class Enc:
+        n_patches = N_PATCH
+
+        def encode(self, imgs):
+            return torch.stack(imgs)
+
+    caps = pl.DataFrame({"image_id": [5, 3], "has_noun": [True, True],
+                         "caption_token_ids": [tok(" a dog on a bed").input_ids, tok(" the red bus").input_ids],
+                         "target_pos": [2, 3], "target_token_id": [tok(" dog").input_ids[0], tok(" bus").input_ids[0]],
+                         "target_token": ["dog", "bus"]})
+    dims = dict(n_layers=ad.n_layers, n_units=ad.d_mlp, n_patches=N_PATCH)
+    df = attribute_captions(caps, feats.__getitem__, plm, Enc(), k=40, batch_size=2, progress=False)
+    assert dict(df.schema) == attribution_schema()
+    per = df.group_by("image_id").agg(pl.struct("layer", "unit").n_unique().alias("d"), pl.len().alias("n"))
+    assert per["d"].to_list() == [40, 40] and per["n"].to_list() == [40, 40]
+    check_attributions(df, k=40, **dims, rank_by="unit")
+    tri = attribute_captions(caps, feats.__getitem__, plm, Enc(), k=40, batch_size=2, progress=False,
+                             rank_by="triple")
+    check_attributions(tri, k=40, **dims, rank_by="triple")
+    assert tri.select("image_id", "layer", "unit").n_unique() < tri.height  # a unit at several patches
+    with pytest.raises(QualityError, match="distinct_units_per_image"):
+        check_attributions(tri, k=40, **dims, rank_by="unit")
+    # the unit ranking's top row is the triple ranking's top row (max of maxes == global max)
+    assert df.filter(pl.col("rank") == 0).select("layer", "unit", "patch").rows() == \
+        tri.filter(pl.col("rank") == 0).select("layer", "unit", "patch").rows()
+
+
+def _metrics_tables():
+    """Image 1: units A (interpretable), B (not), A again at another patch (triple mode);
+    image 2: A, C (interpretable), D (not). Layers A=0, B=1, C=1, D=2; E (layer 3) unused."""
+    A, B, C, D = (0, 10), (1, 11), (1, 12), (2, 13)
+    rows = [(1, A, 0), (1, B, 1), (1, A, 2), (2, A, 0), (2, C, 1), (2, D, 2)]
+    att = pl.DataFrame({"image_id": [i for i, _, _ in rows], "rank": [0, 1, 2, 0, 1, 2],
+                        "layer": [u[0] for _, u, _ in rows], "unit": [u[1] for _, u, _ in rows],
+                        "patch": [p for _, _, p in rows]})
+    neu = pl.DataFrame({"layer": [0, 1, 1, 2, 3], "unit": [10, 11, 12, 13, 14],
+                        "interpretable": [True, False, True, False, True]})
+    return att, neu
+
+
+def test_neuron_metrics_count_units_by_hand():
+    from mmn.neurons.summary import kept_fraction_per_image, layer_distribution, neuron_metrics
+
+    att, neu = _metrics_tables()
+    per = kept_fraction_per_image(att, neu)
+    assert per["n_units"].to_list() == [2, 3] and per["n_interpretable"].to_list() == [1, 2]
+    m = neuron_metrics(att, neu)
+    assert m["n_images"] == 2 and m["n_image_units"] == 5 and m["n_units"] == 4 and m["n_interpretable"] == 2
+    kf = m["kept_fraction"]
+    assert kf["n"] == 2 and kf["mean"] == pytest.approx((1 / 2 + 2 / 3) / 2, abs=1e-6)
+    assert kf["lo"] <= kf["mean"] <= kf["hi"]
+    assert m["kept_fraction_pooled"] == pytest.approx(3 / 5, abs=1e-6)
+    assert m["kept_fraction_distinct"] == pytest.approx(2 / 4, abs=1e-6)
+    # layers over (image, unit) pairs: 0, 1 | 0, 1, 2
+    assert m["mean_layer"] == pytest.approx(4 / 5) and m["median_layer"] == 1 and m["modal_layer"] == 0
+    assert m["mean_layer_interpretable"] == pytest.approx(1 / 3, abs=1e-4)  # 0, 0, 1
+
+    def leaves(d):
+        for v in d.values():
+            yield from (leaves(v) if isinstance(v, dict) else [v])
+
+    assert all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in leaves(m))
+    dist = layer_distribution(att, neu)
+    assert dist.columns == ["layer", "n_units", "n_interpretable_units", "share"]
+    assert dist["layer"].to_list() == [0, 1, 2, 3]
+    assert dist["n_units"].to_list() == [2, 2, 1, 0]
+    assert dist["n_interpretable_units"].to_list() == [2, 1, 0, 0]
+    assert dist["share"].sum() == pytest.approx(1.0)
+
+
+def test_kept_fraction_ci_shrinks_with_images():
+    """The CI is over images: more images with the same per-image spread → a narrower CI."""
+    from mmn.neurons.summary import neuron_metrics
+
+    rng = np.random.default_rng(0)
+
+    def tables(n_img):
+        ids = np.repeat(np.arange(n_img), 10)
+        units = np.tile(np.arange(10), n_img) + 10 * rng.integers(0, 5, size=n_img * 10)
+        att = pl.DataFrame({"image_id": ids, "layer": np.zeros_like(ids), "unit": units})
+        flags = (rng.random(60) < 0.5).tolist()
+        neu = pl.DataFrame({"layer": [0] * 60, "unit": list(range(60)), "interpretable": flags})
+        return att, neu
+
+    small = neuron_metrics(*tables(8))["kept_fraction"]
+    big = neuron_metrics(*tables(200))["kept_fraction"]
+    assert small["n"] == 8 and big["n"] == 200
+    assert big["hi"] - big["lo"] < small["hi"] - small["lo"]

@@ -21,7 +21,7 @@ from conftest import COCO_MINI, REPO
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download_coco", "load_projection", "caption", "attribute", "decode", "filter", "score", "iou", "ablate", "plot"]
+STAGES = ["download_coco", "download_train", "load_projection", "caption", "attribute", "decode", "filter", "score", "iou", "ablate", "compare_methods", "plot"]
 
 
 def _env() -> dict:
@@ -55,11 +55,13 @@ def _copy_repo(dst: Path) -> Path:
 
 def _small_params(repo: Path, **overrides) -> None:
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["projection"]["train"].update(steps=4, batch_size=4, views=2, warmup_steps=1)
+    p["projection"]["train"].update(max_steps=4, batch_size=4, views=2, warmup_steps=1, eval_every=2)
     p["caption"]["max_new_tokens"] = 10
     p["attribute"]["k"] = 25
     p["score"]["random_draws"] = 2
     p["ablate"]["ks"] = [0, 10, 100]
+    p["attribute"]["ig_steps"] = 4
+    p["compare"].update(candidates=8, precision_k=4, max_images=3)
     for path, value in overrides.items():
         node = p
         keys = path.split(".")
@@ -67,6 +69,14 @@ def _small_params(repo: Path, **overrides) -> None:
             node = node[k]
         node[keys[-1]] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _assert_numbers_only(node, where: str) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _assert_numbers_only(v, f"{where}.{k}")
+    else:
+        assert node is None or (isinstance(node, (int, float)) and not isinstance(node, bool)), (where, node)
 
 
 def _ran(stdout: str) -> set[str]:
@@ -102,9 +112,9 @@ def test_full_dag_runs_and_outputs_are_consistent(pipeline_repo):
         assert row["caption_token_ids"][row["target_pos"]] == row["target_token_id"]
         assert 0.0 <= row["p_target"] <= 1.0
     meta = yaml.safe_load((repo / "data/projection/meta.json").read_text())
-    assert meta["d_in"] == 1280 and meta["d_out"] == 576 and meta["steps"] == 4
+    assert meta["d_in"] == 1280 and meta["d_out"] == 576 and meta["max_steps"] == 4
     loss = pl.read_csv(repo / "data/projection/loss.csv")
-    assert loss.height == 4
+    assert loss["step"].to_list() == [0, 2, 4] and loss["val_loss"].is_finite().all()
 
 
 def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipeline_repo):
@@ -365,18 +375,33 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
     caps = pl.read_parquet(repo / "data/captions.parquet")
     assert caps.height == 10
     m = {n: json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in ("neurons", "scores", "iou", "ablation")}
-    assert 0 <= m["neurons"]["kept_fraction"] <= 1 and m["neurons"]["n_triples"] == 25 * caps["has_noun"].sum()
+    nm = m["neurons"]
+    assert 0 <= nm["kept_fraction"]["mean"] <= 1 and nm["kept_fraction"]["n"] == caps["has_noun"].sum()
+    assert nm["n_image_units"] == 25 * caps["has_noun"].sum()  # k distinct units per image
+    att = pl.read_parquet(repo / "data/attributions.parquet")
+    assert att.group_by("image_id").agg(pl.struct("layer", "unit").n_unique())["layer"].to_list() == [25] * att[
+        "image_id"].n_unique()
+    s = m["scores"]
+    assert s["clipscore"] is None and s["scale"] == {"bertscore_rescaled": 0, "clip_w": 1.0}
     for table in ("table1", "table2"):
-        for item, v in m["scores"][table].items():
-            assert v["clipscore"].startswith("not computed"), item
-            assert v["bertscore"] is None or -1 <= v["bertscore"] <= 1, item
-    assert 0 <= m["scores"]["ks"]["prompts_vs_random_bertscore"]["D"] <= 1
+        for item, v in s["bertscore"][table].items():
+            assert v is None or (0 <= v["mean"] <= 1 and (v["lo"] is None or v["lo"] <= v["mean"] <= v["hi"])), item
+    n = s["bertscore"]["table2"]["prompts"]["n"]  # one value per attributed image
+    assert n == caps["has_noun"].sum()
+    assert all(k["n"] == n and 0 <= k["D"] <= 1 for k in s["bertscore"]["ks"].values())
+    info = json.loads((repo / "data/info/score.json").read_text())
+    assert info["clipscore"]["not_computed"].startswith("CLIPScore not computed")
     assert set(m["iou"]["per_category"]) == {"person", "elephant", "giraffe", "bear", "sheep"}
     for v in (m["iou"]["overall"]["multimodal"], m["iou"]["overall"]["random"]):
-        assert v is None or 0 <= v <= 1
+        assert 0 <= v["mean"] <= 1 and v["n"] == m["iou"]["n_images"]
+    curve = pl.read_csv(repo / "data/ablation_curve.csv")
     for kind in ("unfiltered", "filtered", "random"):
-        assert m["ablation"][kind]["k0"]["rel_drop"] == pytest.approx(0, abs=1e-4)
-        assert 0 <= m["ablation"][kind]["k10"]["p"] <= 1
+        k0 = curve.filter((pl.col("kind") == kind) & (pl.col("k") == 0))
+        assert k0["rel_drop"][0] == pytest.approx(0, abs=1e-4)
+        r = m["ablation"][kind]["k10"]["rel_drop"]
+        assert r["mean"] <= 1 and r["n"] == m["ablation"]["n_images"]
+    for f in ("neurons", "scores", "iou", "ablation"):  # DVC metrics: numbers or null only
+        _assert_numbers_only(m[f], f)
     assert (repo / "report" / "index.html").is_file()
 
 

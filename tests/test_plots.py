@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO
+from mmn.experiments.scores import per_image_scores, summarise
 from mmn.plots import tables as T
 from mmn.plots.build import PlotInputs, PlotSettings, build
 from mmn.plots.heatmap import UNIT_COLORS, overlay_heatmap, overlay_masks
@@ -91,10 +92,10 @@ def make_inputs(seed: int = 0, iou_shift: float = 0.0) -> PlotInputs:
     score_rows = []
     for table, item, n, mu in (("table2", "prompts", 60, 0.1), ("table2", "random_prompts", 60, 0.1),
                                ("table1", "coco_nouns", 4, 0.45), ("table1", "captions", 4, 0.5),
-                               ("table1", "multimodal_all", 12, 0.15)):
+                               ("table1", "multimodal_all", 12, 0.15), ("table1", "random_pairing", 12, 0.14)):
         for j, v in enumerate(rng.normal(mu, 0.03, n)):
-            score_rows.append({"table": table, "item": item, "image_id": 1 + j % 4, "index": j, "text": "x",
-                               "bertscore": float(v), "clipscore": None})
+            score_rows.append({"table": table, "item": item, "image_id": 1 + j % 4, "draw": 0, "index": j,
+                               "text": "x", "bertscore": float(v), "clipscore": None})
     scores = pl.DataFrame(score_rows, schema_overrides={"clipscore": pl.Float64})
     iou_rows = []
     for img, cat in ((1, "cat"), (3, "cat"), (2, "dog"), (4, "dog")):
@@ -119,25 +120,45 @@ def make_inputs(seed: int = 0, iou_shift: float = 0.0) -> PlotInputs:
     layers = pl.DataFrame({"layer": [0, 1, 2], "n_triples": [14, 13, 13], "n_interpretable_triples": [3, 2, 0],
                            "share": [0.35, 0.325, 0.325]})
     metrics = {
-        "scores": {"models": {"bertscore": "test", "clipscore": NOT_COMPUTED},
-                   "table1": {"random_pairing": {"bertscore": 0.14, "clipscore": NOT_COMPUTED, "n": 4},
-                              "multimodal_all": {"bertscore": 0.15, "clipscore": NOT_COMPUTED, "n": 4}},
-                   "table2": {"prompts": {"bertscore": 0.1, "clipscore": NOT_COMPUTED, "n": 60}},
-                   "ks": {"prompts_vs_random_bertscore": {"D": 0.1, "p": 0.5},
-                          "prompts_vs_random_clipscore": NOT_COMPUTED}},
+        "scores": summarise(per_image_scores(scores), bert_rescaled=False, clip_w=1.0, clip_computed=False),
         "iou": {"overall": {"multimodal": 0.3, "random": 0.1},
                 "per_category": {c: {"multimodal": 0.3, "random": 0.1, "n_images": 2} for c in CATS}},
-        "ablation": {"mode": "zero", "n_images": 4,
-                     **{kind: {f"k{k}": {"rel_drop": 0.1, "p": 0.2} for k in KS}
+        "ablation": {"n_images": 4,
+                     **{kind: {f"k{k}": {"rel_drop": {"mean": 0.1, "lo": 0.05, "hi": 0.15, "n": 4},
+                                         "drop_of_mean": 0.12, **({} if kind == "random" else {"vs_random_p": 0.5})}
+                               for k in KS[1:]}
                         for kind in ("unfiltered", "filtered", "random")}},
         "neurons": {"kept_fraction": 0.3, "n_units": units.height, "wordlist": {"entries": 10}},
+        "captions": {"bertscore_own": {"mean": 0.35, "lo": 0.3, "hi": 0.4, "n": 4},
+                     "bertscore_shuffled": {"mean": 0.23, "lo": 0.2, "hi": 0.26, "n": 4},
+                     "own_vs_shuffled": {"diff": 0.12, "lo": 0.05, "hi": 0.2, "p": 0.125, "n": 4},
+                     "noun_in_refs": {"mean": 0.5, "lo": 0.0, "hi": 1.0, "n": 4}, "distinct_nouns": 3,
+                     "n_images": 4, "n_with_noun": 4, "held_out": 0, "image_information": 0},
+        "projection": {"n_train_images": 6, "n_val_images": 1, "steps_run": 30, "best_step": 20,
+                       "best_val_loss": 2.0, "initial_val_loss": 4.0, "held_out": 0},
     }
+    m_curve, m_summary, metrics["methods"] = _methods_tables(rng)
     return PlotInputs(
         captions=captions, attributions=att, interpretable=interp, scores=scores, iou=iou, selectivity=sel,
-        ablation=ablation, layers=layers, metrics=metrics,
+        ablation=ablation, layers=layers, metrics=metrics, methods_curve=m_curve, methods_summary=m_summary,
         refs={i: [f"reference {j} for image {i}" for j in range(2)] for i in ids},
         file_names={i: f"img{i}.png" for i in ids}, load_image=_photo, categories=CATS, subtitle="synthetic test",
     )
+
+
+def _methods_tables(rng) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Stage compare_methods' curve and summary tables and metrics, from synthetic per-image rows."""
+    from mmn.experiments.compare_methods import method_curves, method_summary, methods_metrics
+    from mmn.neurons.methods import METHODS
+
+    ids = [1, 2, 3, 4]
+    per = pl.DataFrame([{"image_id": i, "method": m, "seconds": 0.1 * (j + 1), "spearman": float(rng.uniform(-1, 1)),
+                         "kendall": float(rng.uniform(-1, 1)), "precision": 0.5, "auc": 0.2, "completeness": 0.1}
+                        for i in ids for j, m in enumerate(METHODS)])
+    curve = pl.DataFrame([{"image_id": i, "method": m, "k": k, "p_target": 0.5 / (1 + k), "p_clean": 0.5,
+                           "rel_drop": 1 - 1 / (1 + k)} for i in ids for m in METHODS for k in KS])
+    summary = method_summary(per)
+    return method_curves(curve), summary, methods_metrics(summary, len(ids))
 
 
 SETTINGS = PlotSettings(cards=3, units_per_image=3, images=4, top_images=2, quantile=0.95, bins=8, dpi=60)
@@ -226,13 +247,17 @@ def test_selection_is_bounded_and_consistent():
     assert top["max_g"] == inp.attributions["g"].max()
 
 
-def test_ablation_curves_mean_and_sem():
-    df = pl.DataFrame({"image_id": [1, 2, 1, 2], "kind": ["random"] * 4, "k": [0, 0, 10, 10],
-                       "k_effective": [0, 0, 10, 10], "p_target": [0.2] * 4, "p_clean": [0.2] * 4,
-                       "rel_drop": [0.0, 0.0, 0.2, 0.4]})
+def test_ablation_curves_mean_and_bootstrap_ci():
+    """Fig. 6 reads the mean per-image drop with its bootstrap CI over images and the drop of the mean."""
+    drops = [0.2, 0.4, 0.1]
+    df = pl.DataFrame({"image_id": [1, 2, 3] * 2, "kind": ["random"] * 6, "k": [0] * 3 + [10] * 3,
+                       "k_effective": [0] * 3 + [10] * 3, "p_target": [0.2] * 3 + [0.2 * (1 - d) for d in drops],
+                       "p_clean": [0.2] * 6, "rel_drop": [0.0] * 3 + drops})
     c = T.ablation_curves(df).filter(pl.col("k") == 10).row(0, named=True)
-    assert c["rel_drop"] == pytest.approx(0.3)
-    assert c["rel_drop_sem"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / np.sqrt(2))
+    assert c["rel_drop"] == pytest.approx(np.mean(drops)) and c["n"] == 3
+    # with 3 images the bootstrap means can only take values of means of 3 draws from the drops
+    assert min(drops) - 1e-12 <= c["rel_drop_lo"] < c["rel_drop"] < c["rel_drop_hi"] <= max(drops) + 1e-12
+    assert c["drop_of_mean"] == pytest.approx(np.mean(drops))  # equal p_clean: both summaries agree
 
 
 # --------------------------------------------------------------------------- the build
@@ -416,6 +441,8 @@ def _write_stage_inputs(repo: Path) -> None:
                      ("selectivity", inp.selectivity), ("ablation", inp.ablation)):
         df.write_parquet(d / f"{name}.parquet")
     inp.layers.write_csv(d / "layer_distribution.csv")
+    inp.methods_curve.write_csv(d / "compare_methods_curve.csv")
+    inp.methods_summary.write_csv(d / "compare_methods.csv")
     (repo / "metrics").mkdir(exist_ok=True)
     for k, v in inp.metrics.items():
         (repo / "metrics" / f"{k}.json").write_text(json.dumps(v))

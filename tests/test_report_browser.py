@@ -240,7 +240,8 @@ def plots_repo(tmp_path_factory):
     shutil.rmtree(repo / "report")
     (repo / "data" / "projection").mkdir(parents=True)
     inp.layers.write_csv(repo / "data" / "layer_distribution.csv")
-    (repo / "data" / "projection" / "loss.csv").write_text("step,loss\n0,3.5\n1,3.1\n2,2.9\n")
+    (repo / "data" / "projection" / "loss.csv").write_text(
+        "step,train_loss,val_loss\n10,3.5,3.6\n20,3.1,3.3\n30,2.9,3.2\n")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "plots"]):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)

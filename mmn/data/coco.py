@@ -12,8 +12,9 @@ The official site serves (``base_url`` = ``http://images.cocodataset.org``):
 
 :func:`download_coco` fetches the archive (resumable, sha1-checked), reads only the two
 JSON files of ``cfg.split`` straight out of the zip (nothing else is extracted), picks all
-images or a seeded subset, fetches those images one by one (resumable, each one decoded
-and checked against its record), and writes::
+images or a seeded subset (optionally narrowed by ``restrict``, e.g. to one part of the
+train/eval split of :mod:`mmn.data.split`), fetches those images one by one (resumable,
+each one decoded and checked against its record), and writes::
 
     out_dir/images/<file_name>
     out_dir/annotations/instances.json   # info, licenses, categories + chosen images/annotations
@@ -47,7 +48,7 @@ import shutil
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -462,6 +463,7 @@ def download_coco(
     cache_dir: Path | None = None,
     progress: bool = True,
     on_bad_image: Literal["fail", "skip"] = "fail",
+    restrict: Callable[[list[int]], list[int]] | None = None,
 ) -> dict[str, Any]:
     """Fetch, verify and write COCO images + instances + captions (all, or a seeded subset).
 
@@ -476,12 +478,15 @@ def download_coco(
         on_bad_image: ``fail``: an image that cannot be downloaded (after the retries)
             or decoded raises; ``skip``: it is left out of the layout (images and
             annotations) and recorded in ``skipped.csv`` with the reason.
+        restrict: maps the chosen ids (after the subset) to the ids actually fetched,
+            e.g. one part of :func:`mmn.data.split.split_ids`; it must return a subset of
+            its input. None = all chosen ids.
 
     Returns:
         ``n_images``, ``n_instances``, ``n_captions``, ``archive_sha1`` (actual sha1 of the
         archive), plus ``split``, ``seed``, ``subset``, ``base_url``, ``n_available``
-        (images in the split's JSON), ``n_fetched``/``n_cached`` (images downloaded this
-        run / found valid in the cache).
+        (images in the split's JSON), ``n_pool`` (chosen before ``restrict``),
+        ``n_fetched``/``n_cached`` (images downloaded this run / found valid in the cache).
 
     Raises:
         CocoDownloadError: any download, checksum, JSON or image problem; the message names
@@ -505,6 +510,13 @@ def download_coco(
             log.warning(
                 "subset %d > %d images in %s: taking all of them", cfg.subset, len(by_id), cfg.split
             )
+        n_pool = len(chosen_ids)
+        if restrict is not None:
+            kept = sorted({int(i) for i in restrict(list(chosen_ids))})
+            foreign = sorted(set(kept) - set(chosen_ids))
+            if foreign:
+                raise ValueError(f"restrict returned ids that were not chosen: {foreign[:10]}")
+            chosen_ids = kept
         chosen_set = set(chosen_ids)
         names = [by_id[i]["file_name"] for i in chosen_ids]
         if len(set(names)) != len(names):
@@ -571,6 +583,7 @@ def download_coco(
         "subset": cfg.subset,
         "base_url": cfg.base_url,
         "n_available": len(by_id),
+        "n_pool": n_pool,
         "n_fetched": n_fetched,
         "n_cached": len(chosen_ids) - n_fetched,
         "n_skipped": len(skipped),

@@ -30,12 +30,13 @@ import importlib.util
 import json
 import shutil
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from mmn.data.layout import write_skipped
+from mmn.data.layout import LayoutError, write_skipped
 from mmn.io import atomic_dir
 
 ANNOTATIONS_FILE = Path(__file__).with_name("sample_annotations.json")
@@ -83,13 +84,31 @@ def _dump(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=True, separators=(",", ":")) + "\n"
 
 
-def materialize_sample(out_dir: Path) -> dict[str, int]:
+def sample_image_ids() -> list[int]:
+    """Ids of the embedded sample's images, sorted."""
+    return sorted(im["id"] for im in load_sample_annotations()["images"])
+
+
+def materialize_sample(out_dir: Path, image_ids: Collection[int] | None = None) -> dict[str, int]:
     """Write the COCO layout of the embedded sample to ``out_dir`` (replaced atomically).
+
+    ``image_ids``: keep only these images (with their instances and captions), e.g. one
+    part of :func:`mmn.data.split.split_ids`; None = all. An id not in the sample raises
+    :class:`~mmn.data.layout.LayoutError`.
 
     Returns ``{"n_images", "n_instances", "n_captions"}``.
     """
     out_dir = Path(out_dir)
     doc = load_sample_annotations()
+    if image_ids is not None:
+        keep = {int(i) for i in image_ids}
+        unknown = sorted(keep - {im["id"] for im in doc["images"]})
+        if unknown:
+            raise LayoutError(f"{ANNOTATIONS_FILE}: image id(s) {unknown} are not in the sample "
+                              f"(it has {sample_image_ids()})")
+        doc = {**doc, "images": [im for im in doc["images"] if im["id"] in keep],
+               "annotations": [a for a in doc["annotations"] if a["image_id"] in keep],
+               "captions": [c for c in doc["captions"] if c["image_id"] in keep]}
     images = doc["images"]
     sources = [(image, source_path(image)) for image in images]  # fail before writing anything
 

@@ -1,12 +1,21 @@
 """Fig. 6: ablate the top-k units by attribution and measure p(c) and the caption.
 
+Paper (§4.3): "we successively ablate units sorted by g_{k,c} and measure the resulting
+change in the probability of token c ... for multimodal neurons (filtered and unfiltered
+for interpretability), and randomly selected units in the same layers."
+
 Per image with a target c: one attribution pass ranks units by max-over-patches g;
 three kinds of unit sets are ablated at the image positions for every k:
 ``unfiltered`` (top k), ``filtered`` (top k among interpretable units) and ``random``
-(as many units per layer as the unfiltered top k, seeded by image and k). All rows
-of an image (plus one clean row giving p_clean) are one batched forward pass and one
-batched generation. k is capped at the number of units available for that kind
-(``k_effective``).
+(the first k of ONE random ranking per image that has the unfiltered ranking's layer
+mix, :func:`mmn.neurons.ablation.random_ranking`: random sets are nested across k and
+hold as many units per layer as the top k). All rows of an image (plus one clean row
+giving p_clean) are one batched forward pass and one batched generation. k is capped at
+the number of units available for that kind (``k_effective``).
+
+Two summaries of the drop of p(c) (:func:`ablation_curve`): the mean over images of the
+per-image relative drop ``1 - p_k/p_clean`` (it can swing negative when ablation raises
+p(c) on some images) and the relative drop of the mean ``1 - mean(p_k)/mean(p_clean)``.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from mmn.models.prefix_lm import ImagePrefixLM, stop_token_ids
 from mmn.models.vision import PatchEncoder
 from mmn.neurons.ablation import (
     ablated_captions,
-    random_like,
+    random_ranking,
     rank_units,
     target_probs,
     unit_masks,
@@ -57,6 +66,7 @@ def ablate_images(
     mode: str = "zero",
     kinds: Sequence[str] = KINDS,
     max_new_tokens: int = 16,
+    stop_at_newline: bool = True,
     regenerate: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -72,6 +82,8 @@ def ablate_images(
     accumulated in float64). ``zero``: one pass, each image ranked and ablated in turn;
     ``mean``: two passes (the fill needs all images first), keeping only the top
     ``max(ks)`` units per image in between, so memory stays flat in the image count.
+    Regenerated captions stop at EOS and, with ``stop_at_newline`` (``caption.stop_at_newline``,
+    as the caption stage), at a newline.
     """
     from mmn.distributed import shard_batches
 
@@ -80,7 +92,7 @@ def ablate_images(
     allowed[list(range(ad.n_layers)) if layers is None else list(layers)] = True
     recs = list(captions.filter(pl.col("has_noun")).sort("image_id").iter_rows(named=True))
     todo = [recs[b[0]] for b in shard_batches(len(recs), 1, shard)]
-    stop = stop_token_ids(plm.tokenizer, ad.vocab_size, True)
+    stop = stop_token_ids(plm.tokenizer, ad.vocab_size, stop_at_newline)
     top = max(ks)
 
     def soft_of(r: dict) -> torch.Tensor:
@@ -100,15 +112,12 @@ def ablate_images(
         text = list(r["caption_token_ids"][: r["target_pos"]])
         sets: list[list[tuple[int, int]]] = [[]]  # row 0: nothing ablated (p_clean)
         meta = []
+        # one random ranking per image (seeded by it) with the top units' layer mix: nested in k
+        order_rnd = random_ranking(order_all, ad.d_mlp, np.random.default_rng([seed, int(r["image_id"])]))
+        ranking = {"unfiltered": order_all, "filtered": order_int, "random": order_rnd}
         for kind in kinds:
             for k in ks:
-                if kind == "unfiltered":
-                    units = order_all[:k]
-                elif kind == "filtered":
-                    units = order_int[:k]
-                else:
-                    rng = np.random.default_rng([seed, int(r["image_id"]), int(k)])
-                    units = random_like(order_all[:k], ad.d_mlp, rng)
+                units = ranking[kind][:k]
                 sets.append(units)
                 meta.append((kind, k, len(units)))
         masks = unit_masks(sets, ad.n_layers, ad.d_mlp)
@@ -145,15 +154,122 @@ def ablate_images(
     return pl.DataFrame(rows, schema=ABLATION_SCHEMA).sort(["image_id", "kind", "k"])
 
 
-def ablation_summary(df: pl.DataFrame) -> dict:
-    """Mean relative drop of p(c), mean p(c) and (if present) BERTScore per kind and k."""
-    out: dict = {}
-    agg = [pl.col("rel_drop").mean().alias("rel_drop"), pl.col("p_target").mean().alias("p"),
-           pl.col("k_effective").mean().alias("k_effective")]
-    if "bertscore_f1" in df.columns:
-        agg.append(pl.col("bertscore_f1").mean().alias("bertscore_f1"))
-    for row in df.group_by(["kind", "k"]).agg(agg).sort(["kind", "k"]).iter_rows(named=True):
-        out.setdefault(row["kind"], {})[f"k{row['k']}"] = {
-            key: round(float(row[key]), 6) for key in row if key not in ("kind", "k") and row[key] is not None
-        }
+CURVE_SCHEMA = {
+    "kind": pl.Utf8,
+    "k": pl.Int64,
+    "n": pl.Int64,
+    "k_effective": pl.Float64,
+    "p_clean": pl.Float64,
+    "p": pl.Float64,
+    "drop_of_mean": pl.Float64,
+    "rel_drop": pl.Float64,
+    "rel_drop_lo": pl.Float64,
+    "rel_drop_hi": pl.Float64,
+    "vs_random_diff": pl.Float64,
+    "vs_random_lo": pl.Float64,
+    "vs_random_hi": pl.Float64,
+    "vs_random_p": pl.Float64,
+    "bertscore_f1": pl.Float64,
+    "bertscore_lo": pl.Float64,
+    "bertscore_hi": pl.Float64,
+}
+
+
+def drop_of_mean(p: Sequence[float] | np.ndarray, p_clean: Sequence[float] | np.ndarray) -> float | None:
+    """Relative drop of the mean p(c): ``1 - mean(p) / mean(p_clean)`` (None when mean(p_clean) = 0).
+
+    Unlike the mean of per-image relative drops it weights images by their clean p(c), so
+    images where p(c) was already tiny cannot swing it negative.
+    """
+    p, p_clean = np.asarray(p, dtype=np.float64), np.asarray(p_clean, dtype=np.float64)
+    if p.shape != p_clean.shape or p.size == 0:
+        raise ValueError(f"drop_of_mean needs two equal-length non-empty samples, got {p.size} and {p_clean.size}")
+    m = float(p_clean.mean())
+    return None if m <= 0 else 1.0 - float(p.mean()) / m
+
+
+def ablation_curve(df: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
+    """Fig. 6 table, one row per (kind, k) (schema :data:`CURVE_SCHEMA`).
+
+    ``rel_drop`` is the mean over images of the per-image relative drop with its 95%
+    bootstrap CI over images (``rel_drop_lo/hi``); ``drop_of_mean`` is
+    :func:`drop_of_mean`; ``vs_random_*`` is the paired test over images of this kind's
+    per-image relative drop against the random units' at the same k
+    (:func:`mmn.metrics.stats.paired_test`; null for ``random``); ``bertscore_*`` the
+    regenerated captions' BERTScore F1 with its CI (null without regeneration). ``seed``
+    seeds the resampling only; keep the default so the plot stage's recomputation from
+    data/ablation.parquet equals the stage's data/ablation_curve.csv.
+    """
+    from mmn.metrics.stats import bootstrap_ci, paired_test
+
+    for c in ("image_id", "kind", "k", "k_effective", "p_target", "p_clean", "rel_drop"):
+        if c not in df.columns:
+            raise ValueError(f"ablation table has no column {c!r}")
+    has_b = "bertscore_f1" in df.columns and df["bertscore_f1"].null_count() < df.height
+    rnd = {k: g.sort("image_id") for (k,), g in df.filter(pl.col("kind") == "random").group_by(["k"])}
+    rows = []
+    for (kind, k), g in sorted(df.group_by(["kind", "k"]), key=lambda t: (t[0][0], t[0][1])):
+        g = g.sort("image_id")
+        ci = bootstrap_ci(g["rel_drop"].to_numpy(), seed=seed)
+        row = {"kind": kind, "k": k, "n": ci["n"], "k_effective": float(g["k_effective"].mean()),
+               "p_clean": float(g["p_clean"].mean()), "p": float(g["p_target"].mean()),
+               "drop_of_mean": drop_of_mean(g["p_target"].to_numpy(), g["p_clean"].to_numpy()),
+               "rel_drop": ci["mean"], "rel_drop_lo": ci["lo"], "rel_drop_hi": ci["hi"]}
+        if kind != "random" and k in rnd:
+            pair = g.select("image_id", "rel_drop").join(rnd[k].select("image_id", pl.col("rel_drop").alias("r")),
+                                                         on="image_id", how="inner")
+            if pair.height:
+                t = paired_test(pair["rel_drop"].to_numpy(), pair["r"].to_numpy(), seed=seed)
+                row |= {"vs_random_diff": t["diff"], "vs_random_lo": t["lo"], "vs_random_hi": t["hi"],
+                        "vs_random_p": t["p"]}
+        if has_b:
+            b = g["bertscore_f1"].drop_nulls().to_numpy()
+            if b.size:
+                cb = bootstrap_ci(b, seed=seed)
+                row |= {"bertscore_f1": cb["mean"], "bertscore_lo": cb["lo"], "bertscore_hi": cb["hi"]}
+        rows.append(row)
+    return pl.DataFrame(rows, schema=CURVE_SCHEMA)
+
+
+def headline_ks(ks: Sequence[int]) -> list[int]:
+    """The ks reported in metrics/ablation.json: 100 (when run) and the largest k (the paper's 6400)."""
+    ks = sorted({int(k) for k in ks if int(k) > 0})
+    if not ks:
+        return []
+    return sorted({ks[-1]} | ({100} if 100 in ks else {ks[0]}))
+
+
+def ablation_metrics(curve: pl.DataFrame, ks: Sequence[int]) -> dict:
+    """Compact, numbers-only metrics: per kind and headline k (:func:`headline_ks`) the mean
+    per-image relative drop with its CI ``{"mean","lo","hi","n"}``, the relative drop of the
+    mean p(c) and (top kinds) the paired p-value against random units at that k."""
+    out: dict = {"n_images": int(curve["n"].max()) if curve.height else 0}
+    for r in curve.filter(pl.col("k").is_in(headline_ks(ks))).iter_rows(named=True):
+        v = {"rel_drop": {"mean": r["rel_drop"], "lo": r["rel_drop_lo"], "hi": r["rel_drop_hi"], "n": r["n"]},
+             "drop_of_mean": r["drop_of_mean"]}
+        if r["kind"] != "random":
+            v["vs_random_p"] = r["vs_random_p"]
+        out.setdefault(r["kind"], {})[f"k{r['k']}"] = v
     return out
+
+
+def ablation_info(params, n_interpretable: int, n_units: int, layers: Sequence[int]) -> dict:
+    """data/info/ablate.json: settings and definitions behind metrics/ablation.json (strings allowed)."""
+    ap = params.ablate
+    return {
+        "mode": ap.mode, "ks": list(ap.ks), "headline_ks": headline_ks(ap.ks), "layers": list(layers),
+        "regenerate": ap.regenerate, "stop_at_newline": params.caption.stop_at_newline,
+        "max_new_tokens": params.caption.max_new_tokens, "lm": params.model.lm,
+        "interpretable_units": n_interpretable, "units": n_units,
+        "interpretability": "decided on an fp32 CPU copy of the LM by the decode + filter rule",
+        "definitions": {
+            "rel_drop": "mean over images of the per-image relative drop 1 - p_k(c)/p_clean(c), "
+                        "95% percentile bootstrap CI over images",
+            "drop_of_mean": "relative drop of the mean: 1 - mean_images p_k(c) / mean_images p_clean(c)",
+            "vs_random_p": "two-sided paired sign-flip permutation test over images of the per-image "
+                           "relative drop, this kind vs random units at the same k",
+            "random": "per image one random ranking of units with the unfiltered ranking's layer mix; "
+                      "the random set for k is its first k units (nested across k)",
+        },
+        "curve_table": "data/ablation_curve.csv",
+    }

@@ -16,10 +16,19 @@ Gotchas:
   such pairs never reach it.
 * No idf weighting (bert_score's default), so every (candidate, reference) pair is scored
   independently of the rest of the batch.
-* Baseline rescaling is off by default. There are no baseline files for the embedded
-  MiniLM, so ``rescale_with_baseline=True`` is refused for it. Record ``model_type`` and
-  ``num_layers`` (:meth:`BertScorer.description`) next to every score: F1 values of
-  different models/layers are not comparable.
+* **F1 guard.** bert_score's F = 2PR/(P+R) assumes P, R > 0, which holds for roberta-large
+  (cosines ~0.8) but not for all-MiniLM, whose token cosines are signed: P and R of opposite
+  signs with P + R -> 0 give |F| -> inf (a decoded unit once scored F = -12.5). Rule here
+  (:func:`guarded_f1`): P and R are clamped at 0 first, F = 2 P+ R+ / (P+ + R+), and F = 0
+  when both are <= 0. Where P, R > 0 this is bert_score's F exactly; otherwise F is in [0, 1].
+* **Baseline rescaling** (Zhang et al. 2019, sec. 6; the paper's Table 1/2 BERTScores are on
+  this scale): F_rescaled = (F - b) / (1 - b), with b the F column of bert_score's own
+  baseline file ``bert_score/rescale_baseline/<lang>/<model>.tsv`` at the layer used
+  (roberta-large, layer 17: b = 0.8312). It is applied here after the guard, to F only, so it
+  equals ``bert_score.score(..., rescale_with_baseline=True)``'s F wherever P, R > 0. No
+  baseline file exists for the embedded MiniLM, so ``rescale=True`` is refused for it unless
+  a ``baseline_path`` is given. Record :meth:`BertScorer.description` next to every score:
+  F1 values of different models/layers/rescaling are not comparable.
 * A tokenizer whose ``model_max_length`` is the HF "unset" sentinel (~1e30) makes
   bert_score ask for absurd truncation lengths; it is clamped to 512 here.
 * Loading from a hub id needs the model in the local HF cache when offline
@@ -59,13 +68,60 @@ def resolve_model_type(model_type: str) -> tuple[str, int | None]:
     return str(folder), layers
 
 
-class BertScorer:
-    """BERTScore F1 with one loaded model. Build with :meth:`from_params`."""
+def guarded_f1(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """BERTScore F1 from precision ``p`` and recall ``r`` (same shape) with the sign guard.
 
-    def __init__(self, scorer, name: str, batch_size: int = 64) -> None:
-        self.scorer = scorer  # bert_score.BERTScorer
+    F = 2 P+ R+ / (P+ + R+) with P+ = max(P, 0), R+ = max(R, 0); F = 0 where P+ + R+ = 0.
+    Equal to bert_score's 2PR/(P+R) wherever P, R > 0; never outside [0, max(P, R)]
+    (bert_score's formula explodes as P + R -> 0 when signed cosines give P, R opposite signs).
+    """
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, None)
+    r = np.clip(np.asarray(r, dtype=np.float64), 0.0, None)
+    den = p + r
+    return np.divide(2.0 * p * r, den, out=np.zeros_like(den), where=den > 0)
+
+
+def baseline_file(model_type: str, lang: str = "en") -> Path:
+    """bert_score's own rescaling-baseline file for ``model_type`` (shipped in the package)."""
+    import bert_score
+
+    return Path(bert_score.__file__).parent / "rescale_baseline" / lang / f"{model_type}.tsv"
+
+
+def read_baseline(path: str | Path, num_layers: int) -> float:
+    """The F baseline b of ``path`` (bert_score's ``LAYER,P,R,F`` tsv) at layer ``num_layers``.
+
+    bert_score reads row ``iloc[num_layers]`` (row 0 is layer 0); this reads the row whose
+    LAYER equals ``num_layers``, which is the same row in every shipped file.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no BERTScore baseline file {path}")
+    df = pd.read_csv(path)
+    if list(df.columns)[:1] != ["LAYER"] or "F" not in df.columns:
+        raise ValueError(f"{path}: expected bert_score's 'LAYER,P,R,F' columns, got {list(df.columns)}")
+    row = df[df["LAYER"] == num_layers]
+    if row.empty:
+        raise ValueError(f"{path} has no baseline row for layer {num_layers}")
+    b = float(row["F"].iloc[0])
+    if not 0.0 <= b < 1.0:
+        raise ValueError(f"{path}: baseline F at layer {num_layers} is {b}, not in [0, 1)")
+    return b
+
+
+class BertScorer:
+    """BERTScore F1 with one loaded model. Build with :meth:`from_params`.
+
+    ``baseline``: the F baseline b when scores are rescaled, ``(F - b) / (1 - b)``; None = raw F.
+    """
+
+    def __init__(self, scorer, name: str, batch_size: int = 64, baseline: float | None = None) -> None:
+        self.scorer = scorer  # bert_score.BERTScorer (always built without rescaling)
         self.name = name
         self.batch_size = int(batch_size)
+        self.baseline = baseline
 
     @classmethod
     def from_params(
@@ -75,17 +131,24 @@ class BertScorer:
         device: str | torch.device | None = None,
         *,
         batch_size: int = 64,
-        rescale_with_baseline: bool = False,
-        lang: str | None = None,
+        rescale: bool = False,
+        baseline_path: str | Path | None = None,
+        lang: str = "en",
+        rescale_with_baseline: bool | None = None,
     ) -> BertScorer:
         """Load ``model_type`` (see module doc) truncated to ``num_layers`` layers.
 
         ``num_layers=None``: 6 for the embedded MiniLM, else bert_score's tuned default
-        for that model (e.g. 17 for ``roberta-large``).
+        for that model (e.g. 17 for ``roberta-large``). ``rescale=True`` rescales F with
+        the baseline at ``num_layers`` of ``baseline_path`` (default: bert_score's own file
+        for ``model_type``/``lang``; none exists for embedded models).
+        ``rescale_with_baseline`` is an alias of ``rescale`` (bert_score's name).
         """
         from bert_score import BERTScorer
         from bert_score.utils import model2layers
 
+        if rescale_with_baseline is not None:
+            rescale = bool(rescale_with_baseline)
         path, default_layers = resolve_model_type(model_type)
         if num_layers is None:
             num_layers = default_layers if default_layers is not None else model2layers.get(path)
@@ -93,28 +156,46 @@ class BertScorer:
                 raise ValueError(f"bert_score has no default layer for {model_type!r}; set num_layers")
         if default_layers is not None and not 1 <= num_layers <= default_layers:
             raise ValueError(f"num_layers for {model_type} must be in 1..{default_layers}, got {num_layers}")
-        if rescale_with_baseline:
-            if default_layers is not None:
-                raise ValueError(f"no BERTScore baseline-rescaling files exist for {model_type}")
-            lang = lang or "en"
+        baseline = None
+        if rescale:
+            if baseline_path is None:
+                if default_layers is not None:
+                    raise ValueError(f"no BERTScore baseline-rescaling file exists for {model_type}; "
+                                     "pass baseline_path or leave it unrescaled")
+                baseline_path = baseline_file(path, lang)
+            baseline = read_baseline(baseline_path, num_layers)
         try:
             scorer = BERTScorer(model_type=path, num_layers=num_layers, device=str(device) if device else None,
-                                batch_size=batch_size, lang=lang, rescale_with_baseline=rescale_with_baseline)
+                                batch_size=batch_size, lang=lang)
         except OSError as e:
             raise BertScoreUnavailable(f"could not load BERTScore model {model_type!r} ({path}): {e}") from e
         tok = scorer._tokenizer
         if tok.model_max_length is None or tok.model_max_length > 100_000:
             tok.model_max_length = MAX_TOKENS
-        name = f"{model_type} (layer {num_layers}{', rescaled' if rescale_with_baseline else ''})"
-        return cls(scorer, name, batch_size)
+        name = f"{model_type} (layer {num_layers}"
+        name += f", rescaled with baseline F = {baseline:.4f})" if baseline is not None else ")"
+        return cls(scorer, name, batch_size, baseline)
 
     @property
     def description(self) -> str:
-        """Model and layer, for recording next to the scores."""
+        """Model, layer and rescaling, for recording next to the scores."""
         return self.name
 
+    @property
+    def rescaled(self) -> bool:
+        return self.baseline is not None
+
+    def rescale(self, f: np.ndarray) -> np.ndarray:
+        """``(f - b) / (1 - b)`` when rescaling, else ``f`` unchanged."""
+        f = np.asarray(f, dtype=np.float64)
+        return f if self.baseline is None else (f - self.baseline) / (1.0 - self.baseline)
+
+    def min_score(self) -> float:
+        """The lowest F this scorer can return: 0 raw (guarded), ``-b / (1 - b)`` rescaled."""
+        return float(self.rescale(np.zeros(1))[0])
+
     def pair_f1(self, cands: Sequence[str], refs: Sequence[str]) -> np.ndarray:
-        """F1 of each (``cands[i]``, ``refs[i]``) pair: shape ``[n]``.
+        """F1 of each (``cands[i]``, ``refs[i]``) pair: shape ``[n]`` (guarded, then rescaled).
 
         An empty (or whitespace-only) candidate or reference scores raw 0, as bert_score
         intends; it is kept away from bert_score because with transformers 5 bert_score
@@ -125,14 +206,11 @@ class BertScorer:
             raise ValueError(f"{len(cands)} candidates vs {len(refs)} references")
         out = np.zeros(len(cands), dtype=np.float64)
         keep = [i for i, (c, r) in enumerate(zip(cands, refs)) if c.strip() and r.strip()]
-        if len(keep) < len(cands) and self.scorer.rescale_with_baseline:
-            b = float(self.scorer.baseline_vals[2])
-            out[:] = (0.0 - b) / (1.0 - b)
         if keep:
-            _, _, f = self.scorer.score([cands[i] for i in keep], [refs[i] for i in keep],
+            p, r, _ = self.scorer.score([cands[i] for i in keep], [refs[i] for i in keep],
                                         batch_size=self.batch_size)
-            out[keep] = f.numpy()
-        return out
+            out[keep] = guarded_f1(p.numpy(), r.numpy())
+        return self.rescale(out)
 
     def f1(self, cands: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> np.ndarray:
         """F1 of ``cands[i]`` against ``refs[i]``: shape ``[len(cands)]``.

@@ -1,11 +1,12 @@
-"""CLIPScore (Hessel et al. 2021) on open_clip: ``100 · w · max(cos(E_img, E_txt), 0)``.
+"""CLIPScore (Hessel et al. 2021) on open_clip: ``100 · w · max(cos(E_img, E_txt), 0)``, default w = 1.
 
-Scale. Hessel et al. define CLIP-S = w · max(cos, 0) with w = 2.5 and report it ×100;
-that is the default here (``w=2.5``, so a score lies in [0, 250]). The paper's tables
-(GPT captions 23.62, COCO nouns 27.89, random 19.22) are NOT on that scale: with CLIP
-ViT-B/32 a matching caption has cos ≈ 0.25–0.33, so those numbers are ``100 · max(cos, 0)``,
-i.e. w = 1 — torchmetrics' ``CLIPScore`` convention. Pass ``w=1.0`` to compare with the
-paper's numbers; scores at different ``w`` differ by the constant factor only.
+Scale. Hessel et al. define CLIP-S = w · max(cos, 0) with w = 2.5 and report it ×100
+(``HESSEL_W``; a score then lies in [0, 250]). The paper's tables (GPT captions 23.62, COCO
+nouns 27.89, random 19.22) are on a different scale: with CLIP ViT-B/32 a matching caption has
+cos ≈ 0.25–0.33, so those numbers are ``100 · max(cos, 0)``, i.e. w = 1 — torchmetrics'
+``CLIPScore`` convention. The default here is that scale (``PAPER_W = 1``); pass
+``w=HESSEL_W`` for Hessel's. Scores at different ``w`` differ by the constant factor only;
+always state ``w`` next to a CLIPScore.
 
 Gotchas:
 
@@ -37,7 +38,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-HESSEL_W = 2.5
+HESSEL_W = 2.5  # Hessel et al. 2021
+PAPER_W = 1.0   # the paper's tables: 100 * cos
+
+
+def scale_description(w: float) -> str:
+    """How a CLIPScore at weight ``w`` reads, for tables and report pages."""
+    which = ("the paper's scale" if w == PAPER_W else "Hessel et al.'s scale; the paper's is w = 1"
+             if w == HESSEL_W else "the paper's scale is w = 1")
+    return f"CLIPScore = 100 * w * max(cos, 0) with w = {w:g} ({which}); range 0..{100 * w:g}"
 
 
 class ClipUnavailable(RuntimeError):
@@ -112,7 +121,7 @@ class ClipScorer:
         tokenizer: Callable[[list[str]], Tensor],
         *,
         device: str | torch.device = "cpu",
-        w: float = HESSEL_W,
+        w: float = PAPER_W,
         text_prefix: str = "",
         batch_size: int = 64,
         description: str = "custom",
@@ -150,7 +159,7 @@ class ClipScorer:
         *,
         cache_dir: str | None = None,
         allow_download: bool = False,
-        w: float = HESSEL_W,
+        w: float = PAPER_W,
         text_prefix: str = "",
         batch_size: int = 64,
     ) -> ClipScorer:

@@ -2,8 +2,10 @@
 
 A unit's activation at each image position, reshaped row-major onto the encoder's patch
 grid (14×14 for BEiT-16/224), bilinearly upsampled to the image size, thresholded at its
-own 0.95 quantile (strictly above it: see :func:`threshold_map`) and compared by IoU with
-the union of the COCO instance masks of the image's category.
+own 0.95 quantile on that image (strictly above it: see :func:`threshold_map`; the paper:
+"We then threshold activations above the 0.95 percentile") or, as in NetDissect, at the
+quantile of the unit's raw activations over all evaluated images (:func:`dataset_threshold`),
+and compared by IoU with the union of the COCO instance masks of the image's category.
 
 Gotchas:
 
@@ -109,16 +111,22 @@ def coco_mask(coco, image_id: int, category_id: int, size: tuple[int, int] = (22
     return np.asarray(small) > 0
 
 
-def single_instance_images(coco, category_names: list[str]) -> dict[str, list[int]]:
-    """``{name: sorted image ids}`` of images with exactly one non-crowd instance of that
-    category and no crowd annotation of it (other categories may be present).
-
-    Raises ValueError naming any unknown category and listing the valid names.
-    """
+def _category_ids(coco, category_names: list[str]) -> dict[str, int]:
     by_name = {c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())}
     unknown = [n for n in category_names if n not in by_name]
     if unknown:
         raise ValueError(f"unknown COCO categories {unknown}; valid names: {sorted(by_name)}")
+    return by_name
+
+
+def single_instance_images(coco, category_names: list[str]) -> dict[str, list[int]]:
+    """``{name: sorted image ids}`` of images with exactly one non-crowd instance of that
+    category and no crowd annotation of it (other categories may be present).
+    This is ``iou.single: one_instance``.
+
+    Raises ValueError naming any unknown category and listing the valid names.
+    """
+    by_name = _category_ids(coco, category_names)
     out: dict[str, list[int]] = {}
     for name in category_names:
         cid = by_name[name]
@@ -131,3 +139,55 @@ def single_instance_images(coco, category_names: list[str]) -> dict[str, list[in
                 counts[a["image_id"]] += 1
         out[name] = sorted(i for i, n in counts.items() if n == 1 and not crowded[i])
     return out
+
+
+def only_object_images(coco, category_names: list[str]) -> dict[str, list[int]]:
+    """``{name: sorted image ids}`` of images whose ONLY instance annotation (any category,
+    crowd or not) is one non-crowd object of that category — our reading of the paper's
+    "12 COCO categories with single object annotations" (``iou.single: only_object``).
+
+    Raises ValueError naming any unknown category and listing the valid names.
+    """
+    by_name = _category_ids(coco, category_names)
+    per_image: defaultdict[int, list[dict]] = defaultdict(list)
+    for a in coco.loadAnns(coco.getAnnIds(iscrowd=None)):
+        per_image[a["image_id"]].append(a)
+    wanted = {by_name[n]: n for n in category_names}
+    out: dict[str, list[int]] = {n: [] for n in category_names}
+    for img, anns in per_image.items():
+        if len(anns) == 1 and not anns[0].get("iscrowd", 0) and anns[0]["category_id"] in wanted:
+            out[wanted[anns[0]["category_id"]]].append(img)
+    return {n: sorted(v) for n, v in out.items()}
+
+
+SINGLE_MODES = ("only_object", "one_instance")
+
+
+def category_images(coco, category_names: list[str], single: str = "only_object") -> dict[str, list[int]]:
+    """The images of each category scored for Fig. 5: :func:`only_object_images` or
+    :func:`single_instance_images` (``single`` = ``only_object`` | ``one_instance``)."""
+    if single == "only_object":
+        return only_object_images(coco, category_names)
+    if single == "one_instance":
+        return single_instance_images(coco, category_names)
+    raise ValueError(f"single must be one of {SINGLE_MODES}, got {single!r}")
+
+
+def dataset_threshold(acts: np.ndarray | torch.Tensor, quantile: float = 0.95) -> float:
+    """NetDissect's per-unit threshold (Bau et al. 2017; ``iou.threshold: dataset``): the
+    ``quantile`` (numpy linear interpolation) of ALL of one unit's raw activations, every
+    position of every evaluated image (``acts``: any shape, e.g. ``[n_images, P]``).
+    The unit's upsampled map on an image is then thresholded strictly above it
+    (:func:`threshold_at`)."""
+    a = np.asarray(acts.detach().cpu().double() if isinstance(acts, torch.Tensor) else acts,
+                   dtype=np.float64).ravel()
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    if a.size == 0 or not np.isfinite(a).all():
+        raise ValueError("dataset_threshold needs a non-empty set of finite activations")
+    return float(np.quantile(a, quantile))
+
+
+def threshold_at(m: np.ndarray, t: float) -> np.ndarray:
+    """Bool mask ``m > t`` (strict, as :func:`threshold_map`) for a given threshold ``t``."""
+    return np.asarray(m, dtype=np.float64) > t

@@ -2,8 +2,12 @@
 
 An adapter answers, for a HF causal LM:
 
-* ``n_layers``, ``d_model``, ``d_mlp`` (units per layer), ``vocab_size`` (real
-  tokenizer rows: GPT-J's head has 50400 rows but only ~50257 tokens exist);
+* ``n_layers``, ``d_model``, ``d_mlp`` (units per layer), ``vocab_size`` (the
+  generation logits: ``min(len(tokenizer), head rows)``; added/special tokens such as an
+  EOS stay generable);
+* ``real_token_ids``: the ids of the tokenizer's *base* vocabulary, i.e. without tokens
+  added on top of it (GPT-J's 143 ``<|extratoken_n|>`` fillers) and below the head's
+  rows: the only rows decoding and nearest-token search may return;
 * ``act_module(l)``: the module whose **input** is the unit activation A of layer l
   (GPT-J ``fc_out``, GPT-2 ``c_proj``, Llama ``down_proj`` — i.e. after the
   nonlinearity; for gated MLPs A = act(gate) * up);
@@ -16,12 +20,12 @@ An adapter answers, for a HF causal LM:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -30,6 +34,12 @@ class LMAdapter:
 
     model: PreTrainedModel
     vocab_size: int
+    #: ``Long[Tensor, "n_real"]`` sorted ids of real (base-vocabulary) tokens; see :func:`real_token_ids`
+    real_token_ids: Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.real_token_ids is None:
+            self.real_token_ids = torch.arange(self.vocab_size, dtype=torch.long)
 
     family: ClassVar[str] = "base"
     #: whether the image-prefix sequence starts with the tokenizer's BOS token
@@ -92,7 +102,8 @@ class LMAdapter:
         return {str(l): self.preact_module(l) for l in range(self.n_layers)}
 
     def unembed_weight(self) -> Tensor:
-        """``Float[Tensor, "vocab d_model"]`` restricted to the real vocabulary rows."""
+        """``Float[Tensor, "vocab_size d_model"]``: the generation rows (``< vocab_size``, added
+        tokens included); decoding and nearest-token search index ``real_token_ids`` instead."""
         return self.unembed.weight[: self.vocab_size]
 
     def unembed_bias(self) -> Tensor | None:
@@ -176,13 +187,45 @@ _FAMILIES: dict[str, type[LMAdapter]] = {
 }
 
 
-def make_adapter(model: PreTrainedModel, vocab_size: int | None = None) -> LMAdapter:
-    """Pick the adapter from ``model.config.model_type``; ``vocab_size`` = len(tokenizer)."""
+def real_token_ids(tokenizer: PreTrainedTokenizerBase | None, n_rows: int) -> Tensor:
+    """``Long[Tensor, "n_real"]``: sorted ids of the tokenizer's base vocabulary that have a head row.
+
+    Tokens *added* on top of the base vocabulary (``tokenizer.add_tokens``; GPT-J's 143
+    ``<|extratoken_n|>`` fillers at 50257..50399) are excluded, as are ids ``>= n_rows``.
+    Special tokens that belong to the base vocabulary (GPT-2's ``<|endoftext|>``, SmolLM2's
+    ``<|im_start|>``) stay. Fast tokenizers: the backend model's vocabulary without added
+    tokens; slow ones: ``range(tokenizer.vocab_size)`` (their base size); ``None``: all rows.
+    """
+    if tokenizer is None:
+        return torch.arange(n_rows, dtype=torch.long)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        ids: set[int] = set(backend.get_vocab(with_added_tokens=False).values())
+    else:
+        ids = set(range(int(tokenizer.vocab_size)))
+    out = torch.tensor(sorted(i for i in ids if 0 <= i < n_rows), dtype=torch.long)
+    if out.numel() == 0:
+        raise ValueError(f"tokenizer has no base-vocabulary token below the LM head's {n_rows} rows")
+    return out
+
+
+def make_adapter(
+    model: PreTrainedModel,
+    vocab_size: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> LMAdapter:
+    """Pick the adapter from ``model.config.model_type``; ``vocab_size`` = len(tokenizer).
+
+    With ``tokenizer``, ``real_token_ids`` is its base vocabulary (:func:`real_token_ids`);
+    without, every id below ``vocab_size``."""
     mt = model.config.model_type
     if mt not in _FAMILIES:
         raise ValueError(
             f"no adapter for model_type {mt!r}; supported: {sorted(_FAMILIES)} (add one in mmn/models/adapters.py)"
         )
     rows = model.get_output_embeddings().weight.shape[0]
+    if vocab_size is None and tokenizer is not None:
+        vocab_size = len(tokenizer)
     vs = rows if vocab_size is None else min(vocab_size, rows)
-    return _FAMILIES[mt](model=model, vocab_size=vs)
+    real = real_token_ids(tokenizer, vs) if tokenizer is not None else None
+    return _FAMILIES[mt](model=model, vocab_size=vs, real_token_ids=real)

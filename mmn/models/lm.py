@@ -149,4 +149,4 @@ def prepare_lm(
     model.eval().requires_grad_(False).to(device)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return make_adapter(model, vocab_size=len(tok)), tok
+    return make_adapter(model, vocab_size=len(tok), tokenizer=tok), tok

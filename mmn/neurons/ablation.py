@@ -76,6 +76,36 @@ def target_probs(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
     return torch.softmax(logits, -1)[:, target]
 
 
+def set_effects(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
+                sets: Sequence[Sequence[tuple[int, int]]], rows: int = 64,
+                fill: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """y^c (logit) and p(c) for one image with each unit set ablated at the image positions:
+    ``(Float[Tensor, "sets"], Float[Tensor, "sets"])``, ``rows`` sets per batched forward."""
+    ad = plm.adapter
+    ys, ps = [], []
+    for start in range(0, len(sets), rows):
+        chunk = list(sets[start: start + rows])
+        masks = unit_masks(chunk, ad.n_layers, ad.d_mlp)
+        batch = plm.build(soft.expand(len(chunk), -1, -1), [text] * len(chunk))
+        with torch.no_grad(), ablated(ad, masks, batch.image_slice, fill):
+            out = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                           logits_to_keep=1)
+        logits = out.logits[:, -1, :].float()
+        ys.append(logits[:, target])
+        ps.append(torch.softmax(logits[:, : ad.vocab_size], -1)[:, target])
+    return torch.cat(ys).cpu(), torch.cat(ps).cpu()
+
+
+def single_unit_effects(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
+                        units: Sequence[tuple[int, int]], rows: int = 64) -> dict[str, Tensor | float]:
+    """Exact effect of ablating each unit ALONE at the image positions (activation patching
+    to zero): ``dy = y_clean - y_ablated`` and ``dp = p_clean - p_ablated`` (``[n_units]``,
+    positive = the unit supports c), plus ``y_clean`` and ``p_clean``. Many single-unit
+    ablations are the rows of one forward (:func:`set_effects`)."""
+    y, p = set_effects(plm, soft, text, target, [[]] + [[tuple(u)] for u in units], rows)
+    return {"y_clean": float(y[0]), "p_clean": float(p[0]), "dy": y[0] - y[1:], "dp": p[0] - p[1:]}
+
+
 def ablated_captions(plm: ImagePrefixLM, soft: Tensor, masks: Tensor, max_new_tokens: int, stop_ids: set[int],
                      fill: Tensor | None = None) -> list[list[int]]:
     """Greedy captions of one image under each row's ablation."""
@@ -105,13 +135,24 @@ def rank_units(scores: Tensor, allowed: Tensor | None = None, limit: int | None 
     return [(int(i) // n_units, int(i) % n_units) for i in order.tolist()]
 
 
-def random_like(units: Sequence[tuple[int, int]], n_units: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """As many random units per layer as ``units`` has, drawn without replacement in that layer."""
-    by_layer: dict[int, int] = {}
-    for layer, _ in units:
-        by_layer[layer] = by_layer.get(layer, 0) + 1
+def random_ranking(order: Sequence[tuple[int, int]], n_units: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """One random ranking of units with ``order``'s layer mix, for nested random sets.
+
+    Each layer gets one random permutation of its ``n_units`` units; the i-th entry of the
+    result is the next unused unit of that permutation in the layer of ``order[i]``. So for
+    every k the first k entries hold as many units per layer as ``order[:k]`` does (the
+    random units come "from the same layers" as the top k, as in the paper's Fig. 6), and
+    the random set of a smaller k is a prefix of that of a larger one (nested across k).
+    """
+    perms: dict[int, np.ndarray] = {}
+    used: dict[int, int] = {}
     out = []
-    for layer in sorted(by_layer):
-        picks = rng.choice(n_units, size=by_layer[layer], replace=False)
-        out += [(layer, int(u)) for u in sorted(picks)]
+    for layer in sorted({layer for layer, _ in order}):
+        perms[layer] = rng.permutation(n_units)  # drawn in layer order: reproducible
+    for layer, _ in order:
+        j = used.get(layer, 0)
+        if j >= n_units:
+            raise ValueError(f"order has more than n_units={n_units} units in layer {layer}")
+        out.append((layer, int(perms[layer][j])))
+        used[layer] = j + 1
     return out

@@ -12,6 +12,17 @@ position p, from ONE forward and ONE backward pass per batch:
 
 Gotcha: y^c is read at the position that *predicts* c, i.e. the last real position of
 the row (prefix + caption tokens before c).
+
+What is kept per image (``rank_by``): the paper keeps units, "For the 100 u_k with
+highest g_{k,c} for each image, we compute decoder(W_out^k)" (§3.1), with g defined per
+image patch p (Eq. 2: g_{k,c} = Z_p^k ∂y^c/∂Z_p^k). ``rank_by="unit"`` (default) scores a
+unit by its max over image positions, g_k = max_p g_{k,c,p}, keeps the top k *distinct*
+(layer, unit) and records the arg-max patch with A and ∂y/∂A there.
+``rank_by="triple"`` keeps the top k (layer, unit, patch) triples (a unit may repeat).
+
+``method`` (:mod:`mmn.neurons.methods`) swaps ∂y/∂A for another per-position multiplier M
+(``direct_logit``: W_U[c]·W_out^k; ``integrated_gradients``: the path-averaged gradient);
+the ranking and the table are the same, with ``gradient`` = M and ``g`` = A·M.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -34,9 +46,19 @@ if TYPE_CHECKING:
     import polars as pl
 
 
+RankBy = Literal["unit", "triple"]
+RANK_BY: tuple[str, ...] = ("unit", "triple")
+
+
+def _check_rank_by(rank_by: str) -> None:
+    if rank_by not in RANK_BY:
+        raise ValueError(f"attribute.rank_by must be one of {RANK_BY}, got {rank_by!r}")
+
+
 @dataclass
 class TopK:
-    """Top-k (layer, unit, patch) triples of one image, sorted by g descending."""
+    """Top k of one image sorted by g descending: distinct units (``rank_by="unit"``,
+    ``patch`` = the arg-max patch) or (layer, unit, patch) triples."""
 
     layer: Tensor  # Long[k]
     unit: Tensor  # Long[k]
@@ -103,6 +125,67 @@ def attribution_maps(
     return y, a, g
 
 
+def method_pass(
+    plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int], layers: Sequence[int],
+    method: str = "grad_x_act", *, preactivation: bool = False, ig_steps: int = 16, rows: int | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``(y [batch], A per layer, M per layer)`` at the image positions (``[batch, P, U]`` each,
+    model dtype; ``layers`` in order) for ``method`` (:data:`mmn.neurons.methods.METHODS`):
+    g = A·M. ``grad_x_act``: M = ∂y/∂A (one forward + backward); ``rows``: IG path points per
+    forward (default all ``ig_steps``)."""
+    from mmn.neurons.methods import check_method, direct_logit_pass, integrated_gradients_pass
+
+    check_method(method, preactivation)
+    if method == "direct_logit":
+        return direct_logit_pass(plm, soft, texts, targets, layers)
+    if method == "integrated_gradients":
+        return integrated_gradients_pass(plm, soft, texts, targets, layers, ig_steps, rows)
+    y, acts, grads, sl = _one_pass(plm, soft, texts, targets, preactivation, layers)
+    return y, [a[:, sl, :].detach() for a in acts], [g[:, sl, :] for g in grads]
+
+
+def _layer_candidates(a_l: Tensor, g_l: Tensor, k: int, rank_by: RankBy) -> tuple[Tensor, ...]:
+    """One layer's top-k candidates per row: ``(g fp32, flat index, A, dA)``, each ``[b, kk]``.
+
+    ``a_l``/``g_l``: ``[b, P, U]`` (model dtype). Ranking runs in the model dtype (no
+    full-size fp32 copies); the kept g is recomputed in fp32 from the gathered A and dA.
+    Flat index: ``patch * U + unit`` (triple) or ``unit`` (unit; patch returned separately
+    via the index ``argmax_patch * U + unit``, so both modes decode the same way).
+    """
+    b, n_patch, n_units = a_l.shape
+    prod = a_l * g_l  # [b, P, U]
+    # a stable descending sort (not topk) so that ties keep the lowest index, as the merge
+    # and the full-map reference do: the last layer's g is exactly 0 at every image position
+    # (its MLP there cannot reach the position that predicts c), so ties are real
+    if rank_by == "unit":
+        best_patch = prod.argmax(dim=1)  # [b, U]; first maximal patch on ties
+        score = prod.gather(1, best_patch.unsqueeze(1)).squeeze(1)  # [b, U] = max over patches
+        unit = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+        i = best_patch.gather(1, unit) * n_units + unit  # [b, kk] index into (patch, unit)
+    else:
+        i = torch.sort(prod.reshape(b, -1), dim=1, descending=True, stable=True).indices[:, :k]
+    a_k = a_l.reshape(b, -1).gather(1, i).float()
+    g_k = g_l.reshape(b, -1).gather(1, i).float()
+    return a_k * g_k, i, a_k, g_k
+
+
+def _merge(v: Tensor, idx: Tensor, av: Tensor, gv: Tensor, k: int, n_patch: int, n_units: int,
+           rank_by: RankBy) -> list[TopK]:
+    """Merge the per-layer candidates (``[b, n]`` each; idx flat over (layer, patch, unit))
+    into each row's top k, g descending, ties by (layer, unit, patch) order: deterministic."""
+    out = []
+    k = min(k, v.shape[1])
+    layer_all, patch_all, unit_all = idx // (n_patch * n_units), (idx // n_units) % n_patch, idx % n_units
+    # tie key: the flat index over (layer, patch, unit) for triples, over (layer, unit) for units
+    key = idx if rank_by == "triple" else layer_all * n_units + unit_all
+    for r in range(v.shape[0]):
+        by_key = torch.argsort(key[r])
+        order = by_key[torch.sort(v[r, by_key], descending=True, stable=True).indices[:k]]
+        out.append(TopK(layer_all[r, order], unit_all[r, order], patch_all[r, order], v[r, order], av[r, order],
+                        gv[r, order]))
+    return out
+
+
 def attribute_topk(
     plm: ImagePrefixLM,
     soft: Tensor,
@@ -112,68 +195,54 @@ def attribute_topk(
     *,
     preactivation: bool = False,
     layers: Sequence[int] | None = None,
+    rank_by: RankBy = "unit",
+    method: str = "grad_x_act",
+    ig_steps: int = 16,
 ) -> tuple[Tensor, list[TopK]]:
-    """Top-k triples per image without materialising all layers' maps at once.
+    """Top-k units (or triples) per image without materialising all layers' maps at once.
 
-    Same forward/backward as :func:`attribution_maps`, but each layer's g is reduced to
-    its own top k (on the model's device) before moving on, so memory beyond the
-    autograd graph is O(batch · L · k) instead of O(batch · L · P · d_mlp). Equal to
-    ``top_k(*attribution_maps(...)[1:], k)`` (tested). ``layers`` restricts the
+    Same forward/backward as :func:`attribution_maps`, but each layer's g is reduced on the
+    model's device before moving on (unit: max over patches, then that layer's top k
+    units; triple: that layer's top k triples), so memory beyond the autograd graph is
+    O(batch · L · k) instead of O(batch · L · P · d_mlp). Equal to
+    ``top_k(*attribution_maps(...)[1:], k, rank_by)`` (tested). ``layers`` restricts the
     candidates to those layers (default: all); then equal to the same top-k over the
-    maps of those layers only.
+    maps of those layers only. ``method``: :func:`method_pass` (``gradient`` = its M).
     """
+    _check_rank_by(rank_by)
     layers = list(range(plm.adapter.n_layers)) if layers is None else sorted(set(layers))
-    y, acts, grads, sl = _one_pass(plm, soft, texts, targets, preactivation, layers)
-    b = soft.shape[0]
-    n_patch, n_units = sl.stop - sl.start, plm.adapter.d_mlp
-    cand_v, cand_i, cand_a, cand_g = [], [], [], []
+    y, acts, grads = method_pass(plm, soft, texts, targets, layers, method, preactivation=preactivation,
+                                 ig_steps=ig_steps)
+    n_patch, n_units = acts[0].shape[1], plm.adapter.d_mlp
+    cand: list[tuple[Tensor, ...]] = []
     for layer, a_l, g_l in zip(layers, acts, grads):
-        # rank in the model's dtype (no full-size fp32 copies), then recompute the kept
-        # g in fp32 from the gathered activation and gradient
-        a_l = a_l[:, sl, :].detach().reshape(b, -1)
-        g_l = g_l[:, sl, :].reshape(b, -1)
-        kk = min(k, a_l.shape[1])
-        _, i = torch.topk(a_l * g_l, kk, dim=1, sorted=False)
-        a_k, g_k = a_l.gather(1, i).float(), g_l.gather(1, i).float()
-        cand_v.append(a_k * g_k)
-        cand_i.append(i + layer * n_patch * n_units)  # flat index over (layer, patch, unit)
-        cand_a.append(a_k)
-        cand_g.append(g_k)
-    v, idx = torch.cat(cand_v, 1).cpu(), torch.cat(cand_i, 1).cpu()
-    av, gv = torch.cat(cand_a, 1).cpu(), torch.cat(cand_g, 1).cpu()
-    out_list = []
-    k = min(k, v.shape[1])
-    for r in range(b):
-        by_index = torch.argsort(idx[r])
-        vr, ir, ar, gr = v[r, by_index], idx[r, by_index], av[r, by_index], gv[r, by_index]
-        order = torch.sort(vr, descending=True, stable=True).indices[:k]
-        flat = ir[order]
-        out_list.append(TopK(flat // (n_patch * n_units), flat % n_units, (flat // n_units) % n_patch,
-                             vr[order], ar[order], gr[order]))
-    return y, out_list
+        v, i, a_k, g_k = _layer_candidates(a_l, g_l, k, rank_by)
+        cand.append((v, i + layer * n_patch * n_units, a_k, g_k))  # flat index over (layer, patch, unit)
+    v, idx, av, gv = (torch.cat([c[j] for c in cand], 1).cpu() for j in range(4))
+    return y, _merge(v, idx, av, gv, k, n_patch, n_units, rank_by)
 
 
-def top_k(a: Tensor, grad: Tensor, k: int) -> list[TopK]:
-    """Top ``k`` of g = a·grad over (layer, patch, unit) per image.
+def top_k(a: Tensor, grad: Tensor, k: int, rank_by: RankBy = "triple") -> list[TopK]:
+    """Reference top ``k`` from full maps ``a``/``grad`` (``[batch, L, P, U]``) per image.
 
-    ``a``/``grad``: ``[batch, L, P, U]``. Ties break by flat index (layer, patch, unit)
-    so results are deterministic.
+    ``rank_by="triple"``: top k of g = a·grad over (layer, patch, unit), ties by flat index
+    (layer, patch, unit). ``rank_by="unit"``: g_k = max over patches of g per (layer, unit),
+    top k distinct units, ties by (layer, unit); ``patch`` is the first maximal patch.
     """
+    _check_rank_by(rank_by)
     b, n_layers, n_patch, n_units = a.shape
-    g = (a * grad).reshape(b, -1)
-    k = min(k, g.shape[1])
-    vals, idx = torch.topk(g, k, dim=1, sorted=False)
-    out = []
-    for i in range(b):
-        # order by g descending, ties by flat index (layer, patch, unit): deterministic
-        by_index = torch.argsort(idx[i])
-        v, ix = vals[i, by_index], idx[i, by_index]
-        order = ix[torch.sort(v, descending=True, stable=True).indices]
-        layer = order // (n_patch * n_units)
-        patch = (order // n_units) % n_patch
-        unit = order % n_units
-        out.append(TopK(layer, unit, patch, g[i, order], a[i].reshape(-1)[order], grad[i].reshape(-1)[order]))
-    return out
+    g = a * grad
+    if rank_by == "unit":
+        best = g.argmax(dim=2, keepdim=True)  # [b, L, 1, U]
+        v = g.gather(2, best).reshape(b, -1)  # [b, L*U]
+        lu = torch.arange(n_layers * n_units).expand(b, -1)
+        idx = (lu // n_units) * n_patch * n_units + best.reshape(b, -1) * n_units + lu % n_units
+    else:
+        v = g.reshape(b, -1)
+        idx = torch.arange(v.shape[1]).expand(b, -1)
+    av = a.reshape(b, -1).gather(1, idx)
+    gv = grad.reshape(b, -1).gather(1, idx)
+    return _merge(v, idx, av, gv, k, n_patch, n_units, rank_by)
 
 
 def attribution_schema() -> dict:
@@ -197,12 +266,18 @@ def attribute_captions(
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
     layers: Sequence[int] | None = None,
+    rank_by: RankBy = "unit",
+    method: str = "grad_x_act",
+    ig_steps: int = 16,
 ) -> "pl.DataFrame":
-    """Top-k triples for every image of ``captions`` that has a target (:func:`attribution_schema`).
+    """Top-k units (``rank_by="unit"``: k distinct (layer, unit), ``patch`` = arg-max patch)
+    or triples for every image of ``captions`` that has a target (:func:`attribution_schema`).
 
     Images are batched in image_id order; captions of different lengths share a batch
     (right padding). Rows are sorted by (image_id, rank). ``shard=(rank, world)`` keeps
-    only this rank's batches; ``layers`` restricts attribution to those layers.
+    only this rank's batches; ``layers`` restricts attribution to those layers; ``method``
+    and ``ig_steps``: :func:`method_pass` (integrated gradients: the images of a batch one
+    after another, each with its ``ig_steps`` path points as the rows of one forward).
     """
     import polars as pl
 
@@ -217,7 +292,8 @@ def attribute_captions(
             soft = plm.soft_tokens(enc.encode([load_image(r["image_id"]) for r in chunk]))
         texts = [list(r["caption_token_ids"][: r["target_pos"]]) for r in chunk]
         targets = [int(r["target_token_id"]) for r in chunk]
-        y, tops = attribute_topk(plm, soft, texts, targets, k, preactivation=preactivation, layers=layers)
+        y, tops = attribute_topk(plm, soft, texts, targets, k, preactivation=preactivation, layers=layers,
+                                 rank_by=rank_by, method=method, ig_steps=ig_steps)
         for r, yi, top in zip(chunk, y.tolist(), tops):
             for rank, (l, u, p, gv, av, dv) in enumerate(
                 zip(top.layer.tolist(), top.unit.tolist(), top.patch.tolist(), top.g.tolist(),

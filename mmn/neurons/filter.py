@@ -1,6 +1,10 @@
 """The interpretability filter: a unit is interpretable when at least ``min_words`` of
 its top ``top_n`` decoded tokens are English dictionary words of ``min_letters``+ letters.
 
+The paper (§3.1): "Restricting analyses to interpretable neurons (where at least 7 of
+the top 10 tokens are words in the English dictionary containing ≥ 3 letters) retains
+50% of neurons with high g_{k,c}".
+
 The word list is SCOWL-derived Debian ``wamerican`` (what the paper used: SCOWL),
 fetched by ``scripts/setup.sh`` into ``.cache/wordlist/american-english``. Entries are
 lower-cased; possessives (``cat's``) and non-alphabetic entries are dropped.
@@ -10,8 +14,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from mmn.models.adapters import LMAdapter
+    from mmn.params import DecodeParams, FilterParams
 
 DEFAULT_WORDLIST = Path("data/wordlist/american-english")
 
@@ -57,3 +69,28 @@ def vocab_word_mask(tokenizer, vocab_size: int, words: frozenset[str], min_lette
     import torch
 
     return torch.tensor([is_word(tokenizer.decode([i]), words, min_letters) for i in range(vocab_size)])
+
+
+def interpretable_units(
+    adapter: "LMAdapter",
+    tokenizer: "PreTrainedTokenizerBase",
+    words: frozenset[str],
+    decode: "DecodeParams",
+    filt: "FilterParams",
+) -> "torch.Tensor":
+    """``Bool[Tensor, "layers d_mlp"]`` (CPU): the interpretability of EVERY unit, decided
+    exactly as the decode + filter stages decide it for the attributed units.
+
+    decode: the top ``decode.top_n`` real tokens of decoder(W_out[:, k]) with ``decode.lens``
+    in fp32 (:func:`mmn.neurons.decode.top_token_ids_all_units`); filter: of their first
+    ``filter.top_n``, at least ``filter.min_words`` are dictionary words of
+    ``filter.min_letters``+ letters (:func:`is_word` on the stripped token text). For
+    bit-identical decisions pass an fp32 adapter on CPU, as the decode stage loads it: a
+    bf16/fp16 adapter is upcast (weights already rounded) and GPU matmuls may order
+    near-tied logits differently.
+    """
+    from mmn.neurons.decode import top_token_ids_all_units
+
+    ids = top_token_ids_all_units(adapter, top_n=decode.top_n, lens=decode.lens)[..., : filt.top_n]
+    mask = vocab_word_mask(tokenizer, adapter.vocab_size, words, filt.min_letters)
+    return mask[ids].sum(-1) >= filt.min_words

@@ -29,7 +29,9 @@ from mmn.plots import figures as F
 from mmn.plots import tables as T
 from mmn.plots.activations import MapProvider, top_activating
 from mmn.plots.heatmap import overlay_heatmap, overlay_masks, square_image
-from mmn.report.build import ImagePage, ImageRow, Report, UnitPage, UnitRow, metric_tables, render_report
+from mmn.report.build import (ImagePage, ImageRow, QualityBox, Report, UnitPage, UnitRow, metric_tables,
+                              render_report)
+from mmn.report.paper import score_scale_note
 
 HEAT_SIZE = 160  # report thumbnails
 FIG_SIZE = 224   # pictures inside the figures
@@ -65,6 +67,11 @@ class PlotInputs:
     categories: list[str] = field(default_factory=list)
     title: str = "mmn — multimodal neurons"
     subtitle: str = ""
+    projection_loss: pl.DataFrame | None = None   # data/projection/loss.csv (trained projections)
+    projection_meta: dict = field(default_factory=dict)  # data/projection/meta.json
+    caption_info: dict = field(default_factory=dict)     # {"bert_model", optional "warning"} for the first page
+    methods_curve: pl.DataFrame | None = None     # data/compare_methods_curve.csv (stage compare_methods)
+    methods_summary: pl.DataFrame | None = None   # data/compare_methods.csv
 
 
 @dataclass
@@ -93,6 +100,15 @@ def _write_csv(df: pl.DataFrame, path: Path) -> Path:
     return path
 
 
+def _iou_categories_note(inp: PlotInputs) -> str:
+    """Fig. 5 caption: the categories actually used (images per category) and those without images."""
+    n = dict(inp.iou.group_by("category").agg(pl.col("image_id").n_unique()).iter_rows())
+    used = [c for c in (inp.categories or sorted(n)) if n.get(c)]
+    note = "Categories used: " + (", ".join(f"{c} ({n[c]} images)" for c in used) or "none") + "."
+    missing = [c for c in inp.categories if not n.get(c)]
+    return note + (f" Configured without images: {', '.join(missing)}." if missing else "")
+
+
 def plot_tables(inp: PlotInputs, bins: int) -> dict[str, pl.DataFrame]:
     """The plot-ready tables (``plots/data/<name>.csv``) declared in dvc.yaml."""
     curves = T.ablation_curves(inp.ablation)
@@ -101,7 +117,8 @@ def plot_tables(inp: PlotInputs, bins: int) -> dict[str, pl.DataFrame]:
         "ablation": T.wide(curves, "k", "kind", "rel_drop", T.ABLATION_KINDS),
         "iou": T.wide(bars, "category", "kind", "iou", ("multimodal", "random")),
         "scores": T.score_histogram(T.score_series(inp.scores, "bertscore"), bins),
-    }
+    } | ({} if inp.methods_curve is None else {
+        "methods": T.wide(inp.methods_curve, "k", "method", "rel_drop", tuple(F.METHOD_COLORS))})
 
 
 def build(inp: PlotInputs, maps: MapProvider, s: PlotSettings, plots_dir: Path, report_dir: Path) -> Written:
@@ -149,32 +166,54 @@ def build(inp: PlotInputs, maps: MapProvider, s: PlotSettings, plots_dir: Path, 
         figs.append(F.save_png(fig, plots_dir / "units" / f"{T.unit_key(*u)}.png", s.dpi))
 
     # Fig. 3, 5, 6 and the supplement
-    clip = T.score_series(inp.scores, "clipscore")
-    clip_note = None
-    models = inp.metrics.get("scores", {}).get("models", {})
-    if isinstance(models.get("clipscore"), str) and models["clipscore"].startswith("not computed"):
-        clip_note = models["clipscore"]
+    bert, clip = T.score_series(inp.scores, "bertscore"), T.score_series(inp.scores, "clipscore")
+    score_m = inp.metrics.get("scores") or {}
+    clip_note = None  # the scale note says when (and where why) CLIPScore was not computed
+    scale_note = score_scale_note(score_m.get("scale"), bool(clip))
     curves = T.ablation_curves(inp.ablation)
     summary_figs = [
         ("fig3_scores.png", "Fig. 3 — score distributions",
-         "BERTScore (and CLIPScore when computed) of decoded image prompts vs random vectors, COCO nouns and "
-         "the model's captions.",
-         F.score_distributions(T.score_series(inp.scores, "bertscore"), clip, s.bins, clip_note)),
+         "Per-image BERTScore (and CLIPScore when computed) of decoded image prompts — mean (left) and max "
+         "(right) over an image's patches — vs one set of matched random vectors per image, five COCO nouns "
+         "and the model's caption; bars: mean with 95% bootstrap CI over images; KS tests on these per-image "
+         "values are in metrics/scores.json. " + scale_note,
+         F.score_distributions(bert, clip, s.bins, clip_note, scale_note,
+                               {"bertscore": T.score_cis(bert), "clipscore": T.score_cis(clip)})),
         ("fig5_iou.png", "Fig. 5 — IoU per category",
-         "Receptive fields (0.95 quantile) of multimodal vs random units from the same layers against COCO "
-         "instance masks; error bars are standard errors.",
+         "Receptive fields of each image's multimodal units vs random units from the same layers against the "
+         "COCO instance mask of the image's category; bars: mean over images of the per-image mean IoU, error "
+         "bars: 95% bootstrap CIs over images. " + _iou_categories_note(inp),
          F.iou_figure(T.iou_bars(inp.iou, inp.categories or None))),
         ("fig6_ablation.png", "Fig. 6 — ablation",
          "Relative drop of p(c) when the top-k units by g (unfiltered, interpretable only) or as many random "
-         "units of the same layers are ablated; bands are standard errors over images.",
+         "units of the same layers (nested across k) are ablated: solid, mean of per-image relative drops "
+         "with 95% bootstrap CIs over images (bands); dashed, relative drop of the mean p(c).",
          F.ablation_figure(curves, T.ablation_example(inp.ablation))),
         ("layers.png", "Layer histogram", "Where the top attributed (layer, unit, patch) triples sit.",
          F.layer_histogram(inp.layers)),
         ("selectivity.png", "Category selectivity",
          "Mean activation of each category's most frequent interpretable units on every category, "
-         "normalised by the max over categories.",
+         "divided by the unit's max |mean| over categories (order and sign of the means kept).",
          F.selectivity_figure(*T.selectivity_matrix(inp.selectivity))),
     ]
+    if inp.methods_curve is not None and inp.methods_summary is not None:
+        summary_figs.append((
+            "methods.png", "Attribution methods vs exact ablation",
+            "Stage compare_methods: each attribution method (grad_x_act = the paper's g, direct_logit = "
+            "MM_Neurons' A·W_U[c]·W_out^k, integrated_gradients) ranks units; left, relative drop of p(c) when "
+            "its top-k units are ablated (mean of per-image drops, band: 95% bootstrap CI over images); right, "
+            "rank correlation of its per-unit score with the exact effect of ablating that unit alone (over "
+            "the union of the methods' top candidates; mean over images, 95% CIs). Precision@k, curve areas "
+            "and paired tests: metrics/methods.json and data/compare_methods.csv; seconds per image: "
+            "data/info/compare_methods.json.",
+            F.methods_figure(inp.methods_curve, inp.methods_summary)))
+    if inp.projection_loss is not None and inp.projection_loss.height:
+        summary_figs.append((
+            "projection_loss.png", "Projection training",
+            "Caption cross-entropy of the projection: training (mean batch loss since the previous evaluation) "
+            "and validation (training images held out from fitting); the dashed line is the kept checkpoint "
+            "(lowest validation loss). Data: data/projection/loss.csv (dvc plots show).",
+            F.projection_loss_figure(inp.projection_loss, inp.projection_meta.get("best_step"))))
     for name, _, _, fig in summary_figs:
         figs.append(F.save_png(fig, plots_dir / name, s.dpi))
 
@@ -237,9 +276,33 @@ def build(inp: PlotInputs, maps: MapProvider, s: PlotSettings, plots_dir: Path, 
 
     report = Report(
         inp.title, inp.subtitle, image_pages, unit_pages,
-        metric_tables({k: inp.metrics[k] for k in ("scores", "iou", "ablation", "neurons") if k in inp.metrics}),
+        metric_tables({k: inp.metrics[k] for k in ("captions", "projection", "scores", "iou", "ablation", "neurons",
+                                                   "methods")
+                       if k in inp.metrics}),
         figures=[(title, copy(plots_dir / name, f"img/fig/{name}"), cap) for name, title, cap, _ in summary_figs],
         cards=[(T.unit_key(*u), f"img/cards/{T.unit_key(*u)}.png") for u in sel.card_units],
+        quality=caption_quality_box(inp, "img/fig/projection_loss.png" if any(
+            n == "projection_loss.png" for n, *_ in summary_figs) else None),
     )
     pages_written = render_report(report, rd)
     return Written(figs, data, pages_written)
+
+
+def caption_quality_box(inp: PlotInputs, loss_figure: str | None) -> QualityBox | None:
+    """The report's first-page box: how the projection was trained and whether its captions carry
+    image information (metrics/captions.json, data/info/caption.json); None without those."""
+    m = inp.metrics.get("captions")
+    if not m:
+        return None
+    info, meta = inp.caption_info, inp.projection_meta
+    held_out = bool(m.get("held_out", meta.get("held_out", False)))
+    warning = info.get("warning") or (
+        "the captions carry no detectable image information: BERTScore against the image's own references is "
+        "not significantly above shuffled references" if not m.get("image_information", 1) else None)
+    return QualityBox(
+        held_out=held_out, train_data=str(info.get("train_data") or meta.get("train_data") or meta.get("source") or "?"),
+        own=m["bertscore_own"], shuffled=m["bertscore_shuffled"], test=m["own_vs_shuffled"],
+        noun=m["noun_in_refs"], distinct_nouns=m.get("distinct_nouns"), n_images=m.get("n_images"),
+        bert_model=str(info.get("bert_model", "")), warning=warning, loss_figure=loss_figure,
+        best_step=meta.get("best_step"), steps_run=meta.get("steps_run"),
+    )

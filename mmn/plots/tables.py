@@ -13,11 +13,13 @@ import numpy as np
 import polars as pl
 
 ABLATION_KINDS = ("unfiltered", "filtered", "random")
-SCORE_SERIES = (  # Fig. 3: (table, item, label)
-    ("table2", "prompts", "prompts"),
-    ("table2", "random_prompts", "random_prompts"),
-    ("table1", "coco_nouns", "coco_nouns"),
-    ("table1", "captions", "captions"),
+SCORE_SERIES = (  # Fig. 3: (item, per-image stat, label) — see mmn.experiments.scores.per_image_scores
+    ("prompts", "mean", "prompts"),
+    ("random_prompts", "mean", "random_prompts"),
+    ("prompts", "max", "prompts_max"),
+    ("random_prompts", "max", "random_prompts_max"),
+    ("coco_nouns", "value", "coco_nouns"),
+    ("captions", "value", "captions"),
 )
 
 
@@ -107,13 +109,14 @@ def mark_target(caption: str, noun: str | None, target_token: str | None = None)
 # --------------------------------------------------------------------------- experiment tables
 
 def ablation_curves(ablation: pl.DataFrame) -> pl.DataFrame:
-    """Fig. 6, long: ``kind, k, n, rel_drop, rel_drop_sem, p, k_effective[, bertscore_f1, bertscore_sem]``
-    (means over images; SEM = std / sqrt(n))."""
-    agg = [pl.len().alias("n"), pl.col("rel_drop").mean().alias("rel_drop"), _sem("rel_drop").alias("rel_drop_sem"),
-           pl.col("p_target").mean().alias("p"), pl.col("k_effective").mean().alias("k_effective")]
-    if "bertscore_f1" in ablation.columns:
-        agg += [pl.col("bertscore_f1").mean().alias("bertscore_f1"), _sem("bertscore_f1").alias("bertscore_sem")]
-    return ablation.group_by(["kind", "k"]).agg(agg).sort(["kind", "k"])
+    """Fig. 6, long: one row per (kind, k) with the mean per-image relative drop of p(c) and its
+    95% bootstrap CI over images (``rel_drop``, ``rel_drop_lo``, ``rel_drop_hi``), the relative
+    drop of the mean p(c) (``drop_of_mean``), the paired test against random units
+    (``vs_random_*``) and BERTScore with its CI: the ablate stage's data/ablation_curve.csv
+    (:func:`mmn.experiments.ablation.ablation_curve`, same seed, so the same numbers)."""
+    from mmn.experiments.ablation import ablation_curve
+
+    return ablation_curve(ablation)
 
 
 def wide(long: pl.DataFrame, index: str, column: str, value: str, order: tuple[str, ...]) -> pl.DataFrame:
@@ -143,9 +146,16 @@ def ablation_example(ablation: pl.DataFrame) -> dict | None:
 
 
 def iou_bars(iou: pl.DataFrame, categories: list[str] | None = None) -> pl.DataFrame:
-    """Fig. 5, long: ``category, kind, n, iou, iou_sem`` (mean over (image, unit[, draw]) rows)."""
-    out = (iou.group_by(["category", "kind"])
-           .agg(pl.len().alias("n"), pl.col("iou").mean().alias("iou"), _sem("iou").alias("iou_sem")))
+    """Fig. 5, long: ``category, kind, n, iou, lo, hi``: per category and kind the mean over
+    images of the per-image mean IoU, with its 95% bootstrap CI over images (``n`` images;
+    :func:`mmn.experiments.iou.category_table`, as in data/iou_categories.csv)."""
+    from mmn.experiments.iou import KINDS, category_table
+
+    present = list(dict.fromkeys(iou["category"].to_list()))
+    t = category_table(iou, [c for c in (categories or sorted(present)) if c in present])
+    out = pl.concat([t.select("category", pl.lit(k).alias("kind"), pl.col("n_images").alias("n"),
+                              pl.col(k).alias("iou"), pl.col(f"{k}_lo").alias("lo"), pl.col(f"{k}_hi").alias("hi"))
+                     for k in KINDS], how="vertical")
     order = categories or sorted(out["category"].unique().to_list())
     rank = {c: i for i, c in enumerate(order)}
     return (out.filter(pl.col("category").is_in(order))
@@ -154,15 +164,27 @@ def iou_bars(iou: pl.DataFrame, categories: list[str] | None = None) -> pl.DataF
 
 
 def score_series(scores: pl.DataFrame, metric: str) -> dict[str, np.ndarray]:
-    """Fig. 3: per series label, the finite values of ``metric`` (bertscore | clipscore)."""
+    """Fig. 3: per series label, ONE finite value per image of ``metric`` (bertscore |
+    clipscore): prompts / random prompts summarised by the mean (``prompts``) and the max
+    (``prompts_max``) over an image's patches; COCO nouns and captions as they are."""
+    from mmn.experiments.scores import per_image_scores
+
+    pi = per_image_scores(scores)
     out: dict[str, np.ndarray] = {}
-    for table, item, label in SCORE_SERIES:
-        v = scores.filter((pl.col("table") == table) & (pl.col("item") == item))[metric]
+    for item, stat, label in SCORE_SERIES:
+        v = pi.filter((pl.col("item") == item) & (pl.col("stat") == stat)).sort("image_id")[metric]
         arr = v.drop_nulls().to_numpy().astype(np.float64)
         arr = arr[np.isfinite(arr)]
         if arr.size:
             out[label] = arr
     return out
+
+
+def score_cis(series: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Mean with its 95% bootstrap CI over images (``mmn.metrics.stats.bootstrap_ci``) per series."""
+    from mmn.metrics.stats import bootstrap_ci
+
+    return {label: bootstrap_ci(v) for label, v in series.items()}
 
 
 def score_histogram(series: dict[str, np.ndarray], bins: int) -> pl.DataFrame:

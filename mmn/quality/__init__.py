@@ -11,7 +11,7 @@ validation, with ``GX_ANALYTICS_ENABLED=false`` set beforehand.
 """
 
 from .core import Failure, QualityError, expect, run_suite, to_pandas, validate, when
-from .experiment_suites import check_ablation, check_iou, check_scores
+from .experiment_suites import check_ablation, check_iou, check_methods, check_scores
 from .neuron_suites import check_attributions, check_interpretable, check_neurons
 from .suites import (
     CAPTIONS_COLUMNS,
@@ -19,16 +19,19 @@ from .suites import (
     captions_suite,
     check_captions,
     check_coco_layout,
+    check_train_eval_disjoint,
     coco_captions_suite,
     coco_categories_suite,
     coco_frames,
     coco_images_suite,
     coco_instances_suite,
     register_suite,
+    train_eval_disjoint_suite,
 )
 
 __all__ = [
     "check_ablation",
+    "check_methods",
     "check_iou",
     "check_scores",
     "check_attributions",
@@ -47,6 +50,8 @@ __all__ = [
     "captions_suite",
     "check_captions",
     "check_coco_layout",
+    "check_train_eval_disjoint",
+    "train_eval_disjoint_suite",
     "coco_frames",
     "coco_images_suite",
     "coco_instances_suite",

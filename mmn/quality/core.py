@@ -223,7 +223,7 @@ def _render_rows(df: pd.DataFrame, index_labels: Iterable, columns: Sequence[str
     if not labels:
         return ""
     rows = df.loc[labels]
-    front = [c for c in columns if c in rows.columns]
+    front = list(dict.fromkeys(c for c in columns if c in rows.columns))  # a key column may also be checked
     rest = [c for c in rows.columns if c not in front]
     rows = rows[front + rest][: MAX_SAMPLES]
     rows = rows.apply(

@@ -1,7 +1,8 @@
 """Expectation suites for the neuron-finder outputs (attribute, decode, filter stages).
 
 * ``attributions``: exactly k rows per image (rank 0..k-1), layer/unit/patch in
-  range, finite g/activation/gradient, g = activation × gradient sorted descending.
+  range, finite g/activation/gradient, g = activation × gradient sorted descending;
+  under ``rank_by="unit"`` the k rows are k distinct (layer, unit) per image.
 * ``neurons``: one row per (layer, unit), exactly ``top_n`` tokens per unit.
 * ``interpretable``: the same plus n_words in [0, top_n] and a boolean flag.
 """
@@ -22,8 +23,9 @@ def _pl(df: Any) -> pl.DataFrame:
 
 
 def attributions_suite(k: int, n_layers: int, n_units: int, n_patches: int,
-                       layers: list[int] | None = None) -> list[dict]:
-    """``layers``: the attributed layers (``attribute.layers``; None = all)."""
+                       layers: list[int] | None = None, rank_by: str = "unit") -> list[dict]:
+    """``layers``: the attributed layers (``attribute.layers``; None = all); ``rank_by``:
+    ``attribute.rank_by`` (unit: every image's k rows are k distinct units)."""
     cols = ["image_id", "rank", "layer", "unit", "patch", "g", "activation", "gradient", "target_token_id"]
     layer_check = (
         expect("expect_column_values_to_be_between", column="layer", min_value=0, max_value=n_layers - 1)
@@ -47,11 +49,15 @@ def attributions_suite(k: int, n_layers: int, n_units: int, n_patches: int,
         expect("expect_column_values_to_be_in_set", column="rows_per_image", value_set=[k],
                description=f"every image must have exactly k={k} rows"),
         expect("expect_compound_columns_to_be_unique", column_list=["image_id", "rank"]),
+        *([expect("expect_column_values_to_be_in_set", column="distinct_units_per_image", value_set=[k],
+                  description=f"rank_by=unit: every image must have k={k} distinct (layer, unit)"),
+           expect("expect_compound_columns_to_be_unique", column_list=["image_id", "layer", "unit"])]
+          if rank_by == "unit" else []),
     ]
 
 
 def check_attributions(df: Any, *, k: int, n_layers: int, n_units: int, n_patches: int,
-                       layers: list[int] | None = None) -> None:
+                       layers: list[int] | None = None, rank_by: str = "unit") -> None:
     d = _pl(df).sort(["image_id", "rank"])
     d = d.with_columns(
         (pl.col("g").is_finite() & pl.col("activation").is_finite() & pl.col("gradient").is_finite())
@@ -60,10 +66,12 @@ def check_attributions(df: Any, *, k: int, n_layers: int, n_units: int, n_patche
          <= 1e-4 * (pl.col("g").abs() + 1e-6)).alias("g_matches"),
         (pl.col("g").diff().over("image_id").fill_null(0.0) <= 0).alias("sorted_desc"),
         pl.len().over("image_id").cast(pl.Int64).alias("rows_per_image"),
+        pl.struct("layer", "unit").n_unique().over("image_id").cast(pl.Int64).alias("distinct_units_per_image"),
     )
-    # an image may have fewer than k triples only if the model has fewer than k in all
-    n_candidates = (n_layers if layers is None else len(layers)) * n_units * n_patches
-    run_suite(d, "attributions", attributions_suite(min(k, n_candidates), n_layers, n_units, n_patches, layers))
+    # an image may have fewer than k rows only if the model has fewer than k candidates in all
+    n_candidates = (n_layers if layers is None else len(layers)) * n_units * (1 if rank_by == "unit" else n_patches)
+    run_suite(d, "attributions",
+              attributions_suite(min(k, n_candidates), n_layers, n_units, n_patches, layers, rank_by))
 
 
 def neurons_suite(top_n: int, n_layers: int, n_units: int) -> list[dict]:

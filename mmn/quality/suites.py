@@ -37,6 +37,8 @@ __all__ = [
     "coco_categories_suite",
     "coco_frames",
     "check_coco_layout",
+    "train_eval_disjoint_suite",
+    "check_train_eval_disjoint",
 ]
 
 SUITES: dict[str, Callable[..., list]] = {}
@@ -105,16 +107,47 @@ def captions_suite() -> list[dict]:
 
 register_suite("captions", captions_suite)
 
+#: per-image caption-quality columns written by the caption stage (mmn.captioning.caption_quality)
+CAPTION_QUALITY_COLUMNS: dict[str, str] = {
+    "bertscore_own": "float64",
+    "shuffled_image_id": "int64",
+    "bertscore_shuffled": "float64",
+    "noun_in_refs": "bool",
+}
 
-def check_captions(df: Any) -> None:
+
+def caption_quality_suite() -> list[dict]:
+    """The quality columns: BERTScore F1 in [-1, 1] vs own and shuffled references, never null;
+    the shuffled image is another image of the set (a derangement: never the row's own image)."""
+    es: list[dict] = _exists(*CAPTION_QUALITY_COLUMNS)
+    es += [expect("expect_column_values_to_be_of_type", column=c, type_=t)
+           for c, t in CAPTION_QUALITY_COLUMNS.items()]
+    es += [expect("expect_column_values_to_not_be_null", column=c) for c in CAPTION_QUALITY_COLUMNS]
+    es += [expect("expect_column_values_to_be_between", column=c, min_value=-1.0, max_value=1.0)
+           for c in ("bertscore_own", "bertscore_shuffled")]
+    es.append(expect("expect_column_values_to_be_in_set", column="noun_in_refs", value_set=[True, False]))
+    return es
+
+
+register_suite("caption_quality", caption_quality_suite)
+
+
+def check_captions(df: Any, with_quality: bool = False) -> None:
     """Gate for ``captions.parquet``: a pandas/polars frame, or a path to the file.
 
+    ``with_quality``: also the caption-quality columns (:func:`caption_quality_suite`).
     A path is read with nullable dtypes, so integer columns holding nulls stay
     integer (plain ``pd.read_parquet`` would make them float64 and fail the type check).
     """
     if isinstance(df, (str, pathlib.Path)):
         df = pd.read_parquet(df, dtype_backend="numpy_nullable")
-    run_suite(df, "captions", captions_suite())
+    run_suite(df, "captions", captions_suite() + (caption_quality_suite() if with_quality else []))
+    if with_quality:
+        pdf = df if isinstance(df, pd.DataFrame) else df.to_pandas()
+        same = pdf.loc[pdf["shuffled_image_id"] == pdf["image_id"], "image_id"].tolist()
+        if len(pdf) > 1 and same:
+            raise QualityError(f"captions: shuffled_image_id equals image_id for images {same[:10]} "
+                               "(the shuffled baseline must use another image's references)", suite="captions")
 
 
 # ---------------------------------------------------------------------- COCO
@@ -334,3 +367,56 @@ def check_coco_layout(root: pathlib.Path) -> None:
             path=pathlib.Path(root),
         )
 
+
+
+# ------------------------------------------------------------ train/eval disjointness
+
+
+def train_eval_disjoint_suite(eval_ids: Sequence[int]) -> list[dict]:
+    """One row per image of the *training* layout (``data/coco_train``): none may be evaluated."""
+    return [
+        *_exists("id"),
+        expect("expect_column_values_to_not_be_null", column="id"),
+        expect("expect_column_values_to_not_be_in_set", column="id", value_set=list(eval_ids),
+               description="a training image of the projection is also an evaluated image (data/coco): "
+                           "its results would be partly memorisation"),
+    ]
+
+
+register_suite("train_eval_disjoint", train_eval_disjoint_suite)
+
+
+def _layout_image_ids(root: pathlib.Path) -> list[int]:
+    inst = _load_json(pathlib.Path(root) / "annotations" / "instances.json")
+    ids = _records(inst["images"], ["id"], pathlib.Path(root) / "annotations" / "instances.json", "images")["id"]
+    return [int(i) for i in ids.tolist() if i is not None]
+
+
+def check_train_eval_disjoint(train_root: pathlib.Path, eval_root: pathlib.Path, *,
+                              allow_overlap: bool = False, train_label: str | None = None) -> list[int]:
+    """Gate of stage ``download_train``: no image id of the training layout ``train_root``
+    may appear in the evaluation layout ``eval_root``. Returns the overlapping ids (sorted);
+    raises :class:`QualityError` naming them unless ``allow_overlap`` (``projection.train.data:
+    eval``, whose caller must log it loudly). ``train_label``: how the message names the
+    training layout (e.g. its final path while it is still being built in a temp folder)."""
+    train_ids = _layout_image_ids(train_root)
+    eval_ids = _layout_image_ids(eval_root)
+    overlap = sorted(set(train_ids) & set(eval_ids))
+    if allow_overlap:
+        return overlap
+    suite = train_eval_disjoint_suite(eval_ids)
+    failures = validate(pd.DataFrame({"id": pd.Series(train_ids, dtype="int64")}), "train_eval_disjoint", suite,
+                        key_columns=("id",))
+    if failures or overlap:
+        shown = ", ".join(str(i) for i in overlap[:50])
+        if len(overlap) > 50:
+            shown += f", ... ({len(overlap)} in all)"
+        raise QualityError(
+            f"data-quality gate 'train_eval_disjoint' failed: {len(overlap)} of the {len(train_ids)} training "
+            f"images in {train_label or pathlib.Path(train_root)} are also evaluated in "
+            f"{pathlib.Path(eval_root)}: image id(s) {shown}\n" + format_failures("train_eval_disjoint", failures, len(suite), (len(train_ids), 1)),
+            suite="train_eval_disjoint",
+            failures=failures,
+            path=pathlib.Path(train_root),
+        )
+    return overlap

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from mmn.report.paper import NOTES, PAPER
+from mmn.report.paper import NOTES, PAPER, score_scale_note
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
@@ -98,6 +98,25 @@ class Section:
 
 
 @dataclass
+class QualityBox:
+    """First page: how the projection was trained and whether its captions carry image information."""
+
+    held_out: bool                   # trained on images that are not evaluated
+    train_data: str                  # projection.train.data (or the LiMBeR source)
+    own: dict                        # BERTScore vs own references {"mean","lo","hi","n"}
+    shuffled: dict                   # vs shuffled references
+    test: dict                       # own - shuffled {"diff","lo","hi","p","n"}
+    noun: dict                       # share of images whose first noun is in their own references
+    distinct_nouns: int | None
+    n_images: int | None
+    bert_model: str
+    warning: str | None              # set when own vs shuffled is not significant
+    loss_figure: str | None = None   # report-relative path of the training-loss figure
+    best_step: int | None = None
+    steps_run: int | None = None
+
+
+@dataclass
 class Report:
     title: str
     subtitle: str
@@ -106,6 +125,7 @@ class Report:
     sections: list[Section]
     figures: list[tuple[str, str, str]] = field(default_factory=list)  # (title, path, caption)
     cards: list[tuple[str, str]] = field(default_factory=list)        # (unit key, path)
+    quality: QualityBox | None = None                                  # first-page box (caption stage)
 
 
 # --------------------------------------------------------------------------- metric tables
@@ -167,14 +187,32 @@ def _tables(obj: dict, path: str, title: str) -> list[Table]:
     return out
 
 
+def _paper_skeleton(prefix: str) -> dict:
+    """The nested keys of the PAPER entries under ``prefix`` with every value None (ours not computed)."""
+    out: dict = {}
+    for key in PAPER:
+        if key.startswith(prefix):
+            *parents, leaf = key[len(prefix):].split(".")
+            d = out
+            for k in parents:
+                d = d.setdefault(k, {})
+            d[leaf] = None
+    return out
+
+
 def metric_tables(metrics: dict[str, dict]) -> list[Section]:
     """One section per metrics file (``{"scores": {...}, "iou": {...}}``): its values as
     tables, with the paper's value (:data:`mmn.report.paper.PAPER`) beside each entry
     the paper reports."""
     sections = []
     for name, obj in metrics.items():
+        note = NOTES.get(name)
+        if name == "scores" and isinstance(obj, dict):
+            note = f"{note or ''} {score_scale_note(obj.get('scale'), obj.get('clipscore') is not None)}".strip()
+            if obj.get("clipscore") is None:  # not computed: keep the paper's CLIPScores on show, ours "—"
+                obj = {**obj, "clipscore": _paper_skeleton("scores.clipscore.")}
         tables = _tables(obj, name, name) if isinstance(obj, dict) else []
-        sections.append(Section(name, f"metrics/{name}.json", NOTES.get(name), tables))
+        sections.append(Section(name, f"metrics/{name}.json", note, tables))
     return sections
 
 

@@ -1,0 +1,393 @@
+"""Attribution methods (grad_x_act, direct_logit, integrated_gradients) and their comparison
+against exact single-unit ablation, on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from torch import nn
+
+from mmn.models.prefix_lm import ImagePrefixLM
+from mmn.neurons.ablation import set_effects, single_unit_effects
+from mmn.neurons.attribution import attribute_topk, attribution_maps, method_pass
+from mmn.neurons.methods import METHODS, integrated_gradients_pass, unit_score_map
+
+N_PATCH, D_ENC = 6, 12
+
+
+def _setup(tiny_adapters, family):
+    ad, tok = tiny_adapters[family]
+    torch.manual_seed(0)
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
+    soft = plm.soft_tokens(torch.randn(1, N_PATCH, D_ENC) * 2).detach()
+    text = tok(" a cat on the").input_ids
+    target = tok(" mat").input_ids[0]
+    return plm, soft, text, target
+
+
+def _w_out_column(mod: nn.Module, family: str) -> torch.Tensor:
+    """W_out as [d_model, d_mlp] read straight from the module weights (GPT-2 Conv1D is transposed)."""
+    return mod.weight.T if family == "gpt2" else mod.weight
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "llama"])
+def test_direct_logit_equals_a_hand_computation(tiny_adapters, family):
+    """g = A_{p,k} · Σ_d W_U[c, d] W_out[d, k]: A from a plain forward pre-hook, W_U from the
+    LM head's weight, the dot product as an explicit sum; the top units are the hand map's."""
+    plm, soft, text, target = _setup(tiny_adapters, family)
+    ad = plm.adapter
+    model = ad.model
+    acts = {}
+    hooks = [ad.act_module(l).register_forward_pre_hook(lambda m, a, l=l: acts.__setitem__(l, a[0].detach()))
+             for l in range(ad.n_layers)]
+    batch = plm.build(soft, [text])
+    with torch.no_grad():
+        logits = model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+    for h in hooks:
+        h.remove()
+    sl = batch.image_slice
+    w_u = model.get_output_embeddings().weight[target]  # [d_model]
+    hand = torch.stack([
+        acts[l][0, sl, :] * (w_u[:, None] * _w_out_column(ad.act_module(l), family)).sum(0)[None, :]
+        for l in range(ad.n_layers)])  # [L, P, U]
+    y, tops = attribute_topk(plm, soft, [text], [target], k=7, method="direct_logit")
+    assert float(y[0]) == pytest.approx(float(logits[0, -1, target]), abs=1e-5)
+    t = tops[0]
+    torch.testing.assert_close(t.g, hand[t.layer, t.patch, t.unit], atol=1e-6, rtol=1e-5)
+    unit_max = hand.amax(dim=1).reshape(-1)  # [L*U] max over patches
+    expect = torch.sort(unit_max, descending=True, stable=True).indices[:7]
+    assert (t.layer * ad.d_mlp + t.unit).tolist() == expect.tolist()
+    # the direct-logit weight is the same for every patch of a unit: `gradient` holds it
+    torch.testing.assert_close(t.gradient * t.activation, t.g)
+
+
+def _scaled(tiny_adapters, family, factor=10.0):
+    """The tiny model with every weight matrix but the embeddings ×factor: far from linear in
+    A (the fixtures' 0.02-std weights are almost linear, so every method would agree)."""
+    from mmn.models.lm import prepare_lm
+
+    ad0, tok = tiny_adapters[family]
+    model = copy.deepcopy(ad0.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name and "embed_tokens" not in name:
+                p.mul_(factor)
+    return _setup({family: prepare_lm(model, tok)}, family)
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "llama"])
+def test_integrated_gradients_completeness_all_layers_scaled_together(tiny_adapters, family):
+    """Σ A·M over every layer, patch and unit ≈ y(A) − y(0), y(0) = every unit zeroed at the
+    image positions (the ablation code); path points in chunks equal one pass."""
+    plm, soft, text, target = _scaled(tiny_adapters, family)
+    ad = plm.adapter
+    layers = list(range(ad.n_layers))
+    y, acts, mult = integrated_gradients_pass(plm, soft, [text], [target], layers, steps=64)
+    total = sum(float((a.double() * m.double()).sum()) for a, m in zip(acts, mult))
+    everything = [(l, u) for l in layers for u in range(ad.d_mlp)]
+    y_set, _ = set_effects(plm, soft, text, target, [[], everything])
+    assert float(y[0]) == pytest.approx(float(y_set[0]), abs=1e-5)
+    gap = float(y_set[0] - y_set[1])
+    assert abs(gap) > 1e-2  # the check is not vacuous
+    assert total == pytest.approx(gap, rel=1e-3, abs=1e-5)
+    # one step (the gradient at α = 1/2) is a cruder sum: the test can tell the difference
+    _, a1, m1 = integrated_gradients_pass(plm, soft, [text], [target], layers, steps=1)
+    crude = sum(float((a.double() * m.double()).sum()) for a, m in zip(a1, m1))
+    assert abs(crude - gap) > 10 * abs(total - gap)
+    _, _, chunked = integrated_gradients_pass(plm, soft, [text], [target], layers, steps=64, rows=5)
+    for m, c in zip(mult, chunked):
+        torch.testing.assert_close(m, c, atol=1e-6, rtol=1e-5)
+
+
+def test_integrated_gradients_batch_of_images_equals_one_at_a_time(tiny_adapters):
+    plm, soft, text, target = _setup(tiny_adapters, "gpt2")
+    soft2 = torch.cat([soft, soft.flip(1)])
+    texts, targets = [text, text[:-1]], [target, text[-1]]
+    _, acts, mult = integrated_gradients_pass(plm, soft2, texts, targets, [0, 2], steps=4)
+    for i in range(2):
+        _, a1, m1 = integrated_gradients_pass(plm, soft2[i: i + 1], [texts[i]], [targets[i]], [0, 2], steps=4)
+        for a, m, a_, m_ in zip(acts, mult, a1, m1):
+            torch.testing.assert_close(a[i], a_[0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(m[i], m_[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "llama"])
+def test_batched_single_unit_ablation_equals_one_at_a_time(tiny_adapters, family):
+    """single_unit_effects (rows of one forward, in chunks of 3) equals each unit zeroed alone
+    at the image positions by a hand-written pre-hook on its W_out, one forward per unit."""
+    plm, soft, text, target = _scaled(tiny_adapters, family)
+    ad = plm.adapter
+    units = [(0, 1), (0, 5), (1, 3), (2, 0), (2, 7), (1, 11), (0, 2)]
+    got = single_unit_effects(plm, soft, text, target, units, rows=3)
+    batch = plm.build(soft, [text])
+    sl = batch.image_slice
+
+    def run(unit=None):
+        h = None
+        if unit is not None:
+            def zero(m, args, u=unit[1]):
+                x = args[0].clone()
+                x[:, sl, u] = 0
+                return (x,)
+            h = ad.act_module(unit[0]).register_forward_pre_hook(zero)
+        with torch.no_grad():
+            logits = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+        if h is not None:
+            h.remove()
+        z = logits[0, -1].float()
+        return float(z[target]), float(torch.softmax(z[: ad.vocab_size], -1)[target])
+
+    y0, p0 = run()
+    assert got["y_clean"] == pytest.approx(y0, abs=1e-5) and got["p_clean"] == pytest.approx(p0, abs=1e-7)
+    for i, u in enumerate(units):
+        yu, pu = run(u)
+        assert float(got["dy"][i]) == pytest.approx(y0 - yu, abs=1e-5)
+        assert float(got["dp"][i]) == pytest.approx(p0 - pu, abs=1e-7)
+    assert float(got["dy"].abs().max()) > 1e-3  # some unit matters: not a vacuous equality
+
+
+def _planted(tiny_adapters, layer=0, unit=5, beta=4.0):
+    """A tiny GPT-2 where unit (layer, unit) fires (A ≈ 5) only at the image positions and writes
+    β·W_U[c]/|W_U[c]| there; later layers' attention is uniform with identity OV, so that
+    direction reaches the position that predicts c."""
+    from mmn.models.lm import prepare_lm
+
+    ad0, tok = tiny_adapters["gpt2"]
+    model = copy.deepcopy(ad0.model)
+    ad, tok = prepare_lm(model, tok)
+    torch.manual_seed(0)
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
+    soft = plm.soft_tokens(torch.randn(1, N_PATCH, D_ENC) * 2).detach()
+    text = tok(" a cat on the").input_ids
+    target = tok(" mat").input_ids[0]
+    d = ad.d_model
+    with torch.no_grad():
+        for blk in model.transformer.h[layer + 1:]:
+            w = blk.attn.c_attn.weight  # Conv1D [d, 3d]: Q | K | V
+            w.zero_()
+            w[:, 2 * d:] = torch.eye(d)
+            blk.attn.c_attn.bias.zero_()
+            blk.attn.c_proj.weight.copy_(torch.eye(d))
+            blk.attn.c_proj.bias.zero_()
+        # the MLP input of `layer` (unchanged by editing that MLP's unit)
+        seen = {}
+        h = model.transformer.h[layer].mlp.c_fc.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+        batch = plm.build(soft, [text])
+        model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+        h.remove()
+        x = seen["x"][0]  # [T, d]
+        want = torch.full((x.shape[0],), -5.0)
+        want[batch.image_slice] = 5.0
+        xb = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+        sol = torch.linalg.lstsq(xb.double(), want.double()[:, None]).solution[:, 0].float()
+        mlp = model.transformer.h[layer].mlp
+        mlp.c_fc.weight[:, unit] = sol[:-1]
+        mlp.c_fc.bias[unit] = sol[-1]
+        w_u = model.lm_head.weight[target]
+        mlp.c_proj.weight[unit] = beta * w_u / w_u.norm()
+    return plm, soft, text, target
+
+
+def test_planted_unit_is_ranked_first_by_every_method(tiny_adapters):
+    """The planted unit (its ablation drops y^c the most, checked) is every method's top unit."""
+    plm, soft, text, target = _planted(tiny_adapters)
+    ad = plm.adapter
+    everyone = [(l, u) for l in range(ad.n_layers) for u in range(ad.d_mlp)]
+    dy = single_unit_effects(plm, soft, text, target, everyone, rows=256)["dy"]
+    assert everyone[int(dy.argmax())] == (0, 5)
+    assert float(dy.max()) > 5 * float(torch.sort(dy, descending=True).values[1])
+    for m in METHODS:
+        _, tops = attribute_topk(plm, soft, [text], [target], k=3, method=m, ig_steps=8)
+        assert (int(tops[0].layer[0]), int(tops[0].unit[0])) == (0, 5), m
+        # the planted unit fires only at image positions: ablating it there is its whole effect
+        assert float(tops[0].activation[0]) > 4.0
+
+
+def test_compare_image_on_the_planted_unit(tiny_adapters):
+    """compare_image: every method's precision@1 is 1 (the planted unit is the exact top),
+    candidates hold the planted unit with its exact dy, IG's completeness error is small
+    with many steps, and ablating the top unit drops p(c) for every method."""
+    from mmn.experiments.compare_methods import compare_image
+
+    plm, soft, text, target = _planted(tiny_adapters)
+    ad = plm.adapter
+    allowed = torch.ones(ad.n_layers, ad.d_mlp, dtype=torch.bool)
+    cand, per, curve = compare_image(plm, soft, text, target, allowed, candidates=4, precision_k=1, ks=[0, 1],
+                                     ig_steps=64, rows=8)
+    row = next(c for c in cand if (c["layer"], c["unit"]) == (0, 5))
+    ref = single_unit_effects(plm, soft, text, target, [(0, 5)])
+    assert row["dy"] == pytest.approx(float(ref["dy"][0]), abs=1e-5)
+    by = {r["method"]: r for r in per}
+    assert set(by) == set(METHODS)
+    assert all(by[m]["precision"] == 1.0 for m in METHODS)
+    assert by["integrated_gradients"]["completeness"] < 5e-3
+    for c in curve:
+        assert c["rel_drop"] == pytest.approx(0.0, abs=1e-6) if c["k"] == 0 else c["rel_drop"] > 0.1
+
+
+def test_grad_x_act_method_is_unchanged(tiny_adapters):
+    """method="grad_x_act" (the default) is the same one-pass g as the full maps, bit for bit."""
+    plm, soft, text, target = _setup(tiny_adapters, "llama")
+    y, a, g = attribution_maps(plm, soft, [text], [target])
+    y2, acts, mult = method_pass(plm, soft, [text], [target], list(range(plm.adapter.n_layers)))
+    assert torch.equal(y, y2)
+    assert torch.equal(torch.stack([x.float() for x in acts], 1), a)
+    assert torch.equal(torch.stack([x.float() for x in mult], 1), g)
+    _, s, _ = unit_score_map(plm, soft, text, target, "grad_x_act")
+    from mmn.neurons.ablation import unit_scores
+    assert torch.equal(s, unit_scores(a[0], g[0]))
+
+
+def test_bad_method_and_preactivation_combination_are_clear_errors(tiny_adapters):
+    from mmn.params import AttributeParams
+
+    plm, soft, text, target = _setup(tiny_adapters, "gpt2")
+    with pytest.raises(ValueError, match="attribute.method must be one of"):
+        attribute_topk(plm, soft, [text], [target], k=3, method="saliency")
+    with pytest.raises(ValueError, match="preactivation"):
+        attribute_topk(plm, soft, [text], [target], k=3, method="direct_logit", preactivation=True)
+    with pytest.raises(ValueError, match="preactivation is defined for method grad_x_act only"):
+        AttributeParams(k=3, batch_size=1, preactivation=True, method="integrated_gradients")
+
+
+def test_precision_at_k_and_curve_area_on_hand_cases():
+    from mmn.experiments.compare_methods import curve_area, precision_at_k
+
+    units = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    dy = np.array([0.1, 3.0, 2.0, -1.0])  # exact top 2: (0, 1), (1, 0)
+    assert precision_at_k([(0, 1), (1, 1), (1, 0)], units, dy, 2) == 0.5
+    assert precision_at_k([(1, 0), (0, 1)], units, dy, 2) == 1.0
+    # ks equally spaced: trapezoids (0+0.2)/2, (0.2+0.6)/2 -> mean 0.25
+    assert curve_area([0.0, 0.2, 0.6]) == pytest.approx(0.25)
+
+
+def _leaves(d) -> list:
+    return [x for v in d.values() for x in (_leaves(v) if isinstance(v, dict) else [v])]
+
+
+def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
+    """stages.compare_methods on a tiny LM: per-image rows for every method, candidates = the
+    union of the methods' tops with exact dy (checked against single_unit_effects), compact
+    numbers-only metrics, a curve row per (method, k), strings in the info file."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    import mmn.data.layout
+    import mmn.pipeline
+    import stages.compare_methods as S
+    from tests.test_ablation import _captions, _FakeEncoder
+
+    ad, tok = tiny_adapters["gpt2"]
+    torch.manual_seed(0)
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["ablate"]["ks"] = [0, 3, 10, 50]
+    raw["attribute"].update(layers=None, ig_steps=4)
+    raw["compare"] = {"candidates": 6, "precision_k": 3, "batch_size": 16, "max_images": 4}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    caps = _captions(tok, 5)
+    caps.write_parquet(tmp_path / "captions.parquet")
+
+    class Layout:
+        def __init__(self, root):
+            pass
+
+        def load_image(self, i):
+            return i
+
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: (plm, _FakeEncoder()))
+    monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
+    def run(d):
+        d.mkdir(exist_ok=True)
+        out = {n: d / n for n in ("c.parquet", "s.csv", "c.csv", "m.json", "i.json")}
+        r = CliRunner().invoke(S.main, ["--params", str(tmp_path / "params.yaml"), "--captions",
+                                        str(tmp_path / "captions.parquet"), "--out", str(out["c.parquet"]),
+                                        "--summary", str(out["s.csv"]), "--curve", str(out["c.csv"]),
+                                        "--metrics", str(out["m.json"]), "--info", str(out["i.json"])])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        return out
+
+    out, again = run(tmp_path / "a"), run(tmp_path / "b")
+    for name in ("c.parquet", "s.csv", "c.csv", "m.json"):  # a rerun rewrites them byte for byte
+        assert out[name].read_bytes() == again[name].read_bytes(), name
+    m = json.loads(out["m.json"].read_text())
+    leaves = _leaves(m)
+    assert len(leaves) <= 40 and all(v is None or isinstance(v, (int, float)) for v in leaves)
+    assert m["n_images"] == 4 and set(METHODS) <= set(m)
+    assert m["grad_x_act"]["spearman"]["n"] == 4 and 0 <= m["direct_logit"]["precision"] <= 1
+    cand = pl.read_parquet(out["c.parquet"])
+    assert sorted(cand["image_id"].unique().to_list()) == [10, 11, 12, 13]
+    # every image: at least one method's 6 candidates, at most all three methods' distinct ones
+    per_img = cand.group_by("image_id").len()["len"]
+    assert per_img.min() >= 6 and per_img.max() <= 18
+    # the exact dy of image 10's candidates, recomputed one call per unit
+    c10 = cand.filter(pl.col("image_id") == 10)
+    r10 = caps.filter(pl.col("image_id") == 10).row(0, named=True)
+    soft = plm.soft_tokens(_FakeEncoder().encode([10]))
+    units = list(zip(c10["layer"].to_list(), c10["unit"].to_list()))
+    text = list(r10["caption_token_ids"][: r10["target_pos"]])
+    ref = single_unit_effects(plm, soft, text, int(r10["target_token_id"]), units, rows=1)
+    np.testing.assert_allclose(c10["dy"].to_numpy(), ref["dy"].numpy(), atol=1e-5)
+    # each method's own top 6 (by its score) are among the candidates
+    for meth in METHODS:
+        _, s, _ = unit_score_map(plm, soft, text, int(r10["target_token_id"]), meth, ig_steps=4)
+        top6 = torch.sort(s.reshape(-1), descending=True, stable=True).indices[:6].tolist()
+        assert {(i // ad.d_mlp, i % ad.d_mlp) for i in top6} <= set(units), meth
+    curve = pl.read_csv(out["c.csv"])
+    assert curve.height == 3 * 4 and set(curve["n"]) == {4}
+    k0 = curve.filter(pl.col("k") == 0)
+    assert (k0["rel_drop"].abs() < 1e-6).all()
+    summ = pl.read_csv(out["s.csv"])
+    sp = summ.filter(pl.col("method") == "integrated_gradients", pl.col("metric") == "spearman",
+                     pl.col("vs").is_null()).row(0, named=True)
+    assert m["integrated_gradients"]["spearman"]["mean"] == pytest.approx(sp["mean"], abs=1e-6)
+    info = json.loads(out["i.json"].read_text())
+    assert info["candidates"] == 6 and info["ig_steps"] == 4 and "spearman" in info["definitions"]
+    assert set(info["seconds_per_image"]) == set(METHODS)
+    assert all(t["n"] == 4 and t["mean"] > 0 for t in info["seconds_per_image"].values())
+    # wall time stays out of the reproducible outputs
+    assert "seconds" not in set(summ["metric"]) and "seconds" not in json.dumps(m)
+
+
+def test_check_methods_rejects_duplicates_and_non_finite_scores():
+    from mmn.quality import QualityError, check_methods
+
+    row = {"image_id": 1, "layer": 0, "unit": 3, "dy": 0.5, "dp": 0.01} | {f"score_{m}": 1.0 for m in METHODS}
+    check_methods(pl.DataFrame([row, row | {"unit": 4}]))
+    with pytest.raises(QualityError, match="unique"):
+        check_methods(pl.DataFrame([row, row]))
+    with pytest.raises(QualityError, match="finite"):
+        check_methods(pl.DataFrame([row, row | {"unit": 4, "score_direct_logit": float("nan")}]))
+
+
+@pytest.mark.parametrize("method", ["direct_logit", "integrated_gradients"])
+def test_attribute_captions_with_a_method_passes_the_gate_and_matches_the_score_map(tiny_adapters, method):
+    """The attribute stage's table for a method: passes the attributions suite (g = A·M, k
+    distinct units), and each image's units are the top k of unit_score_map (another path:
+    full max-over-patches map, one sort), with the same scores."""
+    from mmn.neurons.attribution import attribute_captions
+    from mmn.quality import check_attributions
+    from tests.test_ablation import _captions, _FakeEncoder
+
+    plm, *_ = _scaled(tiny_adapters, "llama")
+    ad = plm.adapter
+    caps = _captions(plm.tokenizer, 3).with_columns(pl.col("target_token_id").cast(str).alias("target_token"))
+    df = attribute_captions(caps, lambda i: i, plm, _FakeEncoder(), k=5, batch_size=2, progress=False,
+                            method=method, ig_steps=4)
+    check_attributions(df, k=5, n_layers=ad.n_layers, n_units=ad.d_mlp, n_patches=N_PATCH,
+                       layers=list(range(ad.n_layers)), rank_by="unit")
+    for r in caps.filter("has_noun").iter_rows(named=True):
+        soft = plm.soft_tokens(_FakeEncoder().encode([r["image_id"]]))
+        text = list(r["caption_token_ids"][: r["target_pos"]])
+        _, s, _ = unit_score_map(plm, soft, text, int(r["target_token_id"]), method, ig_steps=4)
+        vals, idx = torch.sort(s.reshape(-1), descending=True, stable=True)
+        got = df.filter(pl.col("image_id") == r["image_id"]).sort("rank")
+        assert [l * ad.d_mlp + u for l, u in zip(got["layer"], got["unit"])] == idx[:5].tolist()
+        np.testing.assert_allclose(got["g"].to_numpy(), vals[:5].numpy(), rtol=1e-5, atol=1e-6)
