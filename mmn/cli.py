@@ -10,77 +10,45 @@ from collections.abc import Callable
 
 import click
 
+from mmn.errors import MMNError, StageError
+from mmn.stage_params import reset_active_stage, set_active_stage
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-class StageError(RuntimeError):
-    """An error a stage reports as one clear line (no traceback)."""
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from mmn.data.layout import LayoutError
-    from mmn.models.projection import ProjectionError
-    from mmn.params import ParamsError
-
-    errs: list[type[BaseException]] = [StageError, ParamsError, LayoutError, ProjectionError, FileNotFoundError]
-    try:
-        from mmn.quality import QualityError
-
-        errs.append(QualityError)
-    except ImportError:  # pragma: no cover - quality package always present
-        pass
-    try:
-        from mmn.metrics.bertscore import BertScoreUnavailable
-        from mmn.metrics.clipscore import ClipUnavailable
-
-        errs += [ClipUnavailable, BertScoreUnavailable]
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from mmn.models.lm import ModelLoadError
-
-        errs.append(ModelLoadError)
-    except ImportError:  # pragma: no cover - transformers always present
-        pass
-    try:
-        from mmn.data.coco import CocoDownloadError
-
-        errs.append(CocoDownloadError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
+__all__ = ["StageError", "log", "stage_main"]
 
 
 def log(stage: str, msg: str) -> None:
     click.echo(f"[{stage}] {msg}", err=True)
 
 
-def _fixed_hash_seed() -> None:
-    """Re-exec once with ``PYTHONHASHSEED=0`` so set/dict-of-str ordering is the same in
-    every run (bert_score orders sentences through a set; without this, batch makeup and
-    so the last float bits of BERTScore change from run to run)."""
-    if os.environ.get("PYTHONHASHSEED") == "0" or "WORLD_SIZE" in os.environ:
-        return
-    argv = getattr(sys, "orig_argv", None)
-    if argv:
-        os.execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, "PYTHONHASHSEED": "0"})
-
-
 def stage_main(name: str) -> Callable:
-    """Decorator: run the stage body, turn expected errors into ``error: ...`` + exit 1."""
+    """Decorator: run the stage body, turn expected errors into ``error: ...`` + exit 1.
+
+    Expected errors are :class:`mmn.errors.MMNError` (and ``FileNotFoundError``: an input
+    path given on the command line that does not exist). While the body runs, ``name`` is
+    the active stage of :mod:`mmn.stage_params`: :func:`mmn.params.load_params` then
+    returns a view that refuses params keys the stage does not declare.
+
+    ``PYTHONHASHSEED`` is not set here: the stages whose bytes depend on it (BERTScore's
+    set-ordered batching) pin it in their ``cmd`` in dvc.yaml.
+    """
 
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            _fixed_hash_seed()
             t0 = time.perf_counter()
+            token = set_active_stage(name)
             try:
                 result = fn(*args, **kwargs)
-            except _expected_errors() as err:
+            except (MMNError, FileNotFoundError) as err:
                 click.echo(f"[{name}] error: {err}", err=True)
                 sys.exit(1)
+            finally:
+                reset_active_stage(token)
             log(name, f"done in {time.perf_counter() - t0:.1f} s")
             return result
 

@@ -16,9 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ParamsError(ValueError):
-    """A params.yaml problem; the message names the file and the key."""
+from mmn.errors import ParamsError  # re-exported: mmn.params.ParamsError
 
 
 class _Strict(BaseModel):
@@ -58,6 +56,8 @@ class ModelProfile(_Strict):
     train_data: TrainData | None = Field(default=None, description="overrides projection.train.data")
     train_subset: int | None = Field(default=None, ge=0, description="overrides projection.train.subset")
     eval_subset: int | None = Field(default=None, ge=0, description="overrides data.coco.subset")
+    train_max_steps: int | None = Field(default=None, ge=1, description="overrides projection.train.max_steps")
+    train_batch_size: int | None = Field(default=None, ge=1, description="overrides projection.train.batch_size")
 
     @model_validator(mode="after")
     def _rescale_needs_a_baseline(self) -> ModelProfile:
@@ -304,6 +304,15 @@ class Params(_Strict):
         return self.model.train_data or self.projection.train.data
 
     @property
+    def train_loop(self):
+        """``projection.train`` with the active profile's ``train_max_steps``/``train_batch_size``
+        (when set): a CPU-sized loop for the 7-image default, a longer one for `laptop`."""
+        t, m = self.projection.train, self.model
+        update = {k: v for k, v in (("max_steps", m.train_max_steps), ("batch_size", m.train_batch_size))
+                  if v is not None}
+        return t.model_copy(update=update) if update else t
+
+    @property
     def coco_eval(self) -> CocoParams:
         """``data.coco`` with the active profile's ``eval_subset`` (when set) as its subset."""
         if self.model.eval_subset is None:
@@ -339,7 +348,12 @@ def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``; raises :class:`ParamsError` naming the key."""
+    """Read and validate ``params.yaml``; raises :class:`ParamsError` naming the key.
+
+    Inside a stage (:func:`mmn.cli.stage_main`) the result is a
+    :class:`mmn.stage_params.ParamsView` that refuses keys the stage does not declare."""
+    from mmn.stage_params import view_for_active_stage
+
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -349,4 +363,4 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping")
-    return parse_params(raw, path)
+    return view_for_active_stage(parse_params(raw, path))

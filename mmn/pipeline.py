@@ -12,7 +12,7 @@ import torch
 from mmn.models.adapters import LMAdapter
 from mmn.models.lm import load_lm, resolve_device
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.models.projection import load_projection
+from mmn.models.projection import ProjectionError, load_projection
 from mmn.models.vision import PatchEncoder, load_encoder
 from mmn.params import Params, ParamsError
 
@@ -45,7 +45,7 @@ def build_prefix_lm(
     enc = build_encoder(params, device)
     proj, meta = load_projection(projection_dir)
     if proj.in_features != enc.dim or proj.out_features != adapter.d_model:
-        raise ValueError(
+        raise ProjectionError(
             f"{projection_dir}: projection is Linear({proj.in_features}, {proj.out_features}) but the encoder "
             f"gives {enc.dim} dims and the LM takes {adapter.d_model}; rerun load_projection"
         )

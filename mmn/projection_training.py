@@ -90,7 +90,7 @@ def train_from_layout(
 ) -> tuple[Projection, TrainResult, dict]:
     """Fit the projection on ``layout``'s images (minus the validation split); returns the best
     checkpoint, the training result (loss history) and the metadata for ``meta.json``."""
-    tp = params.projection.train
+    tp = params.train_loop
     ids = [r["id"] for r in layout.images]
     if not ids:
         raise LayoutError(f"{layout.instances_path}: no training images")

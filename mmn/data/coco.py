@@ -59,6 +59,7 @@ from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
 from mmn.data.layout import write_skipped
+from mmn.errors import NetworkError
 from mmn.params import CocoParams
 
 __all__ = [
@@ -84,7 +85,7 @@ _CONTENT_RANGE_RE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _CONTENT_RANGE_UNSAT_RE = re.compile(r"^bytes\s+\*/(\d+)$")
 
 
-class CocoDownloadError(RuntimeError):
+class CocoDownloadError(NetworkError):
     """A COCO download/verification failure; the message names the file, URL or image id."""
 
 

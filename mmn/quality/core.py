@@ -44,6 +44,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 import pandas as pd
 
+from mmn import errors as _errors
+
 __all__ = [
     "QualityError",
     "Failure",
@@ -125,7 +127,7 @@ class Failure:
         return "\n".join(lines)
 
 
-class QualityError(RuntimeError):
+class QualityError(_errors.QualityError):
     """A data-quality gate failed.
 
     ``suite``: the suite name; ``failures``: the :class:`Failure` list (empty for

@@ -1,4 +1,4 @@
-"""The paper's published values (Schwettmann et al. 2023; DESIGN.md §1), keyed by the
+"""The paper's published values (Schwettmann et al. 2023; docs/design.md), keyed by the
 dotted path of the matching entry in our metrics JSON (``<file>.<key>.<key>...``).
 
 Numbers are as printed in the paper (CLIPScore on its 0–100 scale, BERTScore F1 on 0–1);

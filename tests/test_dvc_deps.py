@@ -1,0 +1,299 @@
+"""dvc.yaml declares exactly what each stage reads: its code and its params.
+
+Code: the transitive set of project modules that ``stages/<name>.py`` imports (module- and
+function-level imports, relative imports, ``from pkg import submodule``; imports under
+``if TYPE_CHECKING:`` do not run and are skipped), plus the package-data files those
+modules read. Params: :data:`mmn.stage_params.STAGE_PARAMS`, the table the stages'
+``load_params`` enforces at run time (a read of an undeclared key is a ParamsError).
+
+Each check fails naming the stage and the missing or unused item.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmn.stage_params import ACTIVE_PROFILE, STAGE_PARAMS, ParamsView, covered
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("mmn", "stages")
+#: project modules -> the non-Python package files they read (importlib.resources / __file__).
+PACKAGE_DATA = {
+    "mmn/params.py": ("mmn/data/sample_annotations.json",),
+    "mmn/data/sample.py": ("mmn/data/sample_annotations.json",),
+    "mmn/report/build.py": ("mmn/report/templates", "mmn/report/static"),
+}
+
+
+def _dvc() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _module_file(module: str) -> Path | None:
+    """``mmn.a.b`` -> mmn/a/b.py or mmn/a/b/__init__.py (None when not a project module)."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    base = REPO.joinpath(*module.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _package_of(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1]) if parts[-1] != "__init__" else ".".join(parts[:-1])
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module name ``path`` imports anywhere (functions included), resolved to absolute names."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    pkg = _package_of(path)
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names.add(base)
+            names |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import submodule`
+    return names
+
+
+def _with_parents(module: str) -> list[str]:
+    """Importing ``a.b.c`` runs ``a``, ``a.b`` and ``a.b.c``."""
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _trivial(path: Path) -> bool:
+    """An ``__init__.py`` with nothing but a docstring/``__version__`` cannot change a result."""
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+               or isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) and t.id == "__version__"
+                                                    for t in n.targets) for n in body)
+
+
+@lru_cache(maxsize=None)
+def code_deps(stage: str) -> frozenset[str]:
+    """Repo-relative files stage ``stage`` runs or reads: its entrypoint, every project module
+    it imports transitively, and their package data."""
+    todo, seen = [REPO / "stages" / f"{stage}.py"], set()
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        for name in _imported_modules(f):
+            for mod in _with_parents(name):
+                mf = _module_file(mod)
+                if mf is not None and mf not in seen:
+                    todo.append(mf)
+    files = {str(f.relative_to(REPO)) for f in seen if not (f.name == "__init__.py" and _trivial(f))}
+    for f in list(files):
+        files |= set(PACKAGE_DATA.get(f, ()))
+    return frozenset(files)
+
+
+def _py_files_under(rel: str) -> set[str]:
+    p = REPO / rel
+    if p.is_file():
+        return {rel}
+    return {str(f.relative_to(REPO)) for f in p.rglob("*.py") if not (f.name == "__init__.py" and _trivial(f))}
+
+
+def _declared_code(stage: str) -> list[str]:
+    return [d for d in _dvc()[stage].get("deps", []) if d.split("/")[0] in PACKAGES]
+
+
+def _declared_params(stage: str) -> list[str]:
+    out: list[str] = []
+    for p in _dvc()[stage].get("params", []):
+        out += list(p.values())[0] if isinstance(p, dict) else [p]
+    return out
+
+
+def _covers(dep: str, path: str) -> bool:
+    return path == dep or path.startswith(dep.rstrip("/") + "/")
+
+
+STAGES = sorted(_dvc())
+
+
+def test_every_stage_has_an_entry_and_a_declaration():
+    assert set(STAGES) == set(STAGE_PARAMS), "dvc.yaml stages and mmn.stage_params.STAGE_PARAMS differ"
+    for s in STAGES:
+        assert (REPO / "stages" / f"{s}.py").is_file(), s
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_declared(stage):
+    """Every project file the stage imports is a dep (directly or through a declared folder)."""
+    declared = _declared_code(stage)
+    missing = sorted(f for f in code_deps(stage) if not any(_covers(d, f) for d in declared))
+    assert not missing, f"stage {stage}: dvc.yaml deps lack {missing}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_unused_code_deps(stage):
+    """A declared file is imported; a declared folder only when the stage imports ALL its modules."""
+    used = code_deps(stage)
+    unused = []
+    for d in _declared_code(stage):
+        if not (REPO / d).exists():
+            unused.append(f"{d} (does not exist)")
+            continue
+        wanted = _py_files_under(d) if (REPO / d).is_dir() and d not in used else {d}
+        not_imported = sorted(wanted - used)
+        if not_imported:
+            unused.append(f"{d} (not imported: {not_imported})")
+    assert not unused, f"stage {stage}: dvc.yaml declares unused code deps {unused}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_params_match_declaration(stage):
+    """dvc.yaml params == STAGE_PARAMS[stage], both ways."""
+    declared = _declared_params(stage)
+    table = STAGE_PARAMS[stage]
+    missing = sorted(set(table) - set(declared))
+    unused = sorted(set(declared) - set(table))
+    assert not missing, f"stage {stage}: dvc.yaml params lack {missing} (the stage reads them)"
+    assert not unused, f"stage {stage}: dvc.yaml declares params {unused} that the stage does not read"
+    assert len(declared) == len(set(declared)), f"stage {stage}: duplicate params {declared}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_params_exist_in_params_yaml(stage):
+    """Every declared key resolves in params.yaml for every profile (DVC fails on a missing key)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for profile in raw["profiles"]:
+        for key in STAGE_PARAMS[stage]:
+            node = raw
+            for part in key.replace("${profile}", profile).split("."):
+                assert isinstance(node, dict) and part in node, f"stage {stage}: {key} missing (profile {profile})"
+                node = node[part]
+
+
+def test_other_profiles_do_not_invalidate_the_active_one():
+    """Editing only profiles.paper (or any inactive profile) leaves the embedded pipeline up to
+    date: no stage declares ``profiles`` wholesale or a fixed profile's keys, only the
+    templated active profile ``profiles.${profile}``."""
+    profiles = yaml.safe_load((REPO / "params.yaml").read_text())["profiles"]
+    for stage in STAGES:
+        for key in _declared_params(stage):
+            assert key != "profiles", f"stage {stage} depends on every profile ('profiles')"
+            if key.startswith("profiles."):
+                assert key.split(".")[1] == "${profile}", f"stage {stage} declares {key}"
+                assert key.split(".")[1] not in profiles
+        if any(k.startswith(ACTIVE_PROFILE) for k in _declared_params(stage)):
+            assert "profile" in _declared_params(stage), stage
+
+
+def test_dvc_resolves_the_active_profile(tmp_path):
+    """DVC's own parser turns ``profiles.${profile}`` into the active profile's key."""
+    from dvc.repo import Repo
+
+    repo = Repo.init(str(tmp_path), no_scm=True)
+    (tmp_path / "params.yaml").write_text("profile: b\nprofiles:\n  a: {x: 1}\n  b: {x: 2}\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: echo\n    params:\n      - profile\n      - profiles.${profile}\n")
+    (stage,) = Repo(str(tmp_path)).index.stages
+    keys = [p for d in stage.deps if hasattr(d, "params") for p in d.params]
+    assert keys == ["profile", "profiles.b"]
+    repo.close()
+
+
+# -- the run-time check ---------------------------------------------------------------------
+
+def _params():
+    from mmn.params import load_params
+
+    return load_params(REPO / "params.yaml")
+
+
+def test_view_refuses_undeclared_reads():
+    from mmn.params import ParamsError
+
+    v = ParamsView(_params(), "filter")
+    assert v.filter.top_n == 10 and v.decode.lens == "unembed" and v.seed == 0
+    with pytest.raises(ParamsError, match=r"stage filter reads params key 'caption.prompt'"):
+        _ = v.caption.prompt
+    with pytest.raises(ParamsError, match=r"'profile'"):
+        _ = v.model  # the active profile (filter declares none)
+    assert v.reads == {"filter.top_n", "decode.lens", "seed"}
+
+
+def test_view_profile_and_properties():
+    from mmn.params import ParamsError
+
+    p = _params()
+    v = ParamsView(p, "download_train")
+    assert v.model.data_source == p.model.data_source
+    assert v.coco_train == p.coco_train and v.train_data == p.train_data
+    assert {"profile", "profiles.${profile}.data_source", "data.coco", "projection.train.split"} <= v.reads
+    with pytest.raises(ParamsError, match="'profiles'"):
+        _ = ParamsView(p, "caption").profiles
+
+
+def test_load_params_checks_only_inside_a_stage():
+    from mmn.params import ParamsError, load_params
+    from mmn.stage_params import reset_active_stage, set_active_stage
+
+    assert not isinstance(load_params(REPO / "params.yaml"), ParamsView)
+    token = set_active_stage("decode")
+    try:
+        v = load_params(REPO / "params.yaml")
+        assert v.decode.top_n == 10
+        with pytest.raises(ParamsError, match="stage decode reads params key 'iou.quantile'"):
+            _ = v.iou.quantile
+    finally:
+        reset_active_stage(token)
+    assert not isinstance(load_params(REPO / "params.yaml"), ParamsView)
+
+
+def test_stage_main_reports_mmn_errors_in_one_line(capsys):
+    from mmn.cli import stage_main
+    from mmn.errors import DataError, MMNError, ModelError, NetworkError, ParamsError, QualityError
+    from mmn.params import load_params
+
+    @stage_main("decode")
+    def body() -> None:
+        load_params(REPO / "params.yaml").iou  # noqa: B018 - a section read is allowed, a leaf is not
+        _ = load_params(REPO / "params.yaml").iou.quantile
+
+    with pytest.raises(SystemExit) as e:
+        body()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("[decode] error: stage decode reads params key 'iou.quantile'") and "Traceback" not in err
+
+    @stage_main("decode")
+    def bug() -> None:
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        bug()
+    for cls in (DataError, ModelError, NetworkError, ParamsError, QualityError):
+        assert issubclass(cls, MMNError)
