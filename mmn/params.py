@@ -58,6 +58,7 @@ class ModelProfile(_Strict):
     eval_subset: int | None = Field(default=None, ge=0, description="overrides data.coco.subset")
     train_max_steps: int | None = Field(default=None, ge=1, description="overrides projection.train.max_steps")
     train_batch_size: int | None = Field(default=None, ge=1, description="overrides projection.train.batch_size")
+    train_views: int | None = Field(default=None, ge=1, description="overrides projection.train.views")
 
     @model_validator(mode="after")
     def _rescale_needs_a_baseline(self) -> ModelProfile:
@@ -305,11 +306,11 @@ class Params(_Strict):
 
     @property
     def train_loop(self):
-        """``projection.train`` with the active profile's ``train_max_steps``/``train_batch_size``
-        (when set): a CPU-sized loop for the 7-image default, a longer one for `laptop`."""
+        """``projection.train`` with the active profile's ``train_max_steps``/``train_batch_size``/
+        ``train_views`` (when set): a CPU-sized loop for the 7-image default, a longer one for `laptop`."""
         t, m = self.projection.train, self.model
-        update = {k: v for k, v in (("max_steps", m.train_max_steps), ("batch_size", m.train_batch_size))
-                  if v is not None}
+        update = {k: v for k, v in (("max_steps", m.train_max_steps), ("batch_size", m.train_batch_size),
+                                    ("views", m.train_views)) if v is not None}
         return t.model_copy(update=update) if update else t
 
     @property

@@ -47,7 +47,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 #: ``Params`` properties -> the keys they read.
 _PROPERTY_READS: dict[str, tuple[str, ...]] = {
     "train_data": (*_PROFILE, "projection.train.data"),
-    "train_loop": (*_PROFILE, "projection.train"),
+    "train_loop": (*_PROFILE, *_TRAIN_LOOP),
     "coco_eval": (*_PROFILE, "data.coco"),
     "coco_train": (*_PROFILE, "data.coco", "projection.train.split", "projection.train.subset"),
 }

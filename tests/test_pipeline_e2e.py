@@ -352,8 +352,11 @@ def test_forced_rerun_is_byte_identical(pipeline_repo):
 
 
 def test_whole_dag_on_coco_mini_mirror(tmp_path):
-    """The full DAG on real COCO images: the `coco` source fetches a seeded subset of
-    coco-mini from a 127.0.0.1 mirror; every metric has its shape and ranges."""
+    """The full DAG on real COCO images: the projection is trained on coco-mini's 21 train2017
+    images (`coco-train`), every experiment runs on a seeded subset of its val2017 images, both
+    fetched through the `coco` source from a 127.0.0.1 mirror that, like the official server,
+    lists train and val images apart. Checks disjointness, that the captions carry image
+    information (own references beat shuffled ones), and every metric's shape and range."""
     if not COCO_MINI.is_dir():
         pytest.skip(f"coco-mini not found at {COCO_MINI}")
     import json
@@ -361,17 +364,28 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
     from coco_server import coco_server
 
     repo = _copy_repo(tmp_path / "repo")
-    with coco_server(tmp_path / "mirror") as srv:
+    with coco_server(tmp_path / "mirror", merged_val=False) as srv:
         _small_params(repo, **{
             "profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
             "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 10,
-            # single-instance categories of the seed-0 subset of 10
+            "projection.train.data": "coco-train", "projection.train.subset": 0,
+            "projection.train.max_steps": 40, "projection.train.batch_size": 8,
+            "projection.train.eval_every": 10, "projection.train.val_fraction": 0.2,
             "profiles.embedded.iou_categories": ["person", "elephant", "giraffe", "bear", "sheep"],
+            "iou.single": "one_instance",
             "ablate.ks": [0, 10], "caption.max_new_tokens": 8, "plot.cards": 3, "plot.images": 4,
         })
         r = _run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert _ran(r.stdout) == set(STAGES)
+    split = json.loads((repo / "data/coco_train/split.json").read_text())
+    eval_ids = {im["id"] for im in json.loads((repo / "data/coco/annotations/instances.json").read_text())["images"]}
+    assert split["mode"] == "coco-train" and split["held_out"] is True
+    assert len(split["train_ids"]) == 21 and not set(split["train_ids"]) & eval_ids
+    assert json.loads((repo / "data/projection/meta.json").read_text())["held_out"] is True
+    cq = json.loads((repo / "metrics/captions.json").read_text())
+    # a projection trained on 17 other images already carries image information at this size
+    assert cq["bertscore_own"]["mean"] > cq["bertscore_shuffled"]["mean"], cq
     caps = pl.read_parquet(repo / "data/captions.parquet")
     assert caps.height == 10
     m = {n: json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in ("neurons", "scores", "iou", "ablation")}

@@ -178,6 +178,12 @@ def test_defaults_and_laptop_profile_resolve() -> None:
     assert lap.coco_train.base_url == lap.coco_eval.base_url == raw["data"]["coco"]["base_url"]
     # without the profile keys the global ones apply
     assert p.coco_eval == p.data.coco and p.coco_train.subset == raw["projection"]["train"]["subset"]
+    # the training loop: global keys for the 7-image default, the laptop profile's overrides
+    assert p.train_loop == p.projection.train
+    lt = lap.train_loop
+    assert (lt.max_steps, lt.batch_size, lt.views) == (lap.model.train_max_steps, lap.model.train_batch_size,
+                                                       lap.model.train_views) != (None, None, None)
+    assert (lt.lr, lt.patience) == (lap.projection.train.lr, lap.projection.train.patience)
     with pytest.raises(ValueError, match="projection.train.data"):
         parse_params({**raw, "projection": {"train": {**raw["projection"]["train"], "data": "all"}}})
     with pytest.raises(ValueError, match="projection.train.holdout"):

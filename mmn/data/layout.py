@@ -37,18 +37,21 @@ class LayoutError(DataError):
     """Missing or malformed data in the COCO layout; the message names the file/row."""
 
 
-def read_json(path: Path, required: tuple[str, ...]) -> dict:
+def read_json(path: Path, required: tuple[str, ...], error: type[DataError] | None = None) -> dict:
+    """A JSON object from ``path`` with the ``required`` keys; ``error`` (default :class:`LayoutError`)
+    names the file on a missing file, bad JSON, a non-object or a missing key."""
+    error = error or LayoutError
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise LayoutError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found") from None
     except json.JSONDecodeError as err:
-        raise LayoutError(f"{path}: invalid or truncated JSON ({err})") from None
+        raise error(f"{path}: invalid or truncated JSON ({err})") from None
     if not isinstance(obj, dict):
-        raise LayoutError(f"{path}: top level must be an object")
+        raise error(f"{path}: top level must be an object")
     missing = [k for k in required if k not in obj]
     if missing:
-        raise LayoutError(f"{path}: missing key(s) {missing}")
+        raise error(f"{path}: missing key(s) {missing}")
     return obj
 
 

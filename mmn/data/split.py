@@ -31,7 +31,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from mmn.data.layout import LayoutError
+from mmn.data.layout import LayoutError, read_json
 
 __all__ = [
     "MODES",
@@ -123,14 +123,7 @@ def write_split_info(root: Path, mode: Mode, train_ids: Iterable[int], n_eval: i
 def read_split_info(root: Path) -> SplitInfo:
     """Read and check ``root/split.json``; :class:`SplitError` names the file and key."""
     path = Path(root) / SPLIT_FILE
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SplitError(f"{path}: file not found (written by stage download_train)") from None
-    except json.JSONDecodeError as err:
-        raise SplitError(f"{path}: invalid or truncated JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise SplitError(f"{path}: top level must be an object")
+    raw = read_json(path, (), error=SplitError)
     types = {"mode": str, "held_out": bool, "n_train": int, "n_eval": int, "train_ids": list}
     for key, t in types.items():
         if key not in raw:
