@@ -101,7 +101,7 @@ def test_paper_profile_offline_stops_clearly_at_the_first_model(tmp_path):
     p = load_params(repo / "params.yaml")
     assert p.profile == "paper" and p.model.data_source == "coco" and p.model.limber_url == limber_url
     assert p.data.coco.base_url == srv.base_url and p.data.coco.subset == SUBSET
-    assert _ran(r.stdout) == {"download_coco", "load_projection"}, out[-3000:]
+    assert _ran(r.stdout) == {"download_coco", "download_train", "load_projection"}, out[-3000:]
     assert "[download_coco] source=coco" in out
     instances = json.loads((repo / "data/coco/annotations/instances.json").read_text())
     names = sorted(im["file_name"] for im in instances["images"])
