@@ -81,7 +81,8 @@ def streaming(plm, enc, images, texts, targets, k: int, batch_size: int) -> list
     for s in range(0, len(images), batch_size):
         with torch.no_grad():
             soft = plm.soft_tokens(enc.encode(images[s : s + batch_size]))
-        y, tops = attribute_topk(plm, soft, texts[s : s + batch_size], targets[s : s + batch_size], k)
+        y, tops = attribute_topk(plm, soft, texts[s : s + batch_size], targets[s : s + batch_size], k,
+                                 rank_by="triple")  # the one-pass reference (top_k) ranks triples
         for yi, t in zip(y.tolist(), tops):
             res.append({"y": yi, "triples": torch.stack([t.layer, t.unit, t.patch], 1).tolist(), "g": t.g.tolist()})
     return res
