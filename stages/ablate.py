@@ -24,16 +24,20 @@ from mmn.params import load_params
 NAME = "ablate"
 
 
-def interpretable_fp32(params) -> "torch.Tensor":  # noqa: F821
+def interpretable_fp32(params, plm=None) -> "torch.Tensor":  # noqa: F821
     """``Bool[Tensor, "layers d_mlp"]``: every unit's interpretability, decided on an fp32 CPU
-    copy of the LM by the decode + filter rule (so both stages agree unit for unit)."""
+    copy of the LM by the decode + filter rule (so both stages agree unit for unit). ``plm``'s
+    LM is reused when it already is fp32 on the CPU (the embedded profile): no second load."""
+    import torch
+
     from mmn.neurons.filter import interpretable_units, load_wordlist
     from mmn.pipeline import build_lm
 
-    adapter, tok = build_lm(params, dtype="float32", device="cpu")
-    mask = interpretable_units(adapter, tok, load_wordlist(params.filter.wordlist), params.decode, params.filter)
-    del adapter
-    return mask
+    if plm is not None and plm.adapter.dtype == torch.float32 and plm.adapter.device.type == "cpu":
+        adapter, tok = plm.adapter, plm.tokenizer
+    else:
+        adapter, tok = build_lm(params, dtype="float32", device="cpu")
+    return interpretable_units(adapter, tok, load_wordlist(params.filter.wordlist), params.decode, params.filter)
 
 
 @click.command(help=__doc__)
@@ -67,7 +71,7 @@ def main(params_path, coco_dir, proj_dir, captions, out, curve_out, metrics_out,
         ad = plm.adapter
         # fp32 decode on the main rank only (one CPU copy of the LM), shared with the others
         if info.is_main:
-            interpretable = interpretable_fp32(params)
+            interpretable = interpretable_fp32(params, plm)
             if tuple(interpretable.shape) != (ad.n_layers, ad.d_mlp):
                 raise StageError(f"fp32 interpretability mask {tuple(interpretable.shape)} does not match the "
                                  f"LM's (layers, d_mlp) = ({ad.n_layers}, {ad.d_mlp})")

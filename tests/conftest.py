@@ -105,3 +105,18 @@ def embedded_encoder():
     from mmn.models.vision import load_encoder
 
     return load_encoder("embedded:efficientnet-lite0", 7, 224)
+
+
+def tiny_prefix_setup(tiny_adapters, family: str, n_patch: int = 6, d_enc: int = 12):
+    """``(plm, soft [1, n_patch, d_model], text ids, target id)``: a tiny ``family`` LM behind a
+    seeded random projection, the text " a cat on the" and the target " mat" (ablation and
+    attribution-method tests)."""
+    from torch import nn
+
+    from mmn.models.prefix_lm import ImagePrefixLM
+
+    ad, tok = tiny_adapters[family]
+    torch.manual_seed(0)
+    plm = ImagePrefixLM(ad, tok, nn.Linear(d_enc, ad.d_model))
+    soft = plm.soft_tokens(torch.randn(1, n_patch, d_enc) * 2).detach()
+    return plm, soft, tok(" a cat on the").input_ids, tok(" mat").input_ids[0]

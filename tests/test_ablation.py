@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_prefix_setup
 from mmn.hooks import TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.neurons.ablation import ablated, random_ranking, rank_units, target_probs, unit_masks, unit_scores
@@ -16,13 +17,7 @@ N_PATCH, D_ENC = 6, 12
 
 @pytest.fixture(params=["gptj", "gpt2", "llama"])
 def setup(request, tiny_adapters):
-    ad, tok = tiny_adapters[request.param]
-    torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
-    soft = plm.soft_tokens(torch.randn(1, N_PATCH, D_ENC) * 2).detach()
-    text = tok(" a cat on the").input_ids
-    target = tok(" mat").input_ids[0]
-    return plm, soft, text, target
+    return tiny_prefix_setup(tiny_adapters, request.param)
 
 
 def _acts(plm, soft, text, masks, fill=None):
@@ -362,6 +357,9 @@ def test_ablate_stage_decides_interpretability_on_fp32_cpu_like_decode_and_filte
     filt = FilterParams(min_words=4, top_n=10, min_letters=3, wordlist=str(wl))
     mask = interpretable_fp32(SimpleNamespace(decode=dec, filter=filt))
     assert calls == [("float32", "cpu")]
+    # the stage's own LM, already fp32 on the CPU, is reused: same mask, no second load
+    reused = interpretable_fp32(SimpleNamespace(decode=dec, filter=filt), SimpleNamespace(adapter=ad, tokenizer=tok))
+    assert calls == [("float32", "cpu")] and torch.equal(reused, mask)
     units = pl.DataFrame({"layer": [l for l in range(ad.n_layers) for _ in range(ad.d_mlp)],
                           "unit": [u for _ in range(ad.n_layers) for u in range(ad.d_mlp)]})
     neu = apply_filter(decode_units(ad, tok, units, top_n=dec.top_n, lens=dec.lens), load_wordlist(wl),
@@ -420,7 +418,7 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
 
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main would re-exec the interpreter otherwise
     monkeypatch.setattr(A, "ablate_images", spy)
-    monkeypatch.setattr(S, "interpretable_fp32", lambda params: interp)
+    monkeypatch.setattr(S, "interpretable_fp32", lambda params, plm=None: interp)
     monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: (plm, _FakeEncoder()))
     monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
     monkeypatch.setattr(bertscore.BertScorer, "from_params", classmethod(lambda cls, *a, **k: Bert()))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_prefix_setup
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.neurons.ablation import set_effects, single_unit_effects
 from mmn.neurons.attribution import attribute_topk, attribution_maps, method_pass
@@ -20,13 +21,7 @@ N_PATCH, D_ENC = 6, 12
 
 
 def _setup(tiny_adapters, family):
-    ad, tok = tiny_adapters[family]
-    torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
-    soft = plm.soft_tokens(torch.randn(1, N_PATCH, D_ENC) * 2).detach()
-    text = tok(" a cat on the").input_ids
-    target = tok(" mat").input_ids[0]
-    return plm, soft, text, target
+    return tiny_prefix_setup(tiny_adapters, family)
 
 
 def _w_out_column(mod: nn.Module, family: str) -> torch.Tensor:
