@@ -109,9 +109,10 @@ def _iou_categories_note(inp: PlotInputs) -> str:
     return note + (f" Configured without images: {', '.join(missing)}." if missing else "")
 
 
-def plot_tables(inp: PlotInputs, bins: int) -> dict[str, pl.DataFrame]:
-    """The plot-ready tables (``plots/data/<name>.csv``) declared in dvc.yaml."""
-    curves = T.ablation_curves(inp.ablation)
+def plot_tables(inp: PlotInputs, bins: int, curves: pl.DataFrame | None = None) -> dict[str, pl.DataFrame]:
+    """The plot-ready tables (``plots/data/<name>.csv``) declared in dvc.yaml; ``curves``: the
+    :func:`T.ablation_curves` already computed by the caller (its bootstraps are not cheap)."""
+    curves = T.ablation_curves(inp.ablation) if curves is None else curves
     bars = T.iou_bars(inp.iou, inp.categories or None)
     return {
         "ablation": T.wide(curves, "k", "kind", "rel_drop", T.ABLATION_KINDS),
@@ -217,7 +218,7 @@ def build(inp: PlotInputs, maps: MapProvider, s: PlotSettings, plots_dir: Path, 
     for name, _, _, fig in summary_figs:
         figs.append(F.save_png(fig, plots_dir / name, s.dpi))
 
-    data = [_write_csv(df, plots_dir / "data" / f"{name}.csv") for name, df in plot_tables(inp, s.bins).items()]
+    data = [_write_csv(df, plots_dir / "data" / f"{name}.csv") for name, df in plot_tables(inp, s.bins, curves).items()]
 
     # ----------------------------------------------------------------- report
     rd = report_dir
