@@ -117,7 +117,7 @@ def make_inputs(seed: int = 0, iou_shift: float = 0.0) -> PlotInputs:
                                  "caption": f"a {nouns[img]} on a mat" if k == 0 else f"a thing number {k}",
                                  "caption_changed": k > 0, "bertscore_f1": 1.0 - drop / 2})
     ablation = pl.DataFrame(abl_rows)
-    layers = pl.DataFrame({"layer": [0, 1, 2], "n_triples": [14, 13, 13], "n_interpretable_triples": [3, 2, 0],
+    layers = pl.DataFrame({"layer": [0, 1, 2], "n_units": [14, 13, 13], "n_interpretable_units": [3, 2, 0],
                            "share": [0.35, 0.325, 0.325]})
     metrics = {
         "scores": summarise(per_image_scores(scores), bert_rescaled=False, clip_w=1.0, clip_computed=False),

@@ -239,9 +239,7 @@ def plots_repo(tmp_path_factory):
     build_synthetic(repo, inp)
     shutil.rmtree(repo / "report")
     (repo / "data" / "projection").mkdir(parents=True)
-    layers = inp.layers.rename({"n_triples": "n_units", "n_interpretable_triples": "n_interpretable_units"},
-                               strict=False)  # the filter stage's columns (units, not triples)
-    layers.write_csv(repo / "data" / "layer_distribution.csv")
+    inp.layers.write_csv(repo / "data" / "layer_distribution.csv")
     (repo / "data" / "iou_categories.csv").write_text(  # the iou stage's per-category table (top-level plot)
         "category,n_images,multimodal,multimodal_lo,multimodal_hi,random,random_lo,random_hi,diff,diff_lo,diff_hi,p\n"
         "cat,3,0.12,0.08,0.16,0.06,0.04,0.08,0.06,0.02,0.1,0.25\n"

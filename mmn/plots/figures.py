@@ -278,17 +278,16 @@ def ablation_figure(curves: pl.DataFrame, example: dict | None) -> Figure:
 @_rc
 def layer_histogram(dist: pl.DataFrame) -> Figure:
     """Supplement: where the top attributed units sit (images' top units per layer, i.e.
-    (image, unit) pairs; interpretable stacked). Older tables count triples."""
+    (image, unit) pairs; interpretable stacked). ``dist``: the filter stage's
+    ``layer_distribution.csv`` (``layer, n_units, n_interpretable_units, share``)."""
     fig = _figure(6.0, 2.8)
     ax = fig.subplots()
     x = dist["layer"].to_numpy()
-    what = "units" if "n_units" in dist.columns else "triples"
-    n = dist[f"n_{what}"].to_numpy()
-    ni = dist[f"n_interpretable_{what}"].to_numpy() if f"n_interpretable_{what}" in dist.columns else np.zeros_like(n)
+    n, ni = dist["n_units"].to_numpy(), dist["n_interpretable_units"].to_numpy()
     ax.bar(x, n - ni, color="#7f7f7f", label="not interpretable")
     ax.bar(x, ni, bottom=n - ni, color="#2ca02c", label="interpretable")
     ax.set_xlabel("layer")
-    ax.set_ylabel("images' top units" if what == "units" else "top-k (layer, unit, patch) triples")
+    ax.set_ylabel("images' top units")
     ax.set_title("Layer distribution of top attributed units")
     ax.legend(frameon=False)
     return fig
