@@ -116,7 +116,7 @@ def load_images(n: int):
 
 
 def load_models(seed: int):
-    """The embedded LM + encoder and a seeded random projection, wrapped as an ImagePrefixLM."""
+    """The embedded LM and a seeded random projection, wrapped with the encoder as an ImagePrefixLM."""
     import torch
     from torch import nn
 
@@ -128,7 +128,21 @@ def load_models(seed: int):
     enc = load_encoder(ENCODER, 7, 224)
     torch.manual_seed(seed)
     proj = nn.Linear(enc.dim, adapter.d_model).eval().requires_grad_(False)
-    return ImagePrefixLM(adapter, tok, proj), enc
+    return ImagePrefixLM(adapter, tok, proj, encoder=enc)
+
+
+def start_worker(args: argparse.Namespace):
+    """Preamble of every ``--method`` worker: torch threads from ``--threads``, then the
+    models of :func:`load_models` (projection seeded by ``--seed``)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return load_models(args.seed)
+
+
+def seq_lens(plm, texts: Sequence[Sequence[int]]) -> list[int]:
+    """Sequence length (image prefix + caption tokens) of each caption in ``texts``."""
+    return [plm.n_prefix(plm.encoder.n_patches) + len(t) for t in texts]
 
 
 def texts_and_targets(tok, n: int) -> tuple[list[list[int]], list[int]]:
@@ -187,9 +201,12 @@ def serve(run, result: str, meta: dict) -> None:
     """Worker loop (in the ``--method`` subprocess, models loaded and warmed up).
 
     Answers ``@@ready``, then for each ``run I J`` line on stdin times ``run(I, J)``
-    (the method on images I..J-1) and answers ``@@done``; ``finish`` writes the totals,
-    the per-image results and this process's peak RSS to ``result`` as JSON.
+    (the method on images I..J-1) and answers ``@@done``; ``finish`` writes ``meta``, the
+    totals, torch's thread count, the per-image results and this process's peak RSS to
+    ``result`` as JSON.
     """
+    import torch
+
     rss_ready = peak_rss_mb()
     res: list[dict] = []
     seconds = cpu_seconds = 0.0
@@ -205,7 +222,7 @@ def serve(run, result: str, meta: dict) -> None:
         cpu_seconds += time.process_time() - c0
         loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
         print("@@done", flush=True)
-    out = {**meta, "images": len(res), "seconds": seconds, "cpu_seconds": cpu_seconds,
+    out = {**meta, "threads": torch.get_num_threads(), "images": len(res), "seconds": seconds, "cpu_seconds": cpu_seconds,
            "load_1m": sum(loads) / max(len(loads), 1), "rss_ready_mb": rss_ready, "peak_rss_mb": peak_rss_mb(),
            "results": res}
     Path(result).write_text(json.dumps(out))

@@ -44,11 +44,12 @@ from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     int_list,
     load_average,
     load_images,
-    load_models,
     markdown_table,
     print_header,
     run_lockstep,
+    seq_lens,
     serve,
+    start_worker,
     texts_and_targets,
 )
 
@@ -58,7 +59,7 @@ SMOKE_KS = (0, 100, 1600)
 ATOL = 1e-5
 
 
-def ablate_one(plm, enc, image, text: list[int], target: int, ks: list[int], batched: bool) -> dict:
+def ablate_one(plm, image, text: list[int], target: int, ks: list[int], batched: bool) -> dict:
     """Rank units by one attribution pass, then p(c) with the top k zeroed, for every k."""
     import torch
 
@@ -67,7 +68,7 @@ def ablate_one(plm, enc, image, text: list[int], target: int, ks: list[int], bat
 
     ad = plm.adapter
     with torch.no_grad():
-        soft = plm.soft_tokens(enc.encode([image]))
+        soft = plm.image_soft_tokens([image])
     _, a, grad = attribution_maps(plm, soft, [text], [target])
     order = rank_units(unit_scores(a[0], grad[0]))[: max(ks)]
     del a, grad
@@ -83,21 +84,18 @@ def ablate_one(plm, enc, image, text: list[int], target: int, ks: list[int], bat
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
+    plm = start_worker(args)
     images, source = load_images(args.images)
-    plm, enc = load_models(args.seed)
     texts, targets = texts_and_targets(plm.tokenizer, args.images)
     batched = args.method == "batched"
 
     def run(i: int, j: int) -> list[dict]:
-        return [ablate_one(plm, enc, images[n], texts[n], targets[n], args.ks, batched) for n in range(i, j)]
+        return [ablate_one(plm, images[n], texts[n], targets[n], args.ks, batched) for n in range(i, j)]
 
     if args.warmup:  # untimed: the method's first image (first calls at a new shape are slow)
         run(0, 1)
     meta = {"method": args.method, "rows": len(args.ks) if batched else 1, "source": source,
-            "seq_lens": [plm.n_prefix(enc.n_patches) + len(t) for t in texts], "threads": torch.get_num_threads()}
+            "seq_lens": seq_lens(plm, texts)}
     serve(run, args.result, meta)
 
 

@@ -39,11 +39,12 @@ from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     common_argv,
     load_average,
     load_images,
-    load_models,
     markdown_table,
     print_header,
     run_lockstep,
+    seq_lens,
     serve,
+    start_worker,
     texts_and_targets,
 )
 
@@ -55,7 +56,7 @@ TARGET_RATIO = 5.0
 # --- the two methods -----------------------------------------------------------------
 
 
-def one_pass(plm, enc, images, texts, targets, k: int, batch_size: int) -> list[dict]:
+def one_pass(plm, images, texts, targets, k: int, batch_size: int) -> list[dict]:
     """The library path: batched attribution_maps + top_k."""
     import torch
 
@@ -64,14 +65,14 @@ def one_pass(plm, enc, images, texts, targets, k: int, batch_size: int) -> list[
     res = []
     for s in range(0, len(images), batch_size):
         with torch.no_grad():
-            soft = plm.soft_tokens(enc.encode(images[s : s + batch_size]))
+            soft = plm.image_soft_tokens(images[s : s + batch_size])
         y, a, grad = attribution_maps(plm, soft, texts[s : s + batch_size], targets[s : s + batch_size])
         for yi, t in zip(y.tolist(), top_k(a, grad, k)):
             res.append({"y": yi, "triples": torch.stack([t.layer, t.unit, t.patch], 1).tolist(), "g": t.g.tolist()})
     return res
 
 
-def streaming(plm, enc, images, texts, targets, k: int, batch_size: int) -> list[dict]:
+def streaming(plm, images, texts, targets, k: int, batch_size: int) -> list[dict]:
     """The library's streaming path: batched attribute_topk."""
     import torch
 
@@ -80,7 +81,7 @@ def streaming(plm, enc, images, texts, targets, k: int, batch_size: int) -> list
     res = []
     for s in range(0, len(images), batch_size):
         with torch.no_grad():
-            soft = plm.soft_tokens(enc.encode(images[s : s + batch_size]))
+            soft = plm.image_soft_tokens(images[s : s + batch_size])
         y, tops = attribute_topk(plm, soft, texts[s : s + batch_size], targets[s : s + batch_size], k,
                                  rank_by="triple")  # the one-pass reference (top_k) ranks triples
         for yi, t in zip(y.tolist(), tops):
@@ -124,34 +125,30 @@ def naive_one(plm, soft, text: list[int], target: int, k: int) -> dict:
     return {"y": y.item(), "triples": triples.tolist(), "g": vals[order].tolist()}
 
 
-def naive(plm, enc, images, texts, targets, k: int, batch_size: int) -> list[dict]:
+def naive(plm, images, texts, targets, k: int, batch_size: int) -> list[dict]:
     import torch
 
     res = []
     for im, text, target in zip(images, texts, targets):
         with torch.no_grad():
-            soft = plm.soft_tokens(enc.encode([im]))
+            soft = plm.image_soft_tokens([im])
         res.append(naive_one(plm, soft, text, target, k))
     return res
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
+    plm = start_worker(args)
     images, source = load_images(args.images)
-    plm, enc = load_models(args.seed)
     texts, targets = texts_and_targets(plm.tokenizer, args.images)
     fn = {"one-pass": one_pass, "streaming": streaming, "naive": naive}[args.method]
 
     def run(i: int, j: int) -> list[dict]:
-        return fn(plm, enc, images[i:j], texts[i:j], targets[i:j], args.k, args.batch_size)
+        return fn(plm, images[i:j], texts[i:j], targets[i:j], args.k, args.batch_size)
 
     if args.warmup:  # untimed: the method's first batch (first calls at a new shape are slow)
         run(0, args.batch_size if args.method in BATCHED else 1)
     meta = {"method": args.method, "batch_size": args.batch_size if args.method in BATCHED else 1,
-            "source": source, "seq_lens": [plm.n_prefix(enc.n_patches) + len(t) for t in texts],
-            "threads": torch.get_num_threads()}
+            "source": source, "seq_lens": seq_lens(plm, texts)}
     serve(run, args.result, meta)
 
 

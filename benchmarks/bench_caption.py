@@ -34,23 +34,23 @@ from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     common_argv,
     load_average,
     load_images,
-    load_models,
     markdown_table,
     print_header,
     run_lockstep,
     serve,
+    start_worker,
 )
 
 METHODS = ("batched", "one-by-one")
 
 
-def caption(plm, enc, images, max_new_tokens: int, batch_size: int, stop: set[int]) -> list[dict]:
+def caption(plm, images, max_new_tokens: int, batch_size: int, stop: set[int]) -> list[dict]:
     import torch
 
     res = []
     for s in range(0, len(images), batch_size):
         with torch.no_grad():
-            soft = plm.soft_tokens(enc.encode(images[s : s + batch_size]))
+            soft = plm.image_soft_tokens(images[s : s + batch_size])
         ids, probs = plm.generate(soft, max_new_tokens, stop)
         for row, p in zip(ids, probs):
             res.append({"ids": row, "text": plm.tokenizer.decode(row), "p": p})
@@ -58,23 +58,19 @@ def caption(plm, enc, images, max_new_tokens: int, batch_size: int, stop: set[in
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
-
     from mmn.models.prefix_lm import stop_token_ids
 
-    torch.set_num_threads(args.threads)
+    plm = start_worker(args)
     images, source = load_images(args.images)
-    plm, enc = load_models(args.seed)
     stop = stop_token_ids(plm.tokenizer, plm.adapter.vocab_size, stop_at_newline=True)
     bs = args.batch_size if args.method == "batched" else 1
 
     def run(i: int, j: int) -> list[dict]:
-        return caption(plm, enc, images[i:j], args.max_new_tokens, bs, stop)
+        return caption(plm, images[i:j], args.max_new_tokens, bs, stop)
 
     if args.warmup:  # untimed: the method's first batch
         run(0, bs)
-    serve(run, args.result, {"method": args.method, "batch_size": bs, "source": source,
-                             "threads": torch.get_num_threads()})
+    serve(run, args.result, {"method": args.method, "batch_size": bs, "source": source})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,11 +36,11 @@ from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     image_loader,
     int_list,
     load_average,
-    load_models,
     markdown_table,
     print_header,
     run_lockstep,
     serve,
+    start_worker,
     texts_and_targets,
 )
 
@@ -63,18 +63,15 @@ def captions_frame(tok, n: int, batch_size: int):
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
-
     from mmn.neurons.attribution import attribute_captions
 
-    torch.set_num_threads(args.threads)
+    plm = start_worker(args)
     load_image, source = image_loader(args.images)
-    plm, enc = load_models(args.seed)
     caps = captions_frame(plm.tokenizer, args.images, args.batch_size)
     kept = {}
 
     def run(i: int, j: int) -> list[dict]:
-        df = attribute_captions(caps.slice(i, j - i), load_image, plm, enc, k=args.k, batch_size=args.batch_size,
+        df = attribute_captions(caps.slice(i, j - i), load_image, plm, k=args.k, batch_size=args.batch_size,
                                 progress=False)
         kept[i] = df  # kept until the worker ends, as the stage keeps it until it is written
         counts = dict(df.group_by("image_id").len().iter_rows())
@@ -84,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.warmup:  # untimed: one batch, then dropped (moves that batch's allocations into "RSS ready")
         run(0, min(args.batch_size, args.images))
         kept.clear()
-    meta = {"method": METHOD, "batch_size": args.batch_size, "source": source, "threads": torch.get_num_threads()}
+    meta = {"method": METHOD, "batch_size": args.batch_size, "source": source}
     serve(run, args.result, meta)
 
 

@@ -59,10 +59,10 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     proj, res, meta = train_from_layout(train, adapter, tok, enc, params)
     train_s = time.perf_counter() - t0
-    plm = ImagePrefixLM(adapter, tok, proj, prompt=params.caption.prompt)
+    plm = ImagePrefixLM(adapter, tok, proj, prompt=params.caption.prompt, encoder=enc)
     c = params.caption
     with torch.inference_mode():
-        df = caption_images(evaluation, plm, enc, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
+        df = caption_images(evaluation, plm, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
                             stop_at_newline=c.stop_at_newline, progress=False)
     scorer = BertScorer.from_params(params.model.bert_model, params.model.bert_layers)
     df, metrics, informative = caption_quality(df, evaluation.captions, scorer, params.seed)

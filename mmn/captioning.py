@@ -15,7 +15,6 @@ from mmn.data.layout import CocoLayout
 from mmn.distributed import shard_batches
 from mmn.metrics.stats import bootstrap_ci, paired_test
 from mmn.models.prefix_lm import ImagePrefixLM, stop_token_ids
-from mmn.models.vision import PatchEncoder
 from mmn.text import first_noun, token_at_char
 
 CAPTION_SCHEMA = {
@@ -36,7 +35,6 @@ CAPTION_SCHEMA = {
 def caption_images(
     layout: CocoLayout,
     plm: ImagePrefixLM,
-    enc: PatchEncoder,
     *,
     batch_size: int,
     max_new_tokens: int,
@@ -58,7 +56,7 @@ def caption_images(
     for idx in tqdm(shard_batches(len(recs), batch_size, shard), desc="caption", disable=not progress):
         chunk = [recs[i] for i in idx]
         images = [layout.load_image(r["id"]) for r in chunk]
-        soft = plm.soft_tokens(enc.encode(images))
+        soft = plm.image_soft_tokens(images)
         ids, probs = plm.generate(soft, max_new_tokens, stop)
         for rec, row_ids, row_p in zip(chunk, ids, probs):
             raw = tok.decode(row_ids)

@@ -13,7 +13,7 @@ class                 raised for (examples)
                       ``ProjectionError``, ``ClipUnavailable``, ``BertScoreUnavailable``,
                       unsupported LM family, device ``cuda`` without a GPU, spaCy model missing
 ``QualityError``      a data-quality gate failed (:class:`mmn.quality.core.QualityError`)
-``NetworkError``      downloads that fail (``CocoDownloadError``)
+``NetworkError``      downloads that fail (``DownloadError``, ``CocoDownloadError``)
 ``StageError``        any other failure a stage reports as one line
 ====================  ===================================================================
 """

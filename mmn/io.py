@@ -60,7 +60,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
             old = path.with_name(f".old-{path.name}-{os.getpid()}")
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old)
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         else:
             tmp.rename(path)
     finally:

@@ -26,6 +26,7 @@ class _Strict(BaseModel):
 Device = Literal["auto", "cpu", "cuda"]
 TrainData = Literal["coco-train", "split", "eval"]
 DType = Literal["float32", "bfloat16", "float16"]
+TrainDType = Literal["float32", "float64"]
 
 
 class ModelProfile(_Strict):
@@ -59,6 +60,7 @@ class ModelProfile(_Strict):
     train_max_steps: int | None = Field(default=None, ge=1, description="overrides projection.train.max_steps")
     train_batch_size: int | None = Field(default=None, ge=1, description="overrides projection.train.batch_size")
     train_views: int | None = Field(default=None, ge=1, description="overrides projection.train.views")
+    train_dtype: TrainDType | None = Field(default=None, description="overrides projection.train.dtype")
 
     @model_validator(mode="after")
     def _rescale_needs_a_baseline(self) -> ModelProfile:
@@ -113,6 +115,10 @@ class TrainParams(_Strict):
     lr: float = Field(gt=0, description="peak learning rate (after warmup; cosine decay to 0 at max_steps)")
     views: int = Field(gt=0, description="views per training image: the plain resize + views-1 random crops")
     warmup_steps: int = Field(ge=0)
+    dtype: TrainDType = Field(
+        default="float32", description="precision of training (LM, encoder, features, projection); float64 "
+        "makes the trained projection insensitive to float-kernel noise (thread count, CPU) at ~2x the time; "
+        "the saved projection is float32 either way")
     val_fraction: float = Field(
         default=0.2, ge=0, lt=1, description="training images held out for the validation loss; 0 = none "
         "(train max_steps, keep the last step)")
@@ -307,10 +313,11 @@ class Params(_Strict):
     @property
     def train_loop(self):
         """``projection.train`` with the active profile's ``train_max_steps``/``train_batch_size``/
-        ``train_views`` (when set): a CPU-sized loop for the 7-image default, a longer one for `laptop`."""
+        ``train_views``/``train_dtype`` (when set): a CPU-sized loop for the 7-image default, a longer one
+        for `laptop`."""
         t, m = self.projection.train, self.model
         update = {k: v for k, v in (("max_steps", m.train_max_steps), ("batch_size", m.train_batch_size),
-                                    ("views", m.train_views)) if v is not None}
+                                    ("views", m.train_views), ("dtype", m.train_dtype)) if v is not None}
         return t.model_copy(update=update) if update else t
 
     @property

@@ -39,8 +39,8 @@ def build_encoder(params: Params, device: str | None = None) -> PatchEncoder:
 
 def build_prefix_lm(
     params: Params, projection_dir: Path, dtype: str | None = None, device: str | None = None
-) -> tuple[ImagePrefixLM, PatchEncoder]:
-    """LM + encoder + the projection written by the ``load_projection`` stage."""
+) -> ImagePrefixLM:
+    """LM + the projection written by the ``load_projection`` stage + the encoder it maps from."""
     adapter, tok = build_lm(params, dtype, device)
     enc = build_encoder(params, device)
     proj, meta = load_projection(projection_dir)
@@ -50,7 +50,7 @@ def build_prefix_lm(
             f"gives {enc.dim} dims and the LM takes {adapter.d_model}; rerun load_projection"
         )
     proj = proj.to(adapter.device)
-    return ImagePrefixLM(adapter, tok, proj, prompt=params.caption.prompt), enc
+    return ImagePrefixLM(adapter, tok, proj, prompt=params.caption.prompt, encoder=enc)
 
 
 def attributed_layers(params: Params, n_layers: int) -> list[int]:

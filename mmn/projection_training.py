@@ -7,25 +7,229 @@ the others random resized crops (scale 0.5–1) with horizontal flips, drawn fro
 seeded torch generator; validation images use only their plain resize, scored with
 every reference caption. Encoder features are computed once (the encoder is frozen)
 and kept in memory.
+
+Gotchas:
+* :func:`train_projection` keeps the checkpoint of the lowest validation loss (evaluated
+  every ``eval_every`` steps, and once before the first step) and stops after ``patience``
+  evaluations without a lower one.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from mmn.data.layout import CocoLayout, LayoutError
 from mmn.models.adapters import LMAdapter
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.models.projection import Projection, TrainConfig, TrainResult, train_projection
+from mmn.models.projection import Projection
 from mmn.models.vision import PatchEncoder
 from mmn.params import Params
 
 LOSS_COLUMNS = ("step", "train_loss", "val_loss")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of :func:`train_projection` (``projection.train`` in params.yaml)."""
+
+    max_steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    seed: int
+    eval_every: int = 10
+    patience: int = 5  # evaluations without a lower validation loss before stopping; 0 = never
+    dtype: torch.dtype = torch.float32  # of the projection, its features and its optimizer state
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine decay to 0 at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+@dataclass
+class EarlyStopping:
+    """Track the lowest validation loss; ``should_stop`` after ``patience`` evaluations without
+    a strictly lower one (``patience = 0``: never)."""
+
+    patience: int
+    best: float = math.inf
+    best_step: int | None = None
+    bad: int = 0
+
+    def update(self, step: int, val_loss: float) -> bool:
+        """Record the loss evaluated after ``step`` updates; True when it is a new best."""
+        if not math.isfinite(val_loss):
+            raise ValueError(f"validation loss is {val_loss} at step {step}")
+        if val_loss < self.best:
+            self.best, self.best_step, self.bad = val_loss, step, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+
+@dataclass
+class TrainResult:
+    """The best checkpoint and the loss history of :func:`train_projection`."""
+
+    projection: Projection  # the checkpoint of the lowest validation loss (the last one without validation)
+    history: list[dict] = field(default_factory=list)  # rows {step, train_loss, val_loss}, one per evaluation
+    best_step: int = 0  # updates done when the kept checkpoint was taken
+    best_val_loss: float | None = None
+    initial_val_loss: float | None = None  # before the first update
+    steps_run: int = 0
+    stopped_early: bool = False
+
+
+def feature_stats(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std (``[d]`` each, std clamped to >= 1e-6) of ``Float[Tensor, "... d"]``."""
+    flat = features.reshape(-1, features.shape[-1])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    return flat.mean(0), flat.std(0).clamp_min(1e-6)
+
+
+def validation_loss(
+    proj: Projection,
+    features: Tensor,
+    pairs: Sequence[tuple[int, list[int]]],
+    loss_fn: Callable[[Tensor, list[list[int]]], Tensor],
+    batch_size: int,
+) -> float:
+    """Caption loss over fixed ``(feature row, caption ids)`` pairs, in order, in chunks of
+    ``batch_size``; the chunk losses are averaged weighted by chunk size."""
+    total = 0.0
+    with torch.no_grad():
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s : s + batch_size]
+            x = features[[i for i, _ in chunk]].to(proj.weight.device, proj.weight.dtype)
+            total += float(loss_fn(proj(x), [c for _, c in chunk])) * len(chunk)
+    return total / len(pairs)
+
+
+class _BestCheckpoint:
+    """Validation of :func:`train_projection`: the loss history, early stopping and the state
+    of the lowest validation loss (the last state when there is no validation)."""
+
+    def __init__(self, proj: Projection, val_features: Tensor | None, val_pairs: list[tuple[int, list[int]]],
+                 loss_fn: Callable[[Tensor, list[list[int]]], Tensor], cfg: TrainConfig) -> None:
+        self.proj, self.val_features, self.val_pairs = proj, val_features, val_pairs
+        self.loss_fn, self.cfg = loss_fn, cfg
+        self.has_val = val_features is not None and len(val_pairs) > 0
+        self.stopper = EarlyStopping(cfg.patience)
+        self.res = TrainResult(projection=proj)
+        self.best_state = self._state()
+
+    def _state(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.proj.linear.state_dict().items()}
+
+    def evaluate(self, step: int, train_losses: list[float]) -> None:
+        """Record the mean train loss since the last evaluation and (with validation) the
+        validation loss after ``step`` updates; step 0 is the untrained projection."""
+        row = {"step": step, "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
+               "val_loss": None}
+        if self.has_val:
+            row["val_loss"] = validation_loss(self.proj.eval(), self.val_features, self.val_pairs, self.loss_fn,
+                                              self.cfg.batch_size)
+            if self.stopper.update(step, row["val_loss"]):
+                self.best_state = self._state()
+        if step > 0:
+            self.res.history.append(row)
+        elif self.has_val:
+            self.res.initial_val_loss = row["val_loss"]
+
+    @property
+    def should_stop(self) -> bool:
+        return self.has_val and self.stopper.should_stop
+
+    def finish(self) -> TrainResult:
+        """Load the kept state into the projection and fill the result's best step/loss."""
+        res = self.res
+        if self.has_val:
+            self.proj.linear.load_state_dict(self.best_state)
+            res.best_step, res.best_val_loss = int(self.stopper.best_step), self.stopper.best
+        else:
+            res.best_step = res.steps_run
+        return res
+
+
+def train_projection(
+    features: Tensor,
+    view_image: list[int],
+    captions: Mapping[int, list[list[int]]],
+    d_model: int,
+    loss_fn: Callable[[Tensor, list[list[int]]], Tensor],
+    cfg: TrainConfig,
+    val_features: Tensor | None = None,
+    val_pairs: Sequence[tuple[int, list[int]]] = (),
+    progress: Callable[[int, float], None] | None = None,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train a :class:`Projection` ``d_enc → d_model`` with a frozen encoder and LM (LiMBeR-style).
+
+    ``features``: ``Float[Tensor, "views P d_enc"]`` precomputed encoder outputs of the
+    training views; ``view_image[i]`` = image of view i; ``captions[img]`` = tokenised
+    reference captions. Each step draws ``batch_size`` views and one of their captions
+    (seeded). ``loss_fn(soft_tokens, caption_ids)`` is the mean caption cross-entropy after the
+    prompt. The features are standardised with their own per-channel mean/std, stored in the
+    projection. With ``val_pairs`` (rows of ``val_features`` ``[n_val, P, d_enc]`` with one
+    caption each) the validation loss is evaluated before the first step, every
+    ``eval_every`` steps and after the last; the checkpoint of its minimum is returned and
+    training stops after ``patience`` evaluations without a new minimum. Without validation
+    it trains ``max_steps`` and returns the last step. Deterministic for a given seed.
+    The features stay where they are (e.g. CPU memory); each batch and the projection live on
+    ``device`` (default: the features' device). The returned projection is on the CPU.
+    """
+    device = torch.device(device) if device is not None else features.device
+    g = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    mean, std = feature_stats(features)
+    torch.manual_seed(cfg.seed)
+    proj = Projection(features.shape[-1], d_model, mean, std).to(device, cfg.dtype)
+    opt = torch.optim.Adam(proj.linear.parameters(), lr=cfg.lr)
+    tracker = _BestCheckpoint(proj, val_features, list(val_pairs), loss_fn, cfg)
+    tracker.evaluate(0, [])
+    n = features.shape[0]
+    since_eval: list[float] = []
+    for step in range(cfg.max_steps):
+        proj.train()
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g).tolist()
+        caps = [rng.choice(captions[view_image[i]]) for i in idx]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = loss_fn(proj(features[idx].to(device, cfg.dtype)), caps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        since_eval.append(float(loss.detach()))
+        if progress is not None:
+            progress(step, since_eval[-1])
+        done = step + 1
+        tracker.res.steps_run = done
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            tracker.evaluate(done, since_eval)
+            since_eval = []
+            if tracker.should_stop:
+                tracker.res.stopped_early = done < cfg.max_steps
+                break
+    res = tracker.finish()
+    res.projection = proj.cpu().float().eval()  # saved and used in float32 whatever cfg.dtype
+    return res
 
 
 def caption_target_text(caption: str) -> str:
@@ -51,9 +255,10 @@ def split_train_val(image_ids: Sequence[int], val_fraction: float, val_max: int,
 
 @torch.no_grad()
 def encode_views(
-    layout: CocoLayout, image_ids: Sequence[int], enc: PatchEncoder, views: int, seed: int
+    layout: CocoLayout, image_ids: Sequence[int], enc: PatchEncoder, views: int, seed: int,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, list[int]]:
-    """``Float[Tensor, "n_images*views P d_enc"]`` (on CPU) and the image id of every view."""
+    """``Float[Tensor, "n_images*views P d_enc"]`` (on CPU, in ``dtype``) and the image id of every view."""
     g = torch.Generator().manual_seed(seed)
     crop = v2.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0), antialias=True)
     feats, owner = [], []
@@ -68,7 +273,7 @@ def encode_views(
                 if torch.rand(1).item() < 0.5:
                     v = v2.functional.horizontal_flip(v)
             batch.append(v)
-        feats.append(enc.encode(batch).float().cpu())
+        feats.append(enc.encode(batch).cpu().to(dtype))
         owner += [image_id] * len(batch)
     return torch.cat(feats), owner
 
@@ -85,6 +290,26 @@ def tokenised_captions(layout: CocoLayout, tok, image_ids: Sequence[int]) -> dic
     return caps
 
 
+TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextmanager
+def models_in_dtype(dtype: torch.dtype, *modules: torch.nn.Module) -> Iterator[None]:
+    """Cast ``modules`` to ``dtype`` for the block, then back to their own dtypes.
+
+    Gotcha: in place (no copy of the LM); float32 -> float64 -> float32 restores the weights
+    bit for bit, so callers may keep using the models afterwards.
+    """
+    before = [next(m.parameters()).dtype for m in modules]
+    try:
+        for m in modules:
+            m.to(dtype)
+        yield
+    finally:
+        for m, d in zip(modules, before, strict=True):
+            m.to(d)
+
+
 def train_from_layout(
     layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params
 ) -> tuple[Projection, TrainResult, dict]:
@@ -95,31 +320,14 @@ def train_from_layout(
     if not ids:
         raise LayoutError(f"{layout.instances_path}: no training images")
     fit_ids, val_ids = split_train_val(ids, tp.val_fraction, tp.val_max_images, params.seed)
-    feats, owner = encode_views(layout, fit_ids, enc, tp.views, params.seed)
-    caps = tokenised_captions(layout, tok, ids)
-    val_feats, val_pairs = None, []
-    if val_ids:
-        val_feats, _ = encode_views(layout, val_ids, enc, 1, params.seed)
-        val_pairs = [(row, c) for row, i in enumerate(val_ids) for c in caps[i]]
-    plm = ImagePrefixLM(adapter, tok, torch.nn.Linear(1, 1), prompt=params.caption.prompt)
-    bar = tqdm(total=tp.max_steps, desc="train projection", leave=False)
-
-    def loss_fn(soft: torch.Tensor, c: list[list[int]]) -> torch.Tensor:
-        return plm.caption_loss(soft.to(adapter.device, adapter.dtype), c)
-
-    def progress(step: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-
-    cfg = TrainConfig(tp.max_steps, tp.batch_size, tp.lr, tp.warmup_steps, params.seed, tp.eval_every, tp.patience)
-    res = train_projection(feats, owner, caps, adapter.d_model, loss_fn, cfg, val_feats, val_pairs, progress,
-                           device=adapter.device)
-    bar.close()
+    dtype = TRAIN_DTYPES[tp.dtype]
+    with models_in_dtype(dtype, adapter.model, enc) if dtype != torch.float32 else nullcontext():
+        res, n_views = _train(layout, adapter, tok, enc, params, fit_ids, val_ids, dtype)
     meta = {
         "source": "trained",
         "n_train_images": len(fit_ids),
         "n_val_images": len(val_ids),
-        "n_views": int(feats.shape[0]),
+        "n_views": n_views,
         "max_steps": tp.max_steps,
         "steps_run": res.steps_run,
         "best_step": res.best_step,
@@ -131,7 +339,37 @@ def train_from_layout(
         "seed": params.seed,
         "val_image_ids": val_ids,
     }
+    if tp.dtype != "float32":
+        meta["train_dtype"] = tp.dtype
     return res.projection, res, meta
+
+
+def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params, fit_ids: list[int],
+           val_ids: list[int], dtype: torch.dtype) -> tuple[TrainResult, int]:
+    """Encode the views (features cached in memory, encoder frozen) and run the loop; ``(result, n_views)``."""
+    tp = params.train_loop
+    feats, owner = encode_views(layout, fit_ids, enc, tp.views, params.seed, dtype)
+    caps = tokenised_captions(layout, tok, sorted([*fit_ids, *val_ids]))
+    val_feats, val_pairs = None, []
+    if val_ids:
+        val_feats, _ = encode_views(layout, val_ids, enc, 1, params.seed, dtype)
+        val_pairs = [(row, c) for row, i in enumerate(val_ids) for c in caps[i]]
+    plm = ImagePrefixLM(adapter, tok, torch.nn.Linear(1, 1), prompt=params.caption.prompt)
+    bar = tqdm(total=tp.max_steps, desc="train projection", leave=False)
+
+    def loss_fn(soft: torch.Tensor, c: list[list[int]]) -> torch.Tensor:
+        return plm.caption_loss(soft.to(adapter.device, adapter.dtype), c)
+
+    def progress(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    cfg = TrainConfig(tp.max_steps, tp.batch_size, tp.lr, tp.warmup_steps, params.seed, tp.eval_every, tp.patience,
+                      dtype)
+    res = train_projection(feats, owner, caps, adapter.d_model, loss_fn, cfg, val_feats, val_pairs, progress,
+                           device=adapter.device)
+    bar.close()
+    return res, int(feats.shape[0])
 
 
 def loss_csv(history: Sequence[dict]) -> str:

@@ -22,7 +22,7 @@ ACTIVE_PROFILE = "profiles.${profile}"
 _PROFILE = ("profile", ACTIVE_PROFILE)
 _TRAIN_LOOP = tuple(f"projection.train.{k}" for k in (
     "max_steps", "batch_size", "lr", "views", "warmup_steps", "val_fraction", "val_max_images", "eval_every",
-    "patience"))
+    "patience", "dtype"))
 
 #: stage -> the params keys it reads (a key covers everything under it).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
@@ -64,10 +64,6 @@ def set_active_stage(stage: str | None) -> object:
 
 def reset_active_stage(token: object) -> None:
     _active.reset(token)  # type: ignore[arg-type]
-
-
-def active_stage() -> str | None:
-    return _active.get()
 
 
 def covered(key: str, declared: tuple[str, ...] | list[str]) -> bool:

@@ -67,7 +67,7 @@ def main(params_path, coco_dir, proj_dir, captions, out, curve_out, metrics_out,
     caps = pl.read_parquet(captions)
     layout = CocoLayout(Path(coco_dir))
     with distributed() as info:
-        plm, enc = build_prefix_lm(params, Path(proj_dir))
+        plm = build_prefix_lm(params, Path(proj_dir))
         ad = plm.adapter
         # fp32 decode on the main rank only (one CPU copy of the LM), shared with the others
         if info.is_main:
@@ -82,7 +82,7 @@ def main(params_path, coco_dir, proj_dir, captions, out, curve_out, metrics_out,
         layers = attributed_layers(params, ad.n_layers)
         if info.is_main:
             log(NAME, f"{int(interpretable.sum())} of {interpretable.numel()} units interpretable (fp32 decode)")
-        part = ablate_images(caps, layout.load_image, plm, enc, interpretable, ks=ap.ks, mode=ap.mode,
+        part = ablate_images(caps, layout.load_image, plm, interpretable, ks=ap.ks, mode=ap.mode,
                              max_new_tokens=params.caption.max_new_tokens,
                              stop_at_newline=params.caption.stop_at_newline, regenerate=ap.regenerate,
                              seed=params.seed, layers=layers, progress=info.is_main, shard=info.shard,

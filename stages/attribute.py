@@ -45,9 +45,9 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
     caps = pl.read_parquet(captions)
     layout = CocoLayout(Path(coco_dir))
     with distributed() as info:
-        plm, enc = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)
+        plm = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)
         layers = attributed_layers(params, plm.adapter.n_layers)
-        part = attribute_captions(caps, layout.load_image, plm, enc, k=ap.k, batch_size=ap.batch_size,
+        part = attribute_captions(caps, layout.load_image, plm, k=ap.k, batch_size=ap.batch_size,
                                   preactivation=ap.preactivation, progress=info.is_main, shard=info.shard,
                                   layers=layers, rank_by=ap.rank_by, method=ap.method, ig_steps=ap.ig_steps)
         df = gather_frames(part, info)
@@ -58,7 +58,7 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
         log(NAME, f"merged {info.world} shards")
     n_img = int(caps["has_noun"].sum())
     check_attributions(df, k=ap.k, n_layers=plm.adapter.n_layers, n_units=plm.adapter.d_mlp,
-                       n_patches=enc.n_patches, layers=layers, rank_by=ap.rank_by)
+                       n_patches=plm.encoder.n_patches, layers=layers, rank_by=ap.rank_by)
     write_parquet(df, out)
     log(NAME, f"{df.height} {ap.rank_by}s for {n_img} images ({caps.height - n_img} without a noun skipped); "
               f"wrote {out}")

@@ -44,10 +44,10 @@ def main(params_path: str, coco_dir: str, proj_dir: str, out: str, metrics_out: 
     seed_everything(params.seed)
     c = params.caption
     with distributed() as info:
-        plm, enc = build_prefix_lm(params, Path(proj_dir))
+        plm = build_prefix_lm(params, Path(proj_dir))
         with torch.inference_mode():
             part = caption_images(
-                CocoLayout(Path(coco_dir)), plm, enc, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
+                CocoLayout(Path(coco_dir)), plm, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
                 stop_at_newline=c.stop_at_newline, progress=info.is_main, shard=info.shard,
             )
         df = gather_frames(part, info)

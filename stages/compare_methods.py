@@ -65,9 +65,9 @@ def main(params_path, coco_dir, proj_dir, captions, out, summary_out, curve_out,
     if int(caps["has_noun"].sum()) == 0:
         raise StageError(f"{captions}: no caption has a target noun (has_noun); nothing to compare")
     layout = CocoLayout(Path(coco_dir))
-    plm, enc = build_prefix_lm(params, Path(proj_dir))
+    plm = build_prefix_lm(params, Path(proj_dir))
     layers = attributed_layers(params, plm.adapter.n_layers)
-    cand, per, curve = compare_images(caps, layout.load_image, plm, enc, candidates=cp.candidates,
+    cand, per, curve = compare_images(caps, layout.load_image, plm, candidates=cp.candidates,
                                       precision_k=cp.precision_k, ks=params.ablate.ks,
                                       ig_steps=params.attribute.ig_steps, rows=cp.batch_size, layers=layers,
                                       max_images=cp.max_images)

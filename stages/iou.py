@@ -41,7 +41,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
     from mmn.data.layout import CocoLayout
     from mmn.distributed import distributed, gather_frames
     from mmn.experiments.iou import (category_table, collect_activations, grids_dict, iou_images, iou_masks,
-                                     iou_plan, iou_summary, needed_units, score_iou, selectivity_plan,
+                                     iou_info, iou_plan, iou_summary, needed_units, score_iou, selectivity_plan,
                                      selectivity_table)
     from mmn.pipeline import build_prefix_lm, seed_everything
     from mmn.quality import check_iou
@@ -63,13 +63,13 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
                          f"target) in {layout.instances_path}")
     plan, plan_imgs = selectivity_plan(coco, att, pl.read_parquet(neurons), cats, ip.selectivity_units)
     with distributed() as info:
-        plm, enc = build_prefix_lm(params, Path(proj_dir))
+        plm = build_prefix_lm(params, Path(proj_dir))
         rows = iou_plan(images, att, top_units=ip.top_units, random_draws=ip.random_draws,
                         d_mlp=plm.adapter.d_mlp, seed=params.seed)
         sel_units = sorted(set(plan.select("layer", "unit").iter_rows()))
         sel_images = {i for v in plan_imgs.values() for i in v}
         part, part_means = collect_activations(
-            needed_units(rows, ip.threshold), sel_units, sel_images, layout.load_image, plm, enc,
+            needed_units(rows, ip.threshold), sel_units, sel_images, layout.load_image, plm,
             progress=info.is_main, shard=info.shard)
         grids, means = gather_frames(part, info), gather_frames(part_means, info)
     if not info.is_main:
@@ -78,7 +78,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
         log(NAME, f"merged {info.world} shards")
     if unused:
         log(NAME, f"no image for {unused} (iou.single={ip.single}, with a caption target): not used")
-    df = score_iou(rows, grids_dict(grids), iou_masks(coco, rows, ip.mask_size), grid=enc.grid,
+    df = score_iou(rows, grids_dict(grids), iou_masks(coco, rows, ip.mask_size), grid=plm.encoder.grid,
                    threshold=ip.threshold, quantile=ip.quantile)
     means = means.sort(["image_id", "layer", "unit"])
     sel = selectivity_table(plan, plan_imgs, means, cats)
@@ -92,23 +92,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
         per_cat.write_csv(tmp, float_precision=6)
     write_parquet(sel, selectivity_out)
     write_json(metrics, metrics_out)
-    write_json({
-        "categories_configured": list(cats),
-        "categories_used": used,
-        "categories_without_images": [c for c in cats if c not in used],
-        "images_per_category": {c: len(images[c]) for c in cats},
-        "single": ip.single,
-        "threshold": ip.threshold,
-        "quantile": ip.quantile,
-        "units": ("all of each image's top units by g" if ip.top_units is None
-                  else f"each image's first {ip.top_units} top units by g"),
-        "random": f"{ip.random_draws} draws per image: per layer, as many units as the image's multimodal units "
-                  "there, without replacement, excluding the image's multimodal units",
-        "statistics": "one value per image and kind (mean IoU over its units); 95% percentile bootstrap CI over "
-                      "images; multimodal vs random: paired sign-flip permutation test over images",
-        "selectivity_normalisation": "mean activation / max over categories of |mean activation| (order and "
-                                     "sign kept)",
-    }, info_out)
+    write_json(iou_info(ip, cats, used, {c: len(images[c]) for c in cats}), info_out)
     o = metrics["overall"]
     log(NAME, f"IoU multimodal {o['multimodal']} vs random {o['random']} over {metrics['n_images']} images of "
               f"{used}; wrote {out}, {categories_out}, {selectivity_out}, {metrics_out}, {info_out}")

@@ -19,6 +19,10 @@ from mmn.io import atomic_dir, write_json
 from mmn.params import load_params
 
 NAME = "load_projection"
+#: where LiMBeR checkpoints from a URL are cached, and how they are fetched
+LIMBER_CACHE = Path(".cache/limber")
+CKPT_RETRIES = 3
+CKPT_TIMEOUT_S = 120.0
 
 
 @click.command(help=__doc__)
@@ -48,7 +52,7 @@ def main(params_path: str, coco_dir: str, train_dir: str, out_dir: str, metrics_
             src = ckpt or m.limber_url
             if not src:
                 raise StageError(f"{params_path}: profiles.{params.profile}.limber_url is not set")
-            path = Path(src) if Path(src).exists() else _fetch(src, Path(".cache/limber"))
+            path = Path(src) if Path(src).exists() else fetch_checkpoint(src)
             lin = load_limber(path, enc.dim, adapter.d_model)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             # LiMBeR trained on CC3M: disjoint from the COCO images evaluated here
@@ -114,24 +118,16 @@ def projection_metrics(meta: dict) -> dict:
     return out
 
 
-def _fetch(url: str, cache: Path) -> Path:
-    """Download a checkpoint URL once into the cache (paper profile; needs internet)."""
-    import requests
+def fetch_checkpoint(url: str, cache: Path = LIMBER_CACHE) -> Path:
+    """Download a checkpoint URL once into ``cache/<12 hex of sha1(url)>/<file name>`` (paper
+    profile; needs internet) through :func:`mmn.download.download`: resumed from its ``.part``
+    after an interruption, retried with backoff. No sha1 is checked (params name none); the
+    stage records the file's sha256 in meta.json."""
+    from mmn.download import download
 
-    cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / hashlib.sha1(url.encode()).hexdigest()[:12] / Path(url).name
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        r = requests.get(url, timeout=120)
-        r.raise_for_status()
-    except requests.RequestException as err:
-        raise StageError(f"cannot download LiMBeR checkpoint {url}: {err}") from None
-    part = dest.with_suffix(".part")
-    part.write_bytes(r.content)
-    part.rename(dest)
-    return dest
+    dest = Path(cache) / hashlib.sha1(url.encode()).hexdigest()[:12] / Path(url).name
+    return download(url, dest, retries=CKPT_RETRIES, timeout=CKPT_TIMEOUT_S, what="LiMBeR checkpoint",
+                    show_bar=True)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def main(params_path, coco_dir, proj_dir, data_dir, metrics_dir, plots_out, repo
         inp.methods_summary = pl.read_csv(d / "compare_methods.csv", schema_overrides={"vs": pl.Utf8})
         if methods_json.is_file():
             inp.metrics["methods"] = json.loads(methods_json.read_text())
-    plm, enc = build_prefix_lm(params, Path(proj_dir))
+    plm = build_prefix_lm(params, Path(proj_dir))
     p = params.plot
     settings = PlotSettings(cards=p.cards, units_per_image=p.units_per_image, images=p.images,
                             top_images=p.top_images, quantile=p.quantile, bins=p.bins, dpi=p.dpi)
@@ -83,7 +83,7 @@ def main(params_path, coco_dir, proj_dir, data_dir, metrics_dir, plots_out, repo
         os.umask(umask)
         for tmp in (tmp_plots, tmp_report):  # mkdtemp makes 0700 folders; the report is for reading
             tmp.chmod(0o777 & ~umask)
-        written = build(inp, model_maps(plm, enc, layout.load_image), settings, tmp_plots, tmp_report)
+        written = build(inp, model_maps(plm, layout.load_image), settings, tmp_plots, tmp_report)
         problems = broken_links(tmp_report)
         if problems:
             raise StageError(f"report has {len(problems)} broken link(s), e.g. " + "; ".join(problems[:5]))

@@ -44,7 +44,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
     params = load_params(params_path)
     seed_everything(params.seed)
     m, s = params.model, params.score
-    plm, enc = build_prefix_lm(params, Path(proj_dir))
+    plm = build_prefix_lm(params, Path(proj_dir))
     layout = CocoLayout(Path(coco_dir))
     try:
         bert = BertScorer.from_params(m.bert_model, m.bert_layers, device=plm.adapter.device,
@@ -62,7 +62,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
     try:
         df = score_tables(
             pl.read_parquet(captions), pl.read_parquet(attributions), pl.read_parquet(neurons), layout.captions,
-            layout.load_image, plm, enc, bert, clip, random_draws=s.random_draws,
+            layout.load_image, plm, bert, clip, random_draws=s.random_draws,
             prompt_neighbours=s.prompt_neighbours, seed=params.seed,
         )
     except ValueError as e:

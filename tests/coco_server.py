@@ -19,7 +19,8 @@ zip is deterministic (fixed timestamps), so its sha1 is stable.
 ``127.0.0.1`` (free port, background thread), with single-range ``Range`` support (206/416),
 a log of every request (path, Range header, status) and injectable faults per URL path:
 ``"503"`` (error response), ``"404"``, ``"cut"`` (send the headers, then half the body,
-then close the connection).
+then close the connection). :func:`local_only` makes a test talk to it directly (no proxy)
+and not sleep between retries.
 
 :func:`coco_server` does both and yields a :class:`CocoServer`; :func:`require_coco_mini`
 skips the calling test when coco-mini is absent.
@@ -159,6 +160,17 @@ def build_site(
 
 
 # ----------------------------------------------------------------------------- server
+
+
+def local_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy for 127.0.0.1 and no backoff sleeps in :mod:`mmn.download` (call from a fixture)."""
+    from mmn import download
+
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
 
 
 @dataclass

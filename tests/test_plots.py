@@ -509,8 +509,8 @@ def test_model_maps_slice_the_requested_units_from_one_forward_pass(tiny_adapter
     import torch
     from torch import nn
 
-    from mmn.experiments.iou import image_activations
     from mmn.models.prefix_lm import ImagePrefixLM
+    from mmn.neurons.activations import image_activations
     from mmn.plots.activations import model_maps, top_activating
 
     ad, tok = tiny_adapters["llama"]
@@ -524,8 +524,9 @@ def test_model_maps_slice_the_requested_units_from_one_forward_pass(tiny_adapter
         def encode(self, images):
             return feats[images[0]]
 
+    plm.encoder = Enc()
     units = [(0, 5), (2, 1), (1, 7)]
-    maps = model_maps(plm, Enc(), load_image=lambda i: i)([1, 2], units)
+    maps = model_maps(plm, load_image=lambda i: i)([1, 2], units)
     for i in (1, 2):
         full = image_activations(plm, plm.soft_tokens(feats[i]))
         assert maps[i].shape == (3, 9)

@@ -15,17 +15,16 @@ import torch
 from mmn.captioning import caption_quality, derangement, noun_in_refs
 from mmn.metrics.stats import paired_test
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.models.projection import (
+from mmn.models.projection import Projection, load_projection, save_projection
+from mmn.projection_training import (
     EarlyStopping,
-    Projection,
     TrainConfig,
-    load_projection,
+    loss_csv,
     lr_at,
-    save_projection,
+    split_train_val,
     train_projection,
     validation_loss,
 )
-from mmn.projection_training import loss_csv, split_train_val
 
 # ------------------------------------------------------------------ early stopping / best checkpoint
 
@@ -199,6 +198,50 @@ def test_train_from_layout_on_tiny_models(tiny_adapters, tiny_beit, tmp_path):
     assert (proj.in_features, proj.out_features) == (24, ad.d_model)
     assert [r["step"] for r in res.history] == [3, 6] and meta["steps_run"] == 6
     assert meta["best_val_loss"] == round(min([res.initial_val_loss] + [r["val_loss"] for r in res.history]), 6)
+
+
+def test_float64_training_restores_the_models_and_saves_float32(tiny_adapters, tiny_beit, tmp_path):
+    """`projection.train.dtype: float64`: the LM and encoder are trained in double precision and
+    restored bit for bit afterwards; the projection comes back in float32; its soft tokens stay
+    close to a float32 run's at the first step (same init, same batches) and the result does not
+    depend on the thread count."""
+    from mmn.data.layout import CocoLayout
+    from mmn.data.sample import materialize_sample
+    from mmn.params import load_params, parse_params
+    from mmn.projection_training import train_from_layout
+
+    materialize_sample(tmp_path / "coco")
+    layout = CocoLayout(tmp_path / "coco")
+    ad, tok = tiny_adapters["llama"]
+    before = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    enc_before = {k: v.clone() for k, v in tiny_beit.state_dict().items()}
+
+    def run(dtype: str, steps: int, threads: int):
+        raw = load_params().model_dump()
+        raw["projection"]["train"].update(max_steps=steps, batch_size=4, views=2, warmup_steps=1, eval_every=1,
+                                          val_fraction=0.3, patience=0, dtype=dtype)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return train_from_layout(layout, ad, tok, tiny_beit, parse_params(raw))
+        finally:
+            torch.set_num_threads(old)
+
+    p64, res64, meta64 = run("float64", 4, 1)
+    assert meta64["train_dtype"] == "float64" and p64.weight.dtype == torch.float32
+    assert p64.feature_mean.dtype == torch.float32
+    for k, v in ad.model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    for k, v in tiny_beit.state_dict().items():
+        assert v.dtype == enc_before[k].dtype and torch.equal(v, enc_before[k]), k
+    p64b, res64b, _ = run("float64", 4, 2)
+    assert torch.equal(p64.weight, p64b.weight) and res64.history == res64b.history
+    # one step from the same init on the same batch: float64 and float32 agree to float32 precision
+    p32, res32, meta32 = run("float32", 1, 1)
+    p64_1, res64_1, _ = run("float64", 1, 1)
+    assert "train_dtype" not in meta32
+    assert torch.allclose(p32.weight, p64_1.weight, atol=1e-5)
+    assert abs(res32.initial_val_loss - res64_1.initial_val_loss) < 1e-4
 
 
 # ------------------------------------------------------------------ caption quality

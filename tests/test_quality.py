@@ -285,7 +285,7 @@ def test_coco_instances_without_categories(coco):
 @needs_coco
 def test_coco_missing_annotation_file(coco):
     (coco / "annotations" / "instances.json").unlink()
-    with pytest.raises(QualityError, match=r"instances\.json: file missing"):
+    with pytest.raises(QualityError, match=r"instances\.json: file not found"):
         check_coco_layout(coco)
 
 

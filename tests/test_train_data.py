@@ -17,8 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import REPO
-from coco_server import coco_server_factory, require_coco_mini, split_of  # noqa: F401 - fixture
-from mmn.data import coco as coco_mod
+from coco_server import coco_server_factory, local_only, require_coco_mini, split_of  # noqa: F401 - fixture
 from mmn.data.coco import select_image_ids
 from mmn.data.layout import CocoLayout, LayoutError
 from mmn.data.sample import materialize_sample, sample_image_ids
@@ -196,11 +195,7 @@ def test_defaults_and_laptop_profile_resolve() -> None:
 @pytest.fixture(autouse=True)
 def _no_reexec_local_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main re-execs otherwise
-    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setattr(coco_mod, "BACKOFF_S", 0.0)
+    local_only(monkeypatch)
 
 
 class Run:

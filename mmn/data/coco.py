@@ -10,8 +10,8 @@ The official site serves (``base_url`` = ``http://images.cocodataset.org``):
   (so merged files such as coco-mini, which mixes val and train images, work), else
   ``cfg.split``.
 
-:func:`download_coco` fetches the archive (resumable, sha1-checked), reads only the two
-JSON files of ``cfg.split`` straight out of the zip (nothing else is extracted), picks all
+:func:`download_coco` fetches the archive (resumable, sha1-checked, retried: all downloads
+go through :func:`mmn.download.download`), reads only the two JSON files of ``cfg.split`` straight out of the zip (nothing else is extracted), picks all
 images or a seeded subset (optionally narrowed by ``restrict``, e.g. to one part of the
 train/eval split of :mod:`mmn.data.split`), fetches those images one by one (resumable,
 each one decoded and checked against its record), and writes::
@@ -22,9 +22,9 @@ each one decoded and checked against its record), and writes::
 
 Gotchas:
 
-* Everything is built in a temporary directory beside ``out_dir`` and renamed into place,
-  so ``out_dir`` is either the previous complete result or the new complete result. An
-  existing ``out_dir`` is replaced as a whole (no stale images survive).
+* Everything is built in a temporary directory beside ``out_dir`` and renamed into place
+  (:func:`mmn.io.atomic_dir`), so ``out_dir`` is either the previous complete result or the
+  new complete result. An existing ``out_dir`` is replaced as a whole (no stale images survive).
 * Downloads are cached under ``cache_dir`` (default ``out_dir.parent/.coco_cache``), one
   sub-folder per ``base_url``; partial files end in ``.part`` and are resumed with HTTP
   ``Range`` requests. A rerun after an interruption therefore only fetches what is missing.
@@ -41,11 +41,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import secrets
 import shutil
-import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -58,8 +55,10 @@ import requests
 from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
+from mmn.data.coco_format import check_coco_structure
 from mmn.data.layout import write_skipped
-from mmn.errors import NetworkError
+from mmn.download import DownloadError, download, file_sha1, retrying_session
+from mmn.io import atomic_dir
 from mmn.params import CocoParams
 
 __all__ = [
@@ -73,28 +72,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
-#: network read size; small, because urllib3 drops a partly read chunk when the connection breaks
-STREAM_CHUNK_BYTES = 1 << 16
-#: first delay between retries, doubled after each failed attempt, capped at BACKOFF_MAX_S
-BACKOFF_S = 1.0
-BACKOFF_MAX_S = 30.0
-_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _SPLIT_RE = re.compile(r"^(train|val|test|unlabeled)20\d\d$")
-_CONTENT_RANGE_RE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
-_CONTENT_RANGE_UNSAT_RE = re.compile(r"^bytes\s+\*/(\d+)$")
 
 
-class CocoDownloadError(NetworkError):
+class CocoDownloadError(DownloadError):
     """A COCO download/verification failure; the message names the file, URL or image id."""
-
-
-class _Retryable(Exception):
-    """A transient failure (network error, 5xx, short transfer): try again."""
-
-
-class _Fatal(Exception):
-    """A failure that retrying will not fix (e.g. HTTP 404)."""
 
 
 # ----------------------------------------------------------------------------- paths
@@ -137,191 +119,17 @@ def select_image_ids(ids: Iterable[int], subset: int, seed: int) -> list[int]:
     return sorted(pool[int(i)] for i in picked)
 
 
-# ----------------------------------------------------------------------------- HTTP
-
-
-def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
-    """``bytes a-b/total`` → (a, total or None)."""
-    if not value:
-        return None
-    m = _CONTENT_RANGE_RE.match(value.strip())
-    if not m:
-        return None
-    return int(m[1]), (None if m[3] == "*" else int(m[3]))
-
-
-def _fetch_once(
-    session: requests.Session, url: str, part: Path, timeout: float, show_bar: bool
-) -> None:
-    """One attempt at completing ``part`` from ``url``; resumes with Range when it exists."""
-    start = part.stat().st_size if part.exists() else 0
-    headers = {"Accept-Encoding": "identity"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    expected: int | None = None
-    try:
-        with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
-            if r.status_code == 416 and start:
-                m = _CONTENT_RANGE_UNSAT_RE.match(r.headers.get("Content-Range", "").strip())
-                if m and int(m[1]) == start:
-                    return  # the partial file is already complete
-                part.unlink()
-                raise _Retryable(f"server refused to resume at byte {start} (HTTP 416); restarting")
-            if r.status_code in _RETRY_STATUS:
-                raise _Retryable(f"HTTP {r.status_code} {r.reason}")
-            if r.status_code == 206 and start:
-                cr = _parse_content_range(r.headers.get("Content-Range"))
-                if cr is None or cr[0] != start:
-                    part.unlink()
-                    raise _Retryable(
-                        f"server answered Range bytes={start}- with "
-                        f"Content-Range {r.headers.get('Content-Range')!r}; restarting"
-                    )
-                mode, expected = "ab", cr[1]
-            elif r.status_code == 200:
-                mode, start = "wb", 0  # no resume support: start over
-                cl = r.headers.get("Content-Length")
-                expected = int(cl) if cl and cl.isdigit() else None
-            else:
-                raise _Fatal(f"HTTP {r.status_code} {r.reason}")
-            with (
-                open(part, mode) as f,
-                tqdm(
-                    total=expected,
-                    initial=start,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=PurePosixPath(urlparse(url).path).name,
-                    leave=False,
-                    disable=not show_bar,
-                ) as bar,
-            ):
-                for chunk in r.iter_content(STREAM_CHUNK_BYTES):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except (
-        requests.ConnectionError,
-        requests.Timeout,
-        requests.exceptions.ChunkedEncodingError,
-        requests.exceptions.ContentDecodingError,
-    ) as err:
-        raise _Retryable(f"{type(err).__name__}: {err}") from err
-    size = part.stat().st_size
-    if expected is not None and size != expected:
-        raise _Retryable(f"incomplete transfer: have {size} of {expected} bytes")
-
-
-def _fetch(
-    session: requests.Session,
-    url: str,
-    dest: Path,
-    *,
-    retries: int,
-    timeout: float,
-    what: str,
-    show_bar: bool = False,
-) -> None:
-    """Download ``url`` to ``dest`` through ``dest.part`` (resumable), ``retries`` extra tries."""
-    part = dest.with_name(dest.name + ".part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    last: Exception | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), BACKOFF_MAX_S))
-        try:
-            _fetch_once(session, url, part, timeout, show_bar)
-        except _Retryable as err:
-            last = err
-            log.warning("%s: attempt %d/%d of %s failed: %s", what, attempt + 1, retries + 1, url, err)
-            continue
-        except _Fatal as err:
-            raise CocoDownloadError(f"{what}: cannot download {url}: {err}") from None
-        os.replace(part, dest)
-        return
-    raise CocoDownloadError(
-        f"{what}: download of {url} failed after {retries + 1} attempt(s): {last}"
-    )
-
-
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- archive + JSON
 
 
 def _get_archive(
     session: requests.Session, cfg: CocoParams, url: str, dest: Path, show_bar: bool
 ) -> str:
-    """Make sure ``dest`` holds the verified archive; return its sha1."""
+    """Make sure ``dest`` holds the verified archive (cached or downloaded); return its sha1."""
     expected = cfg.annotations_sha1.lower() if cfg.annotations_sha1 else None
-    if dest.exists():
-        digest = _sha1(dest)
-        if expected is None or digest == expected:
-            log.info("using cached %s (sha1 %s)", dest, digest)
-            return digest
-        log.warning("cached %s has sha1 %s, expected %s: downloading it again", dest, digest, expected)
-        dest.unlink()
-    _fetch(
-        session,
-        url,
-        dest,
-        retries=cfg.retries,
-        timeout=cfg.timeout_s,
-        what="annotations archive",
-        show_bar=show_bar,
-    )
-    digest = _sha1(dest)
-    if expected is not None and digest != expected:
-        dest.unlink()
-        raise CocoDownloadError(
-            f"sha1 mismatch for {url}: expected {expected}, got {digest}; "
-            f"the downloaded file was deleted (it was {dest})"
-        )
-    return digest
-
-
-def _validate(data: Any, label: str, kind: str) -> None:
-    """Check the COCO structure we rely on; raise CocoDownloadError naming ``label``."""
-    if not isinstance(data, dict):
-        raise CocoDownloadError(f"{label}: top level is {type(data).__name__}, expected a JSON object")
-    required = ["images", "annotations"] + (["categories"] if kind == "instances" else [])
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise CocoDownloadError(
-            f"{label}: missing key(s) {missing}; a COCO {kind} file needs {required}"
-        )
-    for key in required:
-        if not isinstance(data[key], list):
-            raise CocoDownloadError(f"{label}: '{key}' is {type(data[key]).__name__}, expected a list")
-    seen: set[int] = set()
-    for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict):
-            raise CocoDownloadError(f"{label}: images[{i}] is not an object")
-        bad = [
-            k
-            for k, t in (("id", int), ("file_name", str), ("width", int), ("height", int))
-            if not isinstance(im.get(k), t) or isinstance(im.get(k), bool)
-        ]
-        if bad:
-            raise CocoDownloadError(f"{label}: images[{i}] lacks a valid {bad} (record: {im!r:.200})")
-        fn = im["file_name"]
-        if fn in ("", ".", "..") or PurePosixPath(fn).name != fn or "\\" in fn:
-            raise CocoDownloadError(f"{label}: images[{i}] (id {im['id']}) has unsafe file_name {fn!r}")
-        if im["id"] in seen:
-            raise CocoDownloadError(f"{label}: duplicate image id {im['id']}")
-        seen.add(im["id"])
-    ann_keys = ("id", "image_id") + (("category_id",) if kind == "instances" else ())
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or any(k not in ann for k in ann_keys):
-            raise CocoDownloadError(
-                f"{label}: annotations[{i}] lacks one of {list(ann_keys)} (record: {ann!r:.200})"
-            )
+    download(url, dest, retries=cfg.retries, timeout=cfg.timeout_s, what="annotations archive",
+             sha1=expected, show_bar=show_bar, session=session, error=CocoDownloadError)
+    return expected or file_sha1(dest)
 
 
 def _read_member(zf: zipfile.ZipFile, name: str, label: str, kind: str) -> dict[str, Any]:
@@ -342,7 +150,7 @@ def _read_member(zf: zipfile.ZipFile, name: str, label: str, kind: str) -> dict[
         ) from None
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
         raise CocoDownloadError(f"{label}: cannot read it from the archive: {err}") from None
-    _validate(data, label, kind)
+    check_coco_structure(data, label, kind, error=CocoDownloadError, strict=True)
     return data
 
 
@@ -405,7 +213,8 @@ def _get_image(
     what = f"image id {record['id']} ({record['file_name']})"
     problem = None
     for attempt in range(2):  # a corrupt file is downloaded again once, then we give up
-        _fetch(session, url, dest, retries=cfg.retries, timeout=cfg.timeout_s, what=what)
+        download(url, dest, retries=cfg.retries, timeout=cfg.timeout_s, what=what, session=session,
+                 error=CocoDownloadError)
         problem = _image_problem(dest, record)
         if problem is None:
             return True
@@ -440,18 +249,94 @@ def _check_loads_in_pycocotools(path: Path) -> None:
         raise CocoDownloadError(f"{path}: pycocotools cannot load the written file: {err}") from err
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` to ``out_dir``, replacing a previous result."""
-    old = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+def _write_layout(
+    out_dir: Path,
+    sources: list[tuple[dict[str, Any], Path]],
+    instances: dict[str, Any],
+    captions: dict[str, Any],
+    skipped: list[dict[str, Any]],
+) -> None:
+    """Write images, both JSON files (checked in pycocotools) and skipped.csv; ``out_dir`` is
+    replaced atomically (:func:`mmn.io.atomic_dir`)."""
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "annotations").mkdir()
+        for rec, src in sources:
+            shutil.copyfile(src, tmp / "images" / rec["file_name"])
+        _write_json(instances, tmp / "annotations" / "instances.json")
+        _write_json(captions, tmp / "annotations" / "captions.json")
+        _check_loads_in_pycocotools(tmp / "annotations" / "instances.json")
+        _check_loads_in_pycocotools(tmp / "annotations" / "captions.json")
+        write_skipped(skipped, tmp)
+
+
+def _choose_ids(
+    cfg: CocoParams,
+    by_id: dict[int, dict[str, Any]],
+    seed: int,
+    restrict: Callable[[list[int]], list[int]] | None,
+    archive_url: str,
+) -> tuple[list[int], int]:
+    """The image ids to fetch (seeded subset, then ``restrict``) and how many the subset chose."""
+    chosen_ids = select_image_ids(by_id, cfg.subset, seed)
+    if cfg.subset and cfg.subset > len(by_id):
+        log.warning("subset %d > %d images in %s: taking all of them", cfg.subset, len(by_id), cfg.split)
+    n_pool = len(chosen_ids)
+    if restrict is not None:
+        kept = sorted({int(i) for i in restrict(list(chosen_ids))})
+        foreign = sorted(set(kept) - set(chosen_ids))
+        if foreign:
+            raise ValueError(f"restrict returned ids that were not chosen: {foreign[:10]}")
+        chosen_ids = kept
+    names = [by_id[i]["file_name"] for i in chosen_ids]
+    if len(set(names)) != len(names):
+        raise CocoDownloadError(f"annotations/instances_{cfg.split}.json in {archive_url}: "
+                                "several chosen images share a file_name")
+    return chosen_ids, n_pool
+
+
+def _fetch_images(
+    session: requests.Session,
+    cfg: CocoParams,
+    records: list[dict[str, Any]],
+    site: Path,
+    on_bad_image: Literal["fail", "skip"],
+    progress: bool,
+) -> tuple[list[tuple[dict[str, Any], Path]], list[dict[str, Any]], int]:
+    """Fetch (or find cached) every image of ``records``: ``(record, cached file)`` pairs, the
+    skipped rows (``on_bad_image: skip``) and how many were downloaded this run."""
+    base = cfg.base_url.rstrip("/")
+    sources: list[tuple[dict[str, Any], Path]] = []
+    skipped: list[dict[str, Any]] = []
+    n_fetched = 0
+    with tqdm(total=len(records), desc="COCO images", unit="img", disable=not progress) as bar:
+        for rec in records:
+            split = image_split(rec, cfg.split)
+            dest = site / split / rec["file_name"]
+            try:
+                n_fetched += _get_image(session, cfg, rec, f"{base}/{split}/{rec['file_name']}", dest)
+            except CocoDownloadError as err:
+                if on_bad_image == "fail":
+                    raise
+                log.warning("skipping %s", err)
+                skipped.append({"image_id": rec["id"], "file_name": rec["file_name"], "reason": str(err)})
+            else:
+                sources.append((rec, dest))
+            bar.update(1)
+    if skipped and not sources:
+        raise CocoDownloadError(f"none of the {len(records)} chosen images could be fetched; first problem: "
+                                f"{skipped[0]['reason']}")
+    return sources, skipped, n_fetched
+
+
+def _subset_both(
+    instances: dict[str, Any], captions: dict[str, Any], ids: set[int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """instances and captions narrowed to ``ids``; records keep the order of the source file."""
+    chosen_images = [im for im in instances["images"] if im["id"] in ids]
+    cap_by_id = {im["id"]: im for im in captions["images"]}
+    cap_images = [cap_by_id.get(im["id"], im) for im in chosen_images]
+    return _subset_json(instances, chosen_images, ids), _subset_json(captions, cap_images, ids)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -495,84 +380,22 @@ def download_coco(
     """
     out_dir = Path(out_dir).absolute()
     cache_root = Path(cache_dir) if cache_dir is not None else out_dir.parent / ".coco_cache"
-    site = site_cache_dir(cfg.base_url, cache_root)
-    base = cfg.base_url.rstrip("/")
-    archive_url = f"{base}/{cfg.annotations_archive.lstrip('/')}"
+    archive_url = f"{cfg.base_url.rstrip('/')}/{cfg.annotations_archive.lstrip('/')}"
     archive = archive_cache_path(cfg, cache_root)
 
-    with requests.Session() as session:
-        session.headers["User-Agent"] = "mmn-coco-download/0.1"
+    with retrying_session(cfg.retries, user_agent="mmn-coco-download/0.1") as session:
         digest = _get_archive(session, cfg, archive_url, archive, show_bar=progress)
         instances, captions = _read_annotations(archive, archive_url, cfg.split)
-
         by_id = {im["id"]: im for im in instances["images"]}
-        chosen_ids = select_image_ids(by_id, cfg.subset, seed)
-        if cfg.subset and cfg.subset > len(by_id):
-            log.warning(
-                "subset %d > %d images in %s: taking all of them", cfg.subset, len(by_id), cfg.split
-            )
-        n_pool = len(chosen_ids)
-        if restrict is not None:
-            kept = sorted({int(i) for i in restrict(list(chosen_ids))})
-            foreign = sorted(set(kept) - set(chosen_ids))
-            if foreign:
-                raise ValueError(f"restrict returned ids that were not chosen: {foreign[:10]}")
-            chosen_ids = kept
-        chosen_set = set(chosen_ids)
-        names = [by_id[i]["file_name"] for i in chosen_ids]
-        if len(set(names)) != len(names):
-            raise CocoDownloadError(f"annotations/instances_{cfg.split}.json in {archive_url}: "
-                                    "several chosen images share a file_name")
-
-        sources: list[tuple[dict[str, Any], Path]] = []
-        skipped: list[dict[str, Any]] = []
-        n_fetched = 0
-        with tqdm(total=len(chosen_ids), desc="COCO images", unit="img", disable=not progress) as bar:
-            for image_id in chosen_ids:
-                rec = by_id[image_id]
-                split = image_split(rec, cfg.split)
-                url = f"{base}/{split}/{rec['file_name']}"
-                dest = site / split / rec["file_name"]
-                try:
-                    n_fetched += _get_image(session, cfg, rec, url, dest)
-                except CocoDownloadError as err:
-                    if on_bad_image == "fail":
-                        raise
-                    log.warning("skipping %s", err)
-                    skipped.append({"image_id": image_id, "file_name": rec["file_name"], "reason": str(err)})
-                else:
-                    sources.append((rec, dest))
-                bar.update(1)
-    if skipped and not sources:
-        raise CocoDownloadError(f"none of the {len(chosen_ids)} chosen images could be fetched; first problem: "
-                                f"{skipped[0]['reason']}")
-    chosen_set -= {r["image_id"] for r in skipped}
+        chosen_ids, n_pool = _choose_ids(cfg, by_id, seed, restrict, archive_url)
+        sources, skipped, n_fetched = _fetch_images(
+            session, cfg, [by_id[i] for i in chosen_ids], site_cache_dir(cfg.base_url, cache_root),
+            on_bad_image, progress,
+        )
+    chosen_set = set(chosen_ids) - {r["image_id"] for r in skipped}
     chosen_ids = [i for i in chosen_ids if i in chosen_set]
-
-    # Output records keep the order of the source file.
-    chosen_images = [im for im in instances["images"] if im["id"] in chosen_set]
-    out_instances = _subset_json(instances, chosen_images, chosen_set)
-    cap_by_id = {im["id"]: im for im in captions["images"]}
-    cap_images = [cap_by_id.get(im["id"], im) for im in chosen_images]
-    out_captions = _subset_json(captions, cap_images, chosen_set)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        (tmp / "images").mkdir()
-        (tmp / "annotations").mkdir()
-        for rec, src in sources:
-            shutil.copyfile(src, tmp / "images" / rec["file_name"])
-        _write_json(out_instances, tmp / "annotations" / "instances.json")
-        _write_json(out_captions, tmp / "annotations" / "captions.json")
-        _check_loads_in_pycocotools(tmp / "annotations" / "instances.json")
-        _check_loads_in_pycocotools(tmp / "annotations" / "captions.json")
-        write_skipped(skipped, tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out_instances, out_captions = _subset_both(instances, captions, chosen_set)
+    _write_layout(out_dir, sources, out_instances, out_captions, skipped)
 
     summary = {
         "n_images": len(chosen_ids),

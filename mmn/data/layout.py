@@ -3,19 +3,20 @@
 ``root/images/<file_name>``, ``root/annotations/instances.json``,
 ``root/annotations/captions.json`` (pycocotools-loadable) and ``root/skipped.csv``
 (images the source left out under ``data.on_bad_image: skip``, with the reason;
-header only when none). Errors name the file.
+header only when none). Errors name the file; the JSON structure is checked by
+:mod:`mmn.data.coco_format`.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from mmn.data.coco_format import read_coco_json
 from mmn.errors import DataError
 
 
@@ -35,24 +36,6 @@ def write_skipped(rows: list[dict], root: Path) -> Path:
 
 class LayoutError(DataError):
     """Missing or malformed data in the COCO layout; the message names the file/row."""
-
-
-def read_json(path: Path, required: tuple[str, ...], error: type[DataError] | None = None) -> dict:
-    """A JSON object from ``path`` with the ``required`` keys; ``error`` (default :class:`LayoutError`)
-    names the file on a missing file, bad JSON, a non-object or a missing key."""
-    error = error or LayoutError
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise error(f"{path}: invalid or truncated JSON ({err})") from None
-    if not isinstance(obj, dict):
-        raise error(f"{path}: top level must be an object")
-    missing = [k for k in required if k not in obj]
-    if missing:
-        raise error(f"{path}: missing key(s) {missing}")
-    return obj
 
 
 @dataclass
@@ -84,11 +67,11 @@ class CocoLayout:
 
     @cached_property
     def instances(self) -> dict:
-        return read_json(self.instances_path, ("images", "annotations", "categories"))
+        return read_coco_json(self.instances_path, "instances", LayoutError)
 
     @cached_property
     def captions_json(self) -> dict:
-        return read_json(self.captions_path, ("images", "annotations"))
+        return read_coco_json(self.captions_path, "captions", LayoutError)
 
     @cached_property
     def images(self) -> list[dict]:

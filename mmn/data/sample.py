@@ -14,9 +14,10 @@ hand-traced polygon instances and 5 hand-written captions per image.
 
 Gotchas:
 
-* Images are located with :func:`importlib.util.find_spec` (the package is not imported).
+* Images are located with :func:`mmn.resources.package_path` (the package is not imported).
   scikit-image fetches some of its data files at run time (pooch); only files that are
-  inside the wheel are used here. A missing file raises :class:`FileNotFoundError`.
+  inside the wheel are used here. A missing package or file raises
+  :class:`~mmn.data.layout.LayoutError` naming both.
 * ``camera.png`` and ``clock_motion.png`` are grayscale (mode ``L``) and ``horse.png`` is
   RGBA (a CC0 silhouette drawing, not a photograph): convert to RGB when decoding.
 * A size mismatch with the record raises :class:`ValueError` (the polygons would be wrong);
@@ -26,7 +27,6 @@ Gotchas:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import warnings
@@ -38,6 +38,7 @@ from PIL import Image
 
 from mmn.data.layout import LayoutError, write_skipped
 from mmn.io import atomic_dir
+from mmn.resources import package_path
 
 ANNOTATIONS_FILE = Path(__file__).with_name("sample_annotations.json")
 
@@ -47,24 +48,11 @@ def load_sample_annotations() -> dict[str, Any]:
     return json.loads(ANNOTATIONS_FILE.read_text(encoding="utf-8"))
 
 
-def package_file(package: str, rel_path: str, distribution: str | None = None) -> Path:
-    """Path of ``rel_path`` inside the installed ``package``; FileNotFoundError when absent."""
-    label = f"{distribution or package} (import package {package!r})"
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"sample data: package {label} is not installed; needed for {rel_path}")
-    for root in spec.submodule_search_locations:
-        path = Path(root) / rel_path
-        if path.is_file():
-            return path
-    roots = ", ".join(str(r) for r in spec.submodule_search_locations)
-    raise FileNotFoundError(f"sample data: {rel_path} is missing from package {label} at {roots}")
-
-
 def source_path(image: dict[str, Any]) -> Path:
     """Installed file behind one image record (its ``source`` block)."""
     src = image["source"]
-    return package_file(src["package"], src["path"], src.get("distribution"))
+    what = f"{src['distribution']}, for the sample data" if src.get("distribution") else "for the sample data"
+    return package_path(src["package"], src["path"], what=what, error=LayoutError)
 
 
 def _check_image(path: Path, image: dict[str, Any]) -> None:

@@ -31,7 +31,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from mmn.data.layout import LayoutError, read_json
+from mmn.data.coco_format import read_json_object
+from mmn.data.layout import LayoutError
 
 __all__ = [
     "MODES",
@@ -123,7 +124,7 @@ def write_split_info(root: Path, mode: Mode, train_ids: Iterable[int], n_eval: i
 def read_split_info(root: Path) -> SplitInfo:
     """Read and check ``root/split.json``; :class:`SplitError` names the file and key."""
     path = Path(root) / SPLIT_FILE
-    raw = read_json(path, (), error=SplitError)
+    raw = read_json_object(path, SplitError)
     types = {"mode": str, "held_out": bool, "n_train": int, "n_eval": int, "train_ids": list}
     for key, t in types.items():
         if key not in raw:

@@ -21,6 +21,7 @@ p(c) on some images) and the relative drop of the mean ``1 - mean(p_k)/mean(p_cl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -29,7 +30,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmn.models.prefix_lm import ImagePrefixLM, stop_token_ids
-from mmn.models.vision import PatchEncoder
 from mmn.neurons.ablation import (
     ablated_captions,
     random_ranking,
@@ -55,11 +55,74 @@ ABLATION_SCHEMA = {
 KINDS = ("unfiltered", "filtered", "random")
 
 
+Unit = tuple[int, int]  # (layer, unit)
+
+
+@dataclass
+class _ImageAblation:
+    """What every image of one ``ablate_images`` run shares; one method per step."""
+
+    plm: ImagePrefixLM
+    allowed: torch.Tensor  # Bool[Tensor, "layers d_mlp"]: units that may be ranked
+    interpretable: torch.Tensor  # Bool[Tensor, "layers d_mlp"]
+    ks: Sequence[int]
+    kinds: Sequence[str]
+    stop: set[int]
+    max_new_tokens: int
+    regenerate: bool
+    seed: int
+
+    @staticmethod
+    def text(r: dict) -> list[int]:
+        """The caption tokens before the target c."""
+        return list(r["caption_token_ids"][: r["target_pos"]])
+
+    def rank(self, r: dict, soft: torch.Tensor) -> tuple[list[Unit], list[Unit], torch.Tensor]:
+        """Top ``max(ks)`` units (all allowed, interpretable allowed) and A's mean over positions."""
+        _, a, grad = attribution_maps(self.plm, soft, [self.text(r)], [int(r["target_token_id"])])
+        scores, top = unit_scores(a[0], grad[0]), max(self.ks)
+        return (rank_units(scores, self.allowed, limit=top),
+                rank_units(scores, self.allowed & self.interpretable, limit=top), a[0].mean(dim=1))
+
+    def unit_sets(self, image_id: int, order_all: list[Unit], order_int: list[Unit]
+                  ) -> tuple[list[list[Unit]], list[tuple[str, int, int]]]:
+        """Row 0 ablates nothing (p_clean), then one row per (kind, k): ``(sets, [(kind, k, k_eff)])``.
+        The random kind is ONE random ranking per image (seeded by it) with the top units'
+        layer mix, so its sets are nested in k."""
+        order_rnd = random_ranking(order_all, self.plm.adapter.d_mlp, np.random.default_rng([self.seed, image_id]))
+        ranking = {"unfiltered": order_all, "filtered": order_int, "random": order_rnd}
+        sets: list[list[Unit]] = [[]]
+        meta = []
+        for kind in self.kinds:
+            for k in self.ks:
+                units = ranking[kind][:k]
+                sets.append(units)
+                meta.append((kind, k, len(units)))
+        return sets, meta
+
+    def rows(self, r: dict, soft: torch.Tensor, order_all: list[Unit], order_int: list[Unit],
+             fill: torch.Tensor | None) -> list[dict]:
+        """Every (kind, k) row of one image: one batched forward (+ one batched generation)."""
+        plm, ad = self.plm, self.plm.adapter
+        sets, meta = self.unit_sets(int(r["image_id"]), order_all, order_int)
+        masks = unit_masks(sets, ad.n_layers, ad.d_mlp)
+        p_all = target_probs(plm, soft, self.text(r), int(r["target_token_id"]), masks, fill).tolist()
+        p_clean, p = p_all[0], p_all[1:]
+        caps = (ablated_captions(plm, soft, masks[:, 1:], self.max_new_tokens, self.stop, fill) if self.regenerate
+                else [None] * len(meta))
+        clean = list(r["caption_token_ids"])
+        return [{
+            "image_id": r["image_id"], "kind": kind, "k": k, "k_effective": k_eff, "p_target": pk,
+            "p_clean": p_clean, "rel_drop": (p_clean - pk) / p_clean if p_clean > 0 else 0.0,
+            "caption": None if cap is None else plm.tokenizer.decode(cap).strip(),
+            "caption_changed": None if cap is None else cap != clean,
+        } for (kind, k, k_eff), pk, cap in zip(meta, p, caps)]
+
+
 def ablate_images(
     captions: pl.DataFrame,
     load_image: Callable[[int], Image.Image],
     plm: ImagePrefixLM,
-    enc: PatchEncoder,
     interpretable: torch.Tensor,
     *,
     ks: Sequence[int],
@@ -74,7 +137,8 @@ def ablate_images(
     shard: tuple[int, int] = (0, 1),
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> pl.DataFrame:
-    """One row per (image, kind, k). ``interpretable``: ``Bool[Tensor, "layers d_mlp"]``.
+    """One row per (image, kind, k). ``interpretable``: ``Bool[Tensor, "layers d_mlp"]``;
+    images go through ``plm``'s encoder.
 
     ``layers`` restricts the ranked (and so the random) units to those layers, as
     ``attribute.layers`` does for attribution. ``shard=(rank, world)`` keeps every
@@ -92,66 +156,40 @@ def ablate_images(
     allowed[list(range(ad.n_layers)) if layers is None else list(layers)] = True
     recs = list(captions.filter(pl.col("has_noun")).sort("image_id").iter_rows(named=True))
     todo = [recs[b[0]] for b in shard_batches(len(recs), 1, shard)]
-    stop = stop_token_ids(plm.tokenizer, ad.vocab_size, stop_at_newline)
-    top = max(ks)
+    run = _ImageAblation(plm, allowed, interpretable, ks, kinds,
+                         stop_token_ids(plm.tokenizer, ad.vocab_size, stop_at_newline), max_new_tokens, regenerate,
+                         seed)
 
     def soft_of(r: dict) -> torch.Tensor:
-        with torch.no_grad():
-            return plm.soft_tokens(enc.encode([load_image(r["image_id"])]))
-
-    def rank(r: dict, soft: torch.Tensor) -> tuple[list, list, torch.Tensor]:
-        """Top ``max(ks)`` units (all allowed, interpretable allowed) and A's mean over positions."""
-        text = list(r["caption_token_ids"][: r["target_pos"]])
-        _, a, grad = attribution_maps(plm, soft, [text], [int(r["target_token_id"])])
-        scores = unit_scores(a[0], grad[0])
-        return (rank_units(scores, allowed, limit=top), rank_units(scores, allowed & interpretable, limit=top),
-                a[0].mean(dim=1))
-
-    def ablate_one(r: dict, soft: torch.Tensor, order_all: list, order_int: list, fill) -> list[dict]:
-        """Every (kind, k) row of one image: one batched forward (+ one batched generation)."""
-        text = list(r["caption_token_ids"][: r["target_pos"]])
-        sets: list[list[tuple[int, int]]] = [[]]  # row 0: nothing ablated (p_clean)
-        meta = []
-        # one random ranking per image (seeded by it) with the top units' layer mix: nested in k
-        order_rnd = random_ranking(order_all, ad.d_mlp, np.random.default_rng([seed, int(r["image_id"])]))
-        ranking = {"unfiltered": order_all, "filtered": order_int, "random": order_rnd}
-        for kind in kinds:
-            for k in ks:
-                units = ranking[kind][:k]
-                sets.append(units)
-                meta.append((kind, k, len(units)))
-        masks = unit_masks(sets, ad.n_layers, ad.d_mlp)
-        p_all = target_probs(plm, soft, text, int(r["target_token_id"]), masks, fill).tolist()
-        p_clean, p = p_all[0], p_all[1:]
-        caps = (ablated_captions(plm, soft, masks[:, 1:], max_new_tokens, stop, fill) if regenerate
-                else [None] * len(meta))
-        clean = list(r["caption_token_ids"])
-        return [{
-            "image_id": r["image_id"], "kind": kind, "k": k, "k_effective": k_eff, "p_target": pk,
-            "p_clean": p_clean, "rel_drop": (p_clean - pk) / p_clean if p_clean > 0 else 0.0,
-            "caption": None if cap is None else plm.tokenizer.decode(cap).strip(),
-            "caption_changed": None if cap is None else cap != clean,
-        } for (kind, k, k_eff), pk, cap in zip(meta, p, caps)]
+        return plm.image_soft_tokens([load_image(r["image_id"])])
 
     rows: list[dict] = []
     if mode != "mean":
         for r in tqdm(todo, desc="ablate", disable=not progress):
             soft = soft_of(r)
-            order_all, order_int, _ = rank(r, soft)
-            rows += ablate_one(r, soft, order_all, order_int, None)
+            order_all, order_int, _ = run.rank(r, soft)
+            rows += run.rows(r, soft, order_all, order_int, None)
     else:
-        # the fill needs every image's activations (over all ranks) first: pass 1 ranks and
-        # sums, keeping only the top max(ks) units per image; pass 2 recomputes the soft tokens
-        ranked, acc = [], torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.float64)
-        for r in tqdm(todo, desc="ablate: rank units", disable=not progress):
-            order_all, order_int, a_mean = rank(r, soft_of(r))
-            acc += a_mean.cpu().double()
-            ranked.append((order_all, order_int))
-        n = reduce_sum(torch.tensor([float(len(todo))], dtype=torch.float64))
-        fill = (reduce_sum(acc) / n.clamp(min=1)).float()
+        ranked, fill = _mean_fill(run, todo, soft_of, reduce_sum, progress)
         for r, (order_all, order_int) in tqdm(list(zip(todo, ranked)), desc="ablate", disable=not progress):
-            rows += ablate_one(r, soft_of(r), order_all, order_int, fill)
+            rows += run.rows(r, soft_of(r), order_all, order_int, fill)
     return pl.DataFrame(rows, schema=ABLATION_SCHEMA).sort(["image_id", "kind", "k"])
+
+
+def _mean_fill(run: _ImageAblation, todo: list[dict], soft_of: Callable[[dict], torch.Tensor],
+               reduce_sum: Callable[[torch.Tensor], torch.Tensor], progress: bool
+               ) -> tuple[list[tuple[list[Unit], list[Unit]]], torch.Tensor]:
+    """Pass 1 of ``mode="mean"``: each image's rankings (top ``max(ks)`` units only) and the fill,
+    ``Float[Tensor, "layers d_mlp"]`` = every image's (over all ranks) mean A over its positions,
+    averaged; the soft tokens are recomputed in pass 2 rather than kept."""
+    ad = run.plm.adapter
+    ranked, acc = [], torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.float64)
+    for r in tqdm(todo, desc="ablate: rank units", disable=not progress):
+        order_all, order_int, a_mean = run.rank(r, soft_of(r))
+        acc += a_mean.cpu().double()
+        ranked.append((order_all, order_int))
+    n = reduce_sum(torch.tensor([float(len(todo))], dtype=torch.float64))
+    return ranked, (reduce_sum(acc) / n.clamp(min=1)).float()
 
 
 CURVE_SCHEMA = {

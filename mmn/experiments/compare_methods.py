@@ -34,7 +34,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.models.vision import PatchEncoder
 from mmn.neurons.ablation import rank_units, set_effects, single_unit_effects
 from mmn.neurons.methods import METHODS, unit_score_map
 
@@ -117,7 +116,7 @@ def compare_image(plm: ImagePrefixLM, soft: torch.Tensor, text: list[int], targe
 
 
 def compare_images(captions: pl.DataFrame, load_image: Callable[[int], Image.Image], plm: ImagePrefixLM,
-                   enc: PatchEncoder, *, methods: Sequence[str] = METHODS, candidates: int, precision_k: int,
+                   *, methods: Sequence[str] = METHODS, candidates: int, precision_k: int,
                    ks: Sequence[int], ig_steps: int, rows: int, layers: Sequence[int] | None = None,
                    max_images: int | None = None, progress: bool = True
                    ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -133,8 +132,7 @@ def compare_images(captions: pl.DataFrame, load_image: Callable[[int], Image.Ima
     recs = list(captions.filter(pl.col("has_noun")).sort("image_id").iter_rows(named=True))[:max_images]
     cand, per, curve = [], [], []
     for n, r in enumerate(tqdm(recs, desc="compare_methods", disable=not progress)):
-        with torch.no_grad():
-            soft = plm.soft_tokens(enc.encode([load_image(r["image_id"])]))
+        soft = plm.image_soft_tokens([load_image(r["image_id"])])
         text, target = list(r["caption_token_ids"][: r["target_pos"]]), int(r["target_token_id"])
         if n == 0:
             unit_score_map(plm, soft, text, target, methods[0], layers=layers, ig_steps=ig_steps, rows=rows)

@@ -37,12 +37,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mmn.hooks import TraceDict
 from mmn.metrics.iou import (category_images, coco_mask, dataset_threshold, iou, receptive_field, threshold_at,
                              threshold_map)
 from mmn.metrics.stats import bootstrap_ci, paired_test
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.models.vision import PatchEncoder
+from mmn.neurons.activations import activations_of_image
 
 KINDS = ("multimodal", "random")
 THRESHOLDS = ("image", "dataset")
@@ -62,17 +61,6 @@ MEANS_SCHEMA = {"image_id": pl.Int64, "layer": pl.Int64, "unit": pl.Int64, "mean
 IOU_SORT = ["category", "image_id", "kind", "layer", "unit", "draw"]
 
 Unit = tuple[int, int]  # (layer, unit)
-
-
-@torch.no_grad()
-def image_activations(plm: ImagePrefixLM, soft: torch.Tensor) -> torch.Tensor:
-    """A of every unit of every layer at the image positions: ``Float[Tensor, "layers P d_mlp"]``."""
-    ad = plm.adapter
-    batch = plm.build(soft)
-    with TraceDict(ad.act_modules(), retain_input=True, detach=True) as tr:
-        plm.logits(batch)
-    sl = batch.image_slice
-    return torch.stack([tr[str(l)].input[0, sl].float().cpu() for l in range(ad.n_layers)])
 
 
 # ----------------------------------------------------------------------------- plan
@@ -232,7 +220,7 @@ def selectivity_plan(
 
 def collect_activations(
     units: dict[int, list[Unit]], sel_units: list[Unit], sel_images: set[int],
-    load_image: Callable[[int], Image.Image], plm: ImagePrefixLM, enc: PatchEncoder, *,
+    load_image: Callable[[int], Image.Image], plm: ImagePrefixLM, *,
     progress: bool = True, shard: tuple[int, int] = (0, 1),
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """One LM forward per image of this shard: ``(grids, means)``.
@@ -250,8 +238,7 @@ def collect_activations(
     grids: list[pl.DataFrame] = []
     means = []
     for img in tqdm(mine, desc="iou", disable=not progress):
-        with torch.no_grad():
-            acts = image_activations(plm, plm.soft_tokens(enc.encode([load_image(img)])))
+        acts = activations_of_image(plm, load_image(img))
         if units.get(img):
             ls = torch.tensor([l for l, _ in units[img]])
             us = torch.tensor([u for _, u in units[img]])
@@ -371,3 +358,24 @@ def selectivity_table(
     schema = {"source_category": pl.Utf8, "layer": pl.Int64, "unit": pl.Int64, "frequency": pl.Int64,
               "category": pl.Utf8, "mean_activation": pl.Float64, "normalised": pl.Float64}
     return pl.DataFrame(rows, schema=schema)
+
+
+def iou_info(ip, cats: list[str], used: list[str], images_per_category: dict[str, int]) -> dict:
+    """Non-metric description of the iou stage's choices (``data/info/iou.json``); ``ip``: params.iou."""
+    return {
+        "categories_configured": list(cats),
+        "categories_used": used,
+        "categories_without_images": [c for c in cats if c not in used],
+        "images_per_category": images_per_category,
+        "single": ip.single,
+        "threshold": ip.threshold,
+        "quantile": ip.quantile,
+        "units": ("all of each image's top units by g" if ip.top_units is None
+                  else f"each image's first {ip.top_units} top units by g"),
+        "random": f"{ip.random_draws} draws per image: per layer, as many units as the image's multimodal units "
+                  "there, without replacement, excluding the image's multimodal units",
+        "statistics": "one value per image and kind (mean IoU over its units); 95% percentile bootstrap CI over "
+                      "images; multimodal vs random: paired sign-flip permutation test over images",
+        "selectivity_normalisation": "mean activation / max over categories of |mean activation| (order and "
+                                     "sign kept)",
+    }

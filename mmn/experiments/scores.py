@@ -46,7 +46,6 @@ from mmn.metrics.bertscore import BertScorer
 from mmn.metrics.clipscore import ClipScorer, scale_description
 from mmn.metrics.stats import bootstrap_ci, ks_2samp, nearest_tokens, paired_test, random_like_embeddings
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.models.vision import PatchEncoder
 from mmn.text import nouns
 
 #: Long table, one row per scored text. ``draw``: random-baseline draw (0 for the others);
@@ -185,7 +184,6 @@ def score_tables(
     refs: dict[int, list[str]],
     load_image: Callable[[int], Image.Image],
     plm: ImagePrefixLM,
-    enc: PatchEncoder,
     bert: BertScorer,
     clip: ClipScorer | None,
     *,
@@ -208,36 +206,45 @@ def score_tables(
         parts.append(plan.with_columns(pl.lit(table).alias("table"), pl.Series("bertscore", b, pl.Float64),
                                        pl.Series("clipscore", c, pl.Float64).fill_nan(None)))
 
-    def single(item: str, ids: list[int], texts: list[str], index: list[int] | None = None) -> pl.DataFrame:
-        n = len(ids)
-        return pl.DataFrame({"item": [item] * n, "image_id": ids, "draw": [0] * n, "index": index or [0] * n,
-                             "layer": [None] * n, "unit": [None] * n, "text": texts},
-                            schema={k: SCORE_SCHEMA[k] for k in ("item", "image_id", "draw", "index", "layer",
-                                                                  "unit", "text")})
-
     add("table1", table1_plan(units, random_draws, seed))
     caps = captions.filter(pl.col("image_id").is_in(images)).sort("image_id")
-    add("table1", single("captions", caps["image_id"].to_list(), caps["caption"].to_list()))
-    add("table1", single("coco_nouns", images, [sample_nouns(refs[i], n_nouns, seed, i) for i in images]))
+    add("table1", _single_plan("captions", caps["image_id"].to_list(), caps["caption"].to_list()))
+    add("table1", _single_plan("coco_nouns", images, [sample_nouns(refs[i], n_nouns, seed, i) for i in images]))
 
-    # Table 2: soft tokens -> nearest real-vocabulary tokens; random vectors matched to those rows
+    for plan in prompt_plans(plm, images, load_image, prompt_neighbours, seed):
+        add("table2", plan)
+    return pl.concat(parts, how="diagonal").select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA)
+
+
+def _single_plan(item: str, ids: list[int], texts: list[str], index: list[int] | None = None) -> pl.DataFrame:
+    """Plan rows of one text per (image, index), no unit and no draw."""
+    n = len(ids)
+    return pl.DataFrame({"item": [item] * n, "image_id": ids, "draw": [0] * n, "index": index or [0] * n,
+                         "layer": [None] * n, "unit": [None] * n, "text": texts},
+                        schema={k: SCORE_SCHEMA[k] for k in ("item", "image_id", "draw", "index", "layer", "unit",
+                                                              "text")})
+
+
+def prompt_plans(plm: ImagePrefixLM, images: list[int], load_image: Callable[[int], Image.Image],
+                 prompt_neighbours: int, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Table 2 plans ``(prompts, random_prompts)``: each image's soft tokens decoded to their
+    ``prompt_neighbours`` nearest real-vocabulary input embeddings, and as many random vectors
+    matched to those rows' statistics (:func:`random_like_embeddings`), decoded alike."""
     real = plm.adapter.real_token_ids.to(plm.adapter.embed.weight.device)
     emb = plm.adapter.embed.weight.detach().float()[real]
     tok = plm.tokenizer
     ids, idx, texts, n_patches = [], [], [], 0
     for i in images:
-        with torch.no_grad():
-            soft = plm.soft_tokens(enc.encode([load_image(i)]))[0].float()
+        soft = plm.image_soft_tokens([load_image(i)])[0].float()
         near, _ = nearest_tokens(soft, emb, k=prompt_neighbours)
         n_patches = soft.shape[0]
         ids += [i] * n_patches
         idx += list(range(n_patches))
         texts += _decode_rows(tok, real[near])
-    add("table2", single("prompts", ids, texts, idx))
     rnd = random_like_embeddings(emb, n_patches * len(images), seed)
     near, _ = nearest_tokens(rnd, emb, k=prompt_neighbours)
-    add("table2", single("random_prompts", ids, _decode_rows(tok, real[near]), idx))
-    return pl.concat(parts, how="diagonal").select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA)
+    return (_single_plan("prompts", ids, texts, idx),
+            _single_plan("random_prompts", ids, _decode_rows(tok, real[near]), idx))
 
 
 def per_image_scores(df: pl.DataFrame) -> pl.DataFrame:

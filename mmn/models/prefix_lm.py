@@ -8,13 +8,15 @@ position's logits unchanged in a causal model (tested).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from mmn.models.adapters import LMAdapter
+from mmn.models.vision import PatchEncoder
 
 
 @dataclass
@@ -30,12 +32,14 @@ class PrefixBatch:
 
 @dataclass
 class ImagePrefixLM:
-    """Glue between a frozen LM (through its adapter) and a linear projection."""
+    """Glue between a frozen LM (through its adapter), a linear projection and (optionally)
+    the image encoder whose patch features the projection maps: images → soft tokens → LM."""
 
     adapter: LMAdapter
     tokenizer: PreTrainedTokenizerBase
     projection: nn.Linear
     prompt: str = "A picture of"
+    encoder: PatchEncoder | None = None  # features for image_soft_tokens (soft_tokens takes features)
     _prompt_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +62,14 @@ class ImagePrefixLM:
         """``Float[Tensor, "batch P d_enc"]`` → ``Float[Tensor, "batch P d_model"]``."""
         p = self.projection.weight
         return self.projection(features.to(p.device, p.dtype)).to(self.adapter.dtype)
+
+    @torch.no_grad()
+    def image_soft_tokens(self, images: Sequence[Image.Image]) -> Tensor:
+        """Encode ``images`` in ONE encoder call and project: ``Float[Tensor, "batch P d_model"]``
+        (no autograd graph; attribution differentiates from the soft tokens onwards)."""
+        if self.encoder is None:
+            raise ValueError("this ImagePrefixLM has no image encoder: construct it with encoder=...")
+        return self.soft_tokens(self.encoder.encode(images))
 
     def build(self, soft: Tensor, texts: list[list[int]] | None = None) -> PrefixBatch:
         """Embed ``[BOS] + soft + prompt + text`` per row, right-padded to the longest row."""
@@ -102,9 +114,8 @@ class ImagePrefixLM:
         for i, t in enumerate(texts):
             start = batch.n_prefix - 1  # position p predicts token p + 1
             labels[i, start : start + len(t)] = torch.tensor(t, device=logits.device)
-        return nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-        )
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
     @torch.no_grad()
     def generate(

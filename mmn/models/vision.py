@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from mmn.errors import ModelError, ParamsError
+
 
 class PatchEncoder(nn.Module):
     """Base: preprocessing + patch extraction. Subclasses implement :meth:`forward`."""
@@ -59,7 +61,7 @@ class EfficientNetLiteEncoder(PatchEncoder):
     def __init__(self, net: nn.Module, grid: int = 7, image_size: int = 224) -> None:
         super().__init__()
         if grid not in self._STAGE_FOR_GRID or image_size != 224:
-            raise ValueError(
+            raise ParamsError(
                 f"efficientnet-lite0 supports encoder_grid 7 or 14 at image_size 224, got grid={grid}, "
                 f"image_size={image_size}"
             )
@@ -89,7 +91,7 @@ class HFPatchEncoder(PatchEncoder):
         cfg = model.config
         n = image_size // cfg.patch_size
         if n != grid:
-            raise ValueError(
+            raise ParamsError(
                 f"encoder_grid {grid} does not match {type(model).__name__}: image_size {image_size} / "
                 f"patch {cfg.patch_size} = {n}"
             )
@@ -126,5 +128,5 @@ def load_encoder(spec: str, grid: int, image_size: int, device: str | torch.devi
         mean, std = proc.image_mean, proc.image_std
         enc = HFPatchEncoder(model, grid=grid, image_size=image_size, mean=mean, std=std)
     else:
-        raise ValueError(f"unknown encoder spec {spec!r}: use 'embedded:efficientnet-lite0' or 'hf:<model id>'")
+        raise ModelError(f"unknown encoder spec {spec!r}: use 'embedded:efficientnet-lite0' or 'hf:<model id>'")
     return enc.requires_grad_(False).to(device)

@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from mmn.hooks import TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.models.vision import PatchEncoder
 
 if TYPE_CHECKING:
     import polars as pl
@@ -258,7 +257,6 @@ def attribute_captions(
     captions: "pl.DataFrame",
     load_image: Callable[[int], Image.Image],
     plm: ImagePrefixLM,
-    enc: PatchEncoder,
     *,
     k: int,
     batch_size: int,
@@ -288,8 +286,7 @@ def attribute_captions(
     recs = list(todo.iter_rows(named=True))
     for idx in tqdm(shard_batches(len(recs), batch_size, shard), desc="attribute", disable=not progress):
         chunk = [recs[i] for i in idx]
-        with torch.no_grad():
-            soft = plm.soft_tokens(enc.encode([load_image(r["image_id"]) for r in chunk]))
+        soft = plm.image_soft_tokens([load_image(r["image_id"]) for r in chunk])
         texts = [list(r["caption_token_ids"][: r["target_pos"]]) for r in chunk]
         targets = [int(r["target_token_id"]) for r in chunk]
         y, tops = attribute_topk(plm, soft, texts, targets, k, preactivation=preactivation, layers=layers,

@@ -73,15 +73,6 @@ class _Decoder:
         return vals, self.ids[idx]
 
 
-@torch.no_grad()
-def decode_layer(
-    adapter: LMAdapter, layer: int, units: list[int], top_n: int = 10, lens: Lens = "unembed"
-) -> tuple[Tensor, Tensor]:
-    """Top ``top_n`` (logits, token ids) of decoder(W_out[:, k]) per unit k of ``units``:
-    two ``[len(units), top_n]`` tensors, logits descending, ids among ``real_token_ids``."""
-    return _Decoder(adapter, lens)(layer, units, top_n)
-
-
 def decode_units(
     adapter: LMAdapter,
     tokenizer: PreTrainedTokenizerBase,

@@ -18,19 +18,18 @@ from tqdm import tqdm
 MapProvider = Callable[[Sequence[int], Sequence[tuple[int, int]]], dict[int, np.ndarray]]
 
 
-def model_maps(plm, enc, load_image: Callable[[int], Image.Image], progress: bool = False) -> MapProvider:
-    """A :data:`MapProvider` running the image-prefix LM: one forward pass per image
-    (:func:`mmn.experiments.iou.image_activations`), keeping only the requested units
-    (a full ``[layers, P, d_mlp]`` tensor per image would be 360 MB for GPT-J)."""
-    from mmn.experiments.iou import image_activations
+def model_maps(plm, load_image: Callable[[int], Image.Image], progress: bool = False) -> MapProvider:
+    """A :data:`MapProvider` running the image-prefix LM (with its encoder): one forward pass per
+    image (:func:`mmn.neurons.activations.activations_of_image`), keeping only the requested
+    units (a full ``[layers, P, d_mlp]`` tensor per image would be 360 MB for GPT-J)."""
+    from mmn.neurons.activations import activations_of_image
 
     def provide(image_ids: Sequence[int], units: Sequence[tuple[int, int]]) -> dict[int, np.ndarray]:
         layers = torch.tensor([l for l, _ in units], dtype=torch.long)
         cols = torch.tensor([u for _, u in units], dtype=torch.long)
         out: dict[int, np.ndarray] = {}
         for img in tqdm(list(image_ids), desc="activation maps", disable=not progress):
-            with torch.no_grad():
-                acts = image_activations(plm, plm.soft_tokens(enc.encode([load_image(img)])))  # [L, P, d]
+            acts = activations_of_image(plm, load_image(img))  # [L, P, d]
             out[img] = acts[layers, :, cols].numpy().astype(np.float32)  # [n_units, P]
         return out
 

@@ -122,56 +122,102 @@ def plot_tables(inp: PlotInputs, bins: int, curves: pl.DataFrame | None = None) 
         "methods": T.wide(inp.methods_curve, "k", "method", "rel_drop", tuple(F.METHOD_COLORS))})
 
 
+@dataclass
+class _Shown:
+    """The selected images and units (:func:`T.select`) with their activation maps and photos."""
+
+    inp: PlotInputs
+    sel: T.Selection
+    act: dict[int, np.ndarray]  # {image_id: Float[ndarray, "n_units P"]}, rows in ``sel.units`` order
+    photos: dict[int, np.ndarray]
+    info: dict[tuple[int, int], dict] = field(init=False)  # per unit: its row of ``sel.summary``
+    caps: dict[int, dict] = field(init=False)  # per image: its captions.parquet row
+    _row: dict[tuple[int, int], int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._row = {u: j for j, u in enumerate(self.sel.units)}
+        self.info = {(r["layer"], r["unit"]): r for r in self.sel.summary.iter_rows(named=True)}
+        self.caps = {r["image_id"]: r for r in self.inp.captions.iter_rows(named=True)}
+
+    def tokens(self, u: tuple[int, int]) -> list[str]:
+        return list(self.info[u]["tokens"] or [])
+
+    def map(self, img: int, u: tuple[int, int]) -> np.ndarray:
+        """Unit ``u``'s activations at the image positions of ``img``."""
+        return self.act[img][self._row[u]]
+
+    def marked_caption(self, img: int) -> list:
+        c = self.caps.get(img, {})
+        return T.mark_target(c.get("caption") or "", c.get("noun"), c.get("target_token"))
+
+
 def build(inp: PlotInputs, maps: MapProvider, s: PlotSettings, plots_dir: Path, report_dir: Path) -> Written:
     """Write every figure, plot table and report page (into the given, empty, folders)."""
     sel = T.select(inp.captions, inp.attributions, inp.interpretable, images=s.images,
                    units_per_image=s.units_per_image, cards=s.cards)
     act = maps(sel.images, sel.units)
-    uidx = {u: j for j, u in enumerate(sel.units)}
-    photos = {i: square_image(inp.load_image(i), FIG_SIZE) for i in sel.images}
-    info = {(r["layer"], r["unit"]): r for r in sel.summary.iter_rows(named=True)}
-    caps = {r["image_id"]: r for r in inp.captions.iter_rows(named=True)}
-    figs: list[Path] = []
+    shown = _Shown(inp, sel, act, {i: square_image(inp.load_image(i), FIG_SIZE) for i in sel.images})
+    figs = _neuron_cards(shown, s, plots_dir)
+    image_units = {img: sel.per_image.filter(pl.col("image_id") == img).sort("order").to_dicts()
+                   for img in sel.images}
+    figs += _image_figures(shown, image_units, s, plots_dir)
+    top = top_activating(act, sel.units, s.top_images)
+    figs += _top_image_figures(shown, top, s, plots_dir)
+    curves = T.ablation_curves(inp.ablation)
+    summary_figs = _summary_figures(inp, s, curves)
+    for name, _, _, fig in summary_figs:
+        figs.append(F.save_png(fig, plots_dir / name, s.dpi))
+    data = [_write_csv(df, plots_dir / "data" / f"{name}.csv") for name, df in plot_tables(inp, s.bins, curves).items()]
+    pages = _write_report(shown, image_units, top, summary_figs, s.quantile, plots_dir, report_dir)
+    return Written(figs, data, pages)
 
-    def tokens(u) -> list[str]:
-        return list(info[u]["tokens"] or [])
 
-    # Fig. 1: neuron cards
-    for u in sel.card_units:
-        r = info[u]
+def _neuron_cards(shown: _Shown, s: PlotSettings, plots_dir: Path) -> list[Path]:
+    """Fig. 1: a card per card unit, on its best image."""
+    figs = []
+    for u in shown.sel.card_units:
+        r = shown.info[u]
         img = int(r["best_image"])
-        pic = overlay_heatmap(photos[img], act[img][uidx[u]], size=FIG_SIZE)
-        fig = F.neuron_card(pic, *u, tokens(u), list(r["logits"] or []), interpretable=r["interpretable"],
+        pic = overlay_heatmap(shown.photos[img], shown.map(img, u), size=FIG_SIZE)
+        fig = F.neuron_card(pic, *u, shown.tokens(u), list(r["logits"] or []), interpretable=r["interpretable"],
                             n_words=r["n_words"], max_g=r["max_g"], image_label=f"image {img} (its max g)")
         figs.append(F.save_png(fig, plots_dir / "cards" / f"{T.unit_key(*u)}.png", s.dpi))
+    return figs
 
-    # Fig. 2: per image, its top units superimposed + the caption with the target marked
-    image_units: dict[int, list[dict]] = {}
-    for img in sel.images:
-        rows = sel.per_image.filter(pl.col("image_id") == img).sort("order").to_dicts()
-        image_units[img] = rows
+
+def _image_figures(shown: _Shown, image_units: dict[int, list[dict]], s: PlotSettings, plots_dir: Path
+                   ) -> list[Path]:
+    """Fig. 2: per image, its top units superimposed + the caption with the target marked."""
+    figs = []
+    for img, rows in image_units.items():
         units = [(r["layer"], r["unit"]) for r in rows]
-        pic, _ = overlay_masks(photos[img], [act[img][uidx[u]] for u in units], size=FIG_SIZE, quantile=s.quantile)
-        c = caps.get(img, {})
-        parts = T.mark_target(c.get("caption") or "", c.get("noun"), c.get("target_token"))
-        labels = [", ".join(F.show_token(t) for t in tokens(u)[:4]) for u in units]
-        fig = F.image_units(pic, units, labels, parts, f"image {img}: {inp.file_names.get(img, '')}")
+        pic, _ = overlay_masks(shown.photos[img], [shown.map(img, u) for u in units], size=FIG_SIZE,
+                               quantile=s.quantile)
+        labels = [", ".join(F.show_token(t) for t in shown.tokens(u)[:4]) for u in units]
+        fig = F.image_units(pic, units, labels, shown.marked_caption(img),
+                            f"image {img}: {shown.inp.file_names.get(img, '')}")
         figs.append(F.save_png(fig, plots_dir / "images" / f"{img}.png", s.dpi))
+    return figs
 
-    # Fig. 4: top-activating images of the card units
-    top = top_activating(act, sel.units, s.top_images)
-    for u in sel.card_units:
-        panels = [(overlay_heatmap(photos[i], act[i][uidx[u]], size=FIG_SIZE, quantile=s.quantile),
+
+def _top_image_figures(shown: _Shown, top: dict[tuple[int, int], list[tuple[int, float]]], s: PlotSettings,
+                       plots_dir: Path) -> list[Path]:
+    """Fig. 4: top-activating images of the card units."""
+    figs = []
+    for u in shown.sel.card_units:
+        panels = [(overlay_heatmap(shown.photos[i], shown.map(i, u), size=FIG_SIZE, quantile=s.quantile),
                    f"image {i}\nmax A = {a:.3g}") for i, a in top[u]]
-        fig = F.unit_top_images(*u, tokens(u), panels)
+        fig = F.unit_top_images(*u, shown.tokens(u), panels)
         figs.append(F.save_png(fig, plots_dir / "units" / f"{T.unit_key(*u)}.png", s.dpi))
+    return figs
 
-    # Fig. 3, 5, 6 and the supplement
+
+def _summary_figures(inp: PlotInputs, s: PlotSettings, curves: pl.DataFrame) -> list[tuple[str, str, str, object]]:
+    """Fig. 3, 5, 6 and the supplement: ``(file name, title, caption, figure)``."""
     bert, clip = T.score_series(inp.scores, "bertscore"), T.score_series(inp.scores, "clipscore")
     score_m = inp.metrics.get("scores") or {}
     clip_note = None  # the scale note says when (and where why) CLIPScore was not computed
     scale_note = score_scale_note(score_m.get("scale"), bool(clip))
-    curves = T.ablation_curves(inp.ablation)
     summary_figs = [
         ("fig3_scores.png", "Fig. 3 — score distributions",
          "Per-image BERTScore (and CLIPScore when computed) of decoded image prompts — mean (left) and max "
@@ -215,78 +261,84 @@ def build(inp: PlotInputs, maps: MapProvider, s: PlotSettings, plots_dir: Path, 
             "and validation (training images held out from fitting); the dashed line is the kept checkpoint "
             "(lowest validation loss). Data: data/projection/loss.csv (dvc plots show).",
             F.projection_loss_figure(inp.projection_loss, inp.projection_meta.get("best_step"))))
-    for name, _, _, fig in summary_figs:
-        figs.append(F.save_png(fig, plots_dir / name, s.dpi))
+    return summary_figs
 
-    data = [_write_csv(df, plots_dir / "data" / f"{name}.csv") for name, df in plot_tables(inp, s.bins, curves).items()]
 
-    # ----------------------------------------------------------------- report
-    rd = report_dir
-    img_dir = rd / "img"
-    photo_rel = {}
-    for i in sel.images:
-        _save_jpg(photos[i], img_dir / "photos" / f"{i}.jpg")
-        photo_rel[i] = f"img/photos/{i}.jpg"
-    heats: dict[tuple[tuple[int, int], int], str] = {}
-
-    def heat(u, i) -> str:
-        if (u, i) not in heats:
-            pic = overlay_heatmap(photos[i], act[i][uidx[u]], size=FIG_SIZE, quantile=s.quantile)
-            rel = f"img/heat/{T.unit_key(*u)}_{i}.jpg"
-            _save_jpg(pic, rd / rel, HEAT_SIZE)
-            heats[(u, i)] = rel
-        return heats[(u, i)]
-
-    def copy(src: Path, rel: str) -> str:
-        (rd / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, rd / rel)
-        return rel
-
-    image_pages = []
-    for img in sel.images:
-        c = caps.get(img, {})
-        rows = [UnitRow(T.unit_key(r["layer"], r["unit"]), r["layer"], r["unit"],
-                        info[(r["layer"], r["unit"])]["interpretable"], tokens((r["layer"], r["unit"])),
-                        g=r["g"], rank=r["rank"], heat=heat((r["layer"], r["unit"]), img))
-                for r in image_units[img]]
-        image_pages.append(ImagePage(
-            img, inp.file_names.get(img, ""), T.mark_target(c.get("caption") or "", c.get("noun"),
-                                                            c.get("target_token")),
-            c.get("noun"), c.get("target_token"), c.get("p_target"), inp.refs.get(img, []), photo_rel[img],
-            copy(plots_dir / "images" / f"{img}.png", f"img/fig2/{img}.png"), rows))
-
+def _write_report(shown: _Shown, image_units: dict[int, list[dict]], top: dict[tuple[int, int], list],
+                  summary_figs: list[tuple[str, str, str, object]], quantile: float, plots_dir: Path, rd: Path
+                  ) -> list[Path]:
+    """The static report under ``rd`` (every picture copied into ``rd/img``): its pages."""
+    inp = shown.inp
+    pics = _ReportPictures(shown, quantile, rd)
+    image_pages = [_image_page(shown, pics, img, rows, plots_dir) for img, rows in image_units.items()]
     att_best = (inp.attributions.sort("rank").unique(subset=["layer", "unit", "image_id"], keep="first",
                                                       maintain_order=True))
-    cards = set(sel.card_units)
-    pages = set(sel.images)
-    unit_pages = []
-    for u in sel.units:
-        r = info[u]
-        key = T.unit_key(*u)
-        attributed = [ImageRow(i, i in pages, g=g, rank=rk) for i, rk, g in
-                      att_best.filter((pl.col("layer") == u[0]) & (pl.col("unit") == u[1]))
-                      .sort(["rank", "image_id"]).select("image_id", "rank", "g").iter_rows()]
-        top_rows = [ImageRow(i, i in pages, activation=a, heat=heat(u, i)) for i, a in top[u]]
-        unit_pages.append(UnitPage(
-            key, u[0], u[1], r["interpretable"], r["n_words"], list(zip(tokens(u), list(r["logits"] or []))),
-            r["max_g"], r["n_images"],
-            copy(plots_dir / "cards" / f"{key}.png", f"img/cards/{key}.png") if u in cards else None,
-            copy(plots_dir / "units" / f"{key}.png", f"img/fig4/{key}.png") if u in cards else None,
-            attributed, top_rows))
+    unit_pages = [_unit_page(shown, pics, u, att_best, top[u], plots_dir) for u in shown.sel.units]
     unit_pages.sort(key=lambda p: (-p.max_g, p.layer, p.unit))
-
     report = Report(
         inp.title, inp.subtitle, image_pages, unit_pages,
         metric_tables({k: inp.metrics[k] for k in ("captions", "projection", "scores", "iou", "ablation", "neurons",
                                                    "methods")
                        if k in inp.metrics}),
-        figures=[(title, copy(plots_dir / name, f"img/fig/{name}"), cap) for name, title, cap, _ in summary_figs],
-        cards=[(T.unit_key(*u), f"img/cards/{T.unit_key(*u)}.png") for u in sel.card_units],
+        figures=[(title, pics.copy(plots_dir / name, f"img/fig/{name}"), cap) for name, title, cap, _ in summary_figs],
+        cards=[(T.unit_key(*u), f"img/cards/{T.unit_key(*u)}.png") for u in shown.sel.card_units],
         quality=caption_quality_box(inp, "img/fig/projection_loss.png" if any(
             n == "projection_loss.png" for n, *_ in summary_figs) else None),
     )
-    pages_written = render_report(report, rd)
-    return Written(figs, data, pages_written)
+    return render_report(report, rd)
+
+
+class _ReportPictures:
+    """The report's pictures under ``rd``: photos (written at once), heat maps (on first use) and copies."""
+
+    def __init__(self, shown: _Shown, quantile: float, rd: Path) -> None:
+        self.shown, self.quantile, self.rd = shown, quantile, rd
+        self.photo: dict[int, str] = {}
+        for i in shown.sel.images:
+            _save_jpg(shown.photos[i], rd / "img" / "photos" / f"{i}.jpg")
+            self.photo[i] = f"img/photos/{i}.jpg"
+        self._heats: dict[tuple[tuple[int, int], int], str] = {}
+
+    def heat(self, u: tuple[int, int], i: int) -> str:
+        if (u, i) not in self._heats:
+            pic = overlay_heatmap(self.shown.photos[i], self.shown.map(i, u), size=FIG_SIZE, quantile=self.quantile)
+            rel = f"img/heat/{T.unit_key(*u)}_{i}.jpg"
+            _save_jpg(pic, self.rd / rel, HEAT_SIZE)
+            self._heats[(u, i)] = rel
+        return self._heats[(u, i)]
+
+    def copy(self, src: Path, rel: str) -> str:
+        (self.rd / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, self.rd / rel)
+        return rel
+
+
+def _image_page(shown: _Shown, pics: _ReportPictures, img: int, rows: list[dict], plots_dir: Path) -> ImagePage:
+    inp, c = shown.inp, shown.caps.get(img, {})
+    units = [UnitRow(T.unit_key(r["layer"], r["unit"]), r["layer"], r["unit"],
+                     shown.info[(r["layer"], r["unit"])]["interpretable"], shown.tokens((r["layer"], r["unit"])),
+                     g=r["g"], rank=r["rank"], heat=pics.heat((r["layer"], r["unit"]), img))
+             for r in rows]
+    return ImagePage(
+        img, inp.file_names.get(img, ""), shown.marked_caption(img),
+        c.get("noun"), c.get("target_token"), c.get("p_target"), inp.refs.get(img, []), pics.photo[img],
+        pics.copy(plots_dir / "images" / f"{img}.png", f"img/fig2/{img}.png"), units)
+
+
+def _unit_page(shown: _Shown, pics: _ReportPictures, u: tuple[int, int], att_best: pl.DataFrame,
+               top: list[tuple[int, float]], plots_dir: Path) -> UnitPage:
+    r, key = shown.info[u], T.unit_key(*u)
+    pages, card = set(shown.sel.images), u in set(shown.sel.card_units)
+    attributed = [ImageRow(i, i in pages, g=g, rank=rk) for i, rk, g in
+                  att_best.filter((pl.col("layer") == u[0]) & (pl.col("unit") == u[1]))
+                  .sort(["rank", "image_id"]).select("image_id", "rank", "g").iter_rows()]
+    top_rows = [ImageRow(i, i in pages, activation=a, heat=pics.heat(u, i)) for i, a in top]
+    return UnitPage(
+        key, u[0], u[1], r["interpretable"], r["n_words"], list(zip(shown.tokens(u), list(r["logits"] or []))),
+        r["max_g"], r["n_images"],
+        pics.copy(plots_dir / "cards" / f"{key}.png", f"img/cards/{key}.png") if card else None,
+        pics.copy(plots_dir / "units" / f"{key}.png", f"img/fig4/{key}.png") if card else None,
+        attributed, top_rows)
 
 
 def caption_quality_box(inp: PlotInputs, loss_figure: str | None) -> QualityBox | None:

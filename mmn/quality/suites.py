@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import pathlib
 import warnings
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+
+from mmn.data.coco_format import read_coco_json
 
 from .core import QualityError, expect, format_failures, run_suite, validate, when
 
@@ -228,41 +229,18 @@ register_suite("coco_captions", coco_captions_suite)
 register_suite("coco_categories", coco_categories_suite)
 register_suite("coco_skipped", coco_skipped_suite)
 
-_REQUIRED_KEYS = {
-    "instances.json": ("images", "annotations", "categories"),
-    "captions.json": ("annotations",),
-}
+def _structural(path: pathlib.Path) -> Callable[[str], QualityError]:
+    """Error factory for :mod:`mmn.data.coco_format`: a structural problem of ``path``."""
+    return lambda msg: QualityError(f"data-quality suite 'coco_layout' failed: {msg}",
+                                    suite="coco_layout", path=path)
 
 
-def _structural(msg: str, path: pathlib.Path) -> QualityError:
-    return QualityError(f"data-quality suite 'coco_layout' failed: {path}: {msg}",
-                        suite="coco_layout", path=path)
+def _load_json(path: pathlib.Path, kind: str) -> dict:
+    """``path`` read and checked by :func:`mmn.data.coco_format.read_coco_json` (lists of objects)."""
+    return read_coco_json(path, kind, _structural(path))
 
 
-def _load_json(path: pathlib.Path) -> dict:
-    if not path.is_file():
-        raise _structural("file missing", path)
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _structural(f"not valid JSON (truncated or corrupt?): {e}", path) from None
-    if not isinstance(data, dict):
-        raise _structural(f"top level is a {type(data).__name__}, expected an object", path)
-    for key in _REQUIRED_KEYS[path.name]:
-        if key not in data:
-            raise _structural(
-                f"missing top-level key {key!r} (COCO {path.stem} format needs "
-                f"{', '.join(_REQUIRED_KEYS[path.name])})", path)
-        if not isinstance(data[key], list):
-            raise _structural(f"{key!r} is a {type(data[key]).__name__}, expected a list",
-                              path)
-    return data
-
-
-def _records(items: list, columns: list[str], path: pathlib.Path, key: str) -> pd.DataFrame:
-    bad = [i for i, r in enumerate(items) if not isinstance(r, dict)]
-    if bad:
-        raise _structural(f"{key}[{bad[0]}] is not an object", path)
+def _records(items: list, columns: list[str]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(items)
     for c in columns:  # a key missing from every record -> all-null column
         if c not in df.columns:
@@ -300,28 +278,24 @@ def coco_frames(root: pathlib.Path) -> dict[str, pd.DataFrame]:
     ann_dir = root / "annotations"
     img_dir = root / "images"
     if not img_dir.is_dir():
-        raise _structural("images directory missing", img_dir)
+        raise _structural(img_dir)(f"{img_dir}: images directory missing")
     inst_path, cap_path = ann_dir / "instances.json", ann_dir / "captions.json"
-    inst = _load_json(inst_path)
-    caps = _load_json(cap_path)
+    inst = _load_json(inst_path, "instances")
+    caps = _load_json(cap_path, "captions")
 
-    images = _records(inst["images"], ["id", "file_name", "width", "height"],
-                      inst_path, "images")
+    images = _records(inst["images"], ["id", "file_name", "width", "height"])
     images["file_exists"] = [
         isinstance(f, str) and bool(f) and (img_dir / f).is_file()
         for f in images["file_name"]
     ]
-    captions = _records(caps["annotations"], ["id", "image_id", "caption"],
-                        cap_path, "annotations")
+    captions = _records(caps["annotations"], ["id", "image_id", "caption"])
     counts = captions["image_id"].value_counts()
     images["n_captions"] = [int(counts.get(i, 0)) for i in images["id"]]
 
-    instances = _records(inst["annotations"],
-                         ["id", "image_id", "category_id", "iscrowd"],
-                         inst_path, "annotations")
+    instances = _records(inst["annotations"], ["id", "image_id", "category_id", "iscrowd"])
     instances["mask_pixels"], instances["mask_error"] = _mask_pixels(inst)
     instances = instances.drop(columns=[c for c in ("segmentation",) if c in instances])
-    categories = _records(inst["categories"], ["id", "name"], inst_path, "categories")
+    categories = _records(inst["categories"], ["id", "name"])
     skipped_path = root / "skipped.csv"  # written by the project's sources; absent = nothing skipped
     dtypes = {"image_id": "Int64", "file_name": "string", "reason": "string"}
     skipped = (pd.read_csv(skipped_path, dtype=dtypes) if skipped_path.is_file()
@@ -387,8 +361,8 @@ register_suite("train_eval_disjoint", train_eval_disjoint_suite)
 
 
 def _layout_image_ids(root: pathlib.Path) -> list[int]:
-    inst = _load_json(pathlib.Path(root) / "annotations" / "instances.json")
-    ids = _records(inst["images"], ["id"], pathlib.Path(root) / "annotations" / "instances.json", "images")["id"]
+    inst = _load_json(pathlib.Path(root) / "annotations" / "instances.json", "instances")
+    ids = _records(inst["images"], ["id"])["id"]
     return [int(i) for i in ids.tolist() if i is not None]
 
 
