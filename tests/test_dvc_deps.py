@@ -297,3 +297,59 @@ def test_stage_main_reports_mmn_errors_in_one_line(capsys):
         bug()
     for cls in (DataError, ModelError, NetworkError, ParamsError, QualityError):
         assert issubclass(cls, MMNError)
+
+
+# -- paths: the click defaults of each stage and dvc.yaml's deps/outs never drift ------------------
+
+#: paths a stage reads through a library constant instead of an option (constant -> its value)
+CONSTANT_PATHS = {"data/wordlist/american-english": "mmn.neurons.filter.DEFAULT_WORDLIST"}
+#: option defaults that are caches, deliberately not DVC outputs (re-creatable, resumable downloads)
+CACHES = {".cache/coco"}
+
+
+def _dvc_paths(stage: str) -> set[str]:
+    """Data paths dvc.yaml declares for ``stage``: non-code deps, outs, metrics and plots."""
+    st, out = _dvc()[stage], set()
+    for key in ("deps", "outs", "metrics", "plots"):
+        for e in st.get(key) or []:
+            out |= set(e) if isinstance(e, dict) else {e}
+    return {p for p in out if p.split("/")[0] not in PACKAGES}
+
+
+def _click_paths(stage: str) -> set[str]:
+    """Defaults of the stage's ``click.Path`` options (``params.yaml`` aside)."""
+    import importlib
+
+    import click
+
+    cmd = importlib.import_module(f"stages.{stage}").main
+    return {p.default for p in cmd.params
+            if isinstance(p.type, click.Path) and p.default and p.default != "params.yaml"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_click_defaults_and_dvc_paths_agree(stage):
+    """Every path a stage writes or reads by default is declared in dvc.yaml, and every declared
+    data path is a default of the stage (or lies in a default folder, or is a named library
+    constant): changing one without the other fails here, naming the stage and the path."""
+    import importlib
+
+    clicks, declared = _click_paths(stage), _dvc_paths(stage)
+    for path in sorted(clicks - CACHES):
+        assert any(_covers(path, d) for d in declared), f"stage {stage}: option default {path} not in dvc.yaml"
+    for path in sorted(declared):
+        if path in CONSTANT_PATHS:
+            mod, _, name = CONSTANT_PATHS[path].rpartition(".")
+            assert str(getattr(importlib.import_module(mod), name)) == path, (stage, path)
+            continue
+        assert any(_covers(c, path) for c in clicks), f"stage {stage}: dvc.yaml path {path} is no option default"
+
+
+def test_path_check_catches_a_drift(monkeypatch):
+    """Mutation: a dvc.yaml out renamed without the stage's option makes the check fail."""
+    st = {k: dict(v) for k, v in _dvc().items()}
+    st["caption"]["outs"] = ["data/captions_renamed.parquet" if o == "data/captions.parquet" else o
+                             for o in st["caption"]["outs"]]
+    monkeypatch.setitem(globals(), "_dvc", lambda: st)
+    with pytest.raises(AssertionError, match="stage caption: option default data/captions.parquet"):
+        test_click_defaults_and_dvc_paths_agree("caption")
