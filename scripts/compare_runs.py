@@ -1,0 +1,78 @@
+"""How far two runs of the pipeline differ: the projection, the captions and every headline metric.
+
+For the stability checks of the README (another thread count, another machine, another seed,
+``projection.train.dtype``): run ``dvc repro`` in two copies of the repository, then
+
+    python scripts/compare_runs.py RUN_A RUN_B [--all]
+
+prints the projection's largest weight difference and best step, how many captions (and
+target nouns) are identical, and, for each metric in ``metrics/*.json`` (each ``mean`` of a
+CI, each ``diff``/``p`` of a comparison), both values and their difference. ``--all`` lists
+every numeric leaf, CI bounds and counts included. Exit status 0; it only reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import polars as pl
+from safetensors.torch import load_file
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, float]:
+    if isinstance(node, dict):
+        out: dict[str, float] = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return {prefix.rstrip("."): float(node)}
+    return {}
+
+
+def metrics(run: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for f in sorted((run / "metrics").glob("*.json")):
+        out.update({f"{f.stem}:{k}": v for k, v in _leaves(json.loads(f.read_text())).items()})
+    return out
+
+
+def _headline(key: str) -> bool:
+    last = key.rsplit(".", 1)[-1]
+    return last in ("mean", "diff", "p", "D") or "." not in key.split(":", 1)[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("--all", action="store_true", help="every numeric leaf, not only means, diffs and p-values")
+    args = ap.parse_args()
+    wa = load_file(str(args.a / "data/projection/projection.safetensors"))
+    wb = load_file(str(args.b / "data/projection/projection.safetensors"))
+    dw = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    ma, mb = (json.loads((r / "data/projection/meta.json").read_text()) for r in (args.a, args.b))
+    print(f"projection: max |dW| {dw:.3g} (max |W| {float(wa['weight'].abs().max()):.3g}); best step "
+          f"{ma.get('best_step')} vs {mb.get('best_step')}; best val loss {ma.get('best_val_loss')} vs "
+          f"{mb.get('best_val_loss')}")
+    ca, cb = (pl.read_parquet(r / "data/captions.parquet").sort("image_id") for r in (args.a, args.b))
+    same = int((ca["caption"] == cb["caption"]).sum())
+    nouns = int((ca["noun"].fill_null("") == cb["noun"].fill_null("")).sum())
+    print(f"captions identical: {same}/{ca.height}; target nouns identical: {nouns}/{ca.height}")
+    for a, b in zip(ca.iter_rows(named=True), cb.iter_rows(named=True), strict=True):
+        if a["caption"] != b["caption"]:
+            print(f"  {a['image_id']}: {a['caption']!r}\n  {' ' * len(str(a['image_id']))}  {b['caption']!r}")
+    va, vb = metrics(args.a), metrics(args.b)
+    print("\n| metric | A | B | B - A |\n| --- | --- | --- | --- |")
+    for k in sorted(set(va) | set(vb)):
+        if not (args.all or _headline(k)):
+            continue
+        x, y = va.get(k), vb.get(k)
+        d = "" if x is None or y is None else f"{y - x:+.4g}"
+        print(f"| {k} | {'' if x is None else f'{x:.4g}'} | {'' if y is None else f'{y:.4g}'} | {d} |")
+
+
+if __name__ == "__main__":
+    main()
