@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from seeds import flatten  # noqa: E402  (numeric leaves of a metrics JSON)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -75,16 +77,6 @@ def worker(args: argparse.Namespace) -> None:
     }))
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="1:0,2:0,1:1", help="threads:seed pairs; the first is the reference")
@@ -113,7 +105,7 @@ def main() -> None:
         results.append(json.loads(out.read_text()))
         results[-1]["weights"] = torch.load(str(out) + ".pt")
     ref = results[0]
-    ref_m = _flat(ref["metrics"])
+    ref_m = flatten(ref["metrics"])
     print(f"reference: threads {ref['threads']}, seed {ref['seed']}")
     for r in results:
         m = r["meta"]
@@ -125,7 +117,7 @@ def main() -> None:
               f"val loss {m['initial_val_loss']} -> {m['best_val_loss']}, train {r['train_s']:.0f} s")
         print(f"max |dW| vs reference {dw:.3g} (max |W| {scale:.3g}); captions identical {len(same)}/{len(ref['captions'])}; "
               f"own vs shuffled informative: {r['informative']}")
-        mm = _flat(r["metrics"])
+        mm = flatten(r["metrics"])
         print("metric deltas vs reference: " + ", ".join(
             f"{k} {mm[k]:.4g} ({mm[k] - ref_m[k]:+.3g})" for k in mm if k in ref_m and not k.endswith(".n")))
         for k, cap in r["captions"].items():

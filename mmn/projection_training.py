@@ -339,7 +339,7 @@ def train_from_layout(
         "seed": params.seed,
         "val_image_ids": val_ids,
     }
-    if tp.dtype != "float32":
+    if tp.dtype != "float32":  # absent = float32, so projections trained before the option keep their bytes
         meta["train_dtype"] = tp.dtype
     return res.projection, res, meta
 

@@ -15,27 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import polars as pl
 from safetensors.torch import load_file
 
-
-def _leaves(node: object, prefix: str = "") -> dict[str, float]:
-    if isinstance(node, dict):
-        out: dict[str, float] = {}
-        for k, v in node.items():
-            out.update(_leaves(v, f"{prefix}{k}."))
-        return out
-    if isinstance(node, (int, float)) and not isinstance(node, bool):
-        return {prefix.rstrip("."): float(node)}
-    return {}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seeds import flatten  # noqa: E402  (numeric leaves of a metrics JSON, as scripts/seeds.py reads them)
 
 
 def metrics(run: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for f in sorted((run / "metrics").glob("*.json")):
-        out.update({f"{f.stem}:{k}": v for k, v in _leaves(json.loads(f.read_text())).items()})
+        out.update({f"{f.stem}:{k}": v for k, v in flatten(json.loads(f.read_text())).items()})
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from coco_server import coco_server  # noqa: E402
-from test_pipeline_e2e import _copy_repo, _run  # noqa: E402
+from test_pipeline_e2e import _copy_repo, _run, _set_keys  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -40,14 +40,6 @@ DEFAULTS = {
 }
 
 
-def _set(params: dict, key: str, value) -> None:
-    node = params
-    keys = key.split(".")
-    for k in keys[:-1]:
-        node = node[k]
-    node[keys[-1]] = value
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
@@ -62,8 +54,7 @@ def main() -> int:
         for s in args.sets:
             k, v = s.split("=", 1)
             overrides[k] = yaml.safe_load(v)
-        for k, v in overrides.items():
-            _set(p, k, v)
+        _set_keys(p, overrides)
         (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         t0 = time.time()
         r = _run(["dvc", "repro"], repo, timeout=4 * 3600)

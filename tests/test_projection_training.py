@@ -202,9 +202,11 @@ def test_train_from_layout_on_tiny_models(tiny_adapters, tiny_beit, tmp_path):
 
 def test_float64_training_restores_the_models_and_saves_float32(tiny_adapters, tiny_beit, tmp_path):
     """`projection.train.dtype: float64`: the LM and encoder are trained in double precision and
-    restored bit for bit afterwards; the projection comes back in float32; its soft tokens stay
-    close to a float32 run's at the first step (same init, same batches) and the result does not
-    depend on the thread count."""
+    restored bit for bit afterwards; the projection comes back in float32; after one step (same
+    init, same batch) its weights and initial validation loss agree with a float32 run's; a rerun
+    under 2 threads gives the same weights. (At these tiny sizes the thread count may not change
+    any reduction order, so that last check guards the float64 path's determinism only; the
+    thread-noise measurement on the real models is benchmarks/bench_train_dtype.py.)"""
     from mmn.data.layout import CocoLayout
     from mmn.data.sample import materialize_sample
     from mmn.params import load_params, parse_params

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
 import torch
 from PIL import Image
 from torch import Tensor, nn

@@ -229,6 +229,7 @@ register_suite("coco_captions", coco_captions_suite)
 register_suite("coco_categories", coco_categories_suite)
 register_suite("coco_skipped", coco_skipped_suite)
 
+
 def _structural(path: pathlib.Path) -> Callable[[str], QualityError]:
     """Error factory for :mod:`mmn.data.coco_format`: a structural problem of ``path``."""
     return lambda msg: QualityError(f"data-quality suite 'coco_layout' failed: {msg}",
