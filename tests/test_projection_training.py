@@ -222,6 +222,7 @@ def test_float64_training_restores_the_models_and_saves_float32(tiny_adapters, t
         raw = load_params().model_dump()
         raw["projection"]["train"].update(max_steps=steps, batch_size=4, views=2, warmup_steps=1, eval_every=1,
                                           val_fraction=0.3, patience=0, dtype=dtype)
+        raw["profiles"][raw["profile"]]["train_dtype"] = None  # the global key decides (the embedded profile: float64)
         old = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
