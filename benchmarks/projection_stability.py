@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmn.run_metrics import flatten
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from seeds import flatten  # noqa: E402  (numeric leaves of a metrics JSON)
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import polars as pl
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeds import flatten  # noqa: E402  (numeric leaves of a metrics JSON, as scripts/seeds.py reads them)
+from mmn.run_metrics import flatten
 
 
 def metrics(run: Path) -> dict[str, float]:

@@ -25,19 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mmn.run_metrics import flatten
+
 REPO = Path(__file__).resolve().parents[1]
 SKIP_SUFFIXES = (".lo", ".hi", ".n")
-
-
-def flatten(obj: object, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a metrics JSON as ``{"a.b.c": value}`` (nulls and booleans left out)."""
-    out: dict[str, float] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        out[prefix] = float(obj)
-    return out
 
 
 def seed_metrics(folder: Path) -> dict[str, float]:

@@ -38,3 +38,11 @@ def test_compare_runs_reports_hand_computed_differences(tmp_path):
     assert "'a dog'" in out and "'a bird'" in out
     assert "| neurons:kept_fraction.mean | 0.25 | 0.5 | +0.25 |" in out
     assert "kept_fraction.lo" not in out  # CI bounds only with --all
+
+
+def test_flatten_keeps_numeric_leaves_only():
+    from mmn.run_metrics import flatten
+
+    obj = {"a": {"b": 1, "c": None, "d": True, "e": {"f": 2.5}}, "g": "x", "h": 3}
+    assert flatten(obj) == {"a.b": 1.0, "a.e.f": 2.5, "h": 3.0}
+    assert flatten(obj["a"], "m") == {"m.b": 1.0, "m.e.f": 2.5}
