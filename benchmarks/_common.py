@@ -81,6 +81,25 @@ def machine_info(threads: int) -> list[str]:
     ]
 
 
+def topk_agree(a: Sequence[tuple[Sequence, float]], b: Sequence[tuple[Sequence, float]], tol: float) -> bool:
+    """Whether two top-k lists of ``(key, value)`` agree up to float noise.
+
+    The methods run in separate processes, and a fresh process occasionally computes in a
+    slightly different numeric state (about 1e-5 relative on the logits), which reorders
+    near-tied entries. So: a key in both lists must have values within ``tol * max|value|``;
+    a key in only one list must be a near-tie at the other's cut, within ``tol * max|value|``
+    of the other list's k-th value. The order itself is not compared (the values are).
+    """
+    va = {tuple(k): v for k, v in a}
+    vb = {tuple(k): v for k, v in b}
+    scale = max([abs(v) for v in [*va.values(), *vb.values()]] or [1.0]) or 1.0
+    if any(abs(va[k] - vb[k]) > tol * scale for k in va.keys() & vb.keys()):
+        return False
+    cut_a, cut_b = min(va.values(), default=0.0), min(vb.values(), default=0.0)
+    return all(va[k] <= cut_b + tol * scale for k in va.keys() - vb.keys()) and all(
+        vb[k] <= cut_a + tol * scale for k in vb.keys() - va.keys())
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

@@ -20,8 +20,10 @@ images, one image at a time (lockstep, see ``_common.run_lockstep``). The timed
 region covers encoding + projection + unit ranking + the ablation forward(s) of every
 image (images are read from disk before it); the ablation forwards alone are also
 timed (``ablation s``). An untimed warm-up on each method's first image runs first.
-The script exits non-zero when the unit rankings differ or some p(c) differs by more
-than ``--atol``.
+The script exits non-zero when the unit rankings differ beyond float noise
+(``_common.topk_agree``, ``--tol``: a fresh process occasionally computes in a slightly
+different numeric state, which reorders near ties) or some p(c) differs by more than
+``--atol`` + ``--rtol`` · p(c); it also prints how many rankings agree exactly.
 
     python benchmarks/bench_ablate.py --images 8
     python benchmarks/bench_ablate.py --smoke
@@ -30,7 +32,6 @@ than ``--atol``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -51,12 +52,15 @@ from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     serve,
     start_worker,
     texts_and_targets,
+    topk_agree,
 )
 
 METHODS = ("batched", "per-k")
 KS = (0, 50, 100, 200, 400, 800, 1600, 3200, 6400)  # params.yaml ablate.ks
 SMOKE_KS = (0, 100, 1600)
 ATOL = 1e-5
+RTOL = 2e-3  # the rare numeric state of a fresh process moved p by up to 4e-4 relative
+TOL = 1e-3  # unit scores, relative to the largest; see _common.topk_agree
 
 
 def ablate_one(plm, image, text: list[int], target: int, ks: list[int], batched: bool) -> dict:
@@ -70,7 +74,8 @@ def ablate_one(plm, image, text: list[int], target: int, ks: list[int], batched:
     with torch.no_grad():
         soft = plm.image_soft_tokens([image])
     _, a, grad = attribution_maps(plm, soft, [text], [target])
-    order = rank_units(unit_scores(a[0], grad[0]))[: max(ks)]
+    scores = unit_scores(a[0], grad[0])
+    order = rank_units(scores)[: max(ks)]
     del a, grad
     masks = unit_masks([order[:k] for k in ks], ad.n_layers, ad.d_mlp)
     t0 = time.perf_counter()
@@ -79,7 +84,8 @@ def ablate_one(plm, image, text: list[int], target: int, ks: list[int], batched:
     else:
         p = torch.cat([target_probs(plm, soft, text, target, masks[:, i : i + 1]) for i in range(len(ks))])
     t_ablate = time.perf_counter() - t0
-    return {"p": p.tolist(), "ranking": hashlib.sha1(repr(order).encode()).hexdigest(),
+    return {"p": p.tolist(), "ranking": [list(u) for u in order],
+            "scores": [float(scores[l, u]) for l, u in order],
             "forwards": 1 if batched else len(ks), "ablation_seconds": t_ablate}
 
 
@@ -107,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {','.join(map(str, KS))}, as params.yaml ablate.ks)")
     p.add_argument("--atol", type=float, default=ATOL,
                    help=f"largest |p_batched(c) - p_per-k(c)| still counted as equal (default {ATOL:g})")
+    p.add_argument("--rtol", type=float, default=RTOL,
+                   help=f"plus this fraction of p(c) (default {RTOL:g})")
+    p.add_argument("--tol", type=float, default=TOL,
+                   help=f"float noise allowed between the rankings' unit scores, relative (default {TOL:g})")
     add_common_args(p, METHODS)
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny run: 2 images, ks {','.join(map(str, SMOKE_KS))}, no warm-up")
@@ -145,16 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed ratio (batched / per-k images/s): {one['seconds'] / bat['seconds']:.2f}x "
           f"(CPU time ratio {one['cpu_seconds'] / bat['cpu_seconds']:.2f}x; "
           f"ablation forwards alone {abl['per-k'] / abl['batched']:.2f}x)")
-    n_rank = sum(x["ranking"] != y["ranking"] for x, y in zip(bat["results"], one["results"]))
+    n_exact = sum(x["ranking"] == y["ranking"] for x, y in zip(bat["results"], one["results"]))
+    n_rank = sum(not topk_agree(list(zip(x["ranking"], x["scores"])), list(zip(y["ranking"], y["scores"])), args.tol)
+                 for x, y in zip(bat["results"], one["results"]))
     pairs = [(u, v) for x, y in zip(bat["results"], one["results"]) for u, v in zip(x["p"], y["p"])]
     dp = max(abs(u - v) for u, v in pairs)
     rel = max(abs(u - v) / max(abs(u), 1e-30) for u, v in pairs)
+    n_far = sum(abs(u - v) > args.atol + args.rtol * abs(v) for u, v in pairs)
     for i, x in enumerate(bat["results"][:2]):
         print(f"p(c) image {i}: " + ", ".join(f"k={k}: {v:.4g}" for k, v in zip(args.ks, x["p"])))
-    print(f"unit rankings: {bat['images'] - n_rank} of {bat['images']} images identical; "
-          f"max |dp(c)| over {len(pairs)} (image, k) = {dp:.2e} (tolerance {args.atol:g}), "
+    print(f"unit rankings: {n_exact} of {bat['images']} images identical, "
+          f"{n_rank} differ beyond float noise (tol {args.tol:g}); "
+          f"max |dp(c)| over {len(pairs)} (image, k) = {dp:.2e}, {n_far} beyond {args.atol:g} + {args.rtol:g} p(c), "
           f"max |dp(c)| / p(c) = {rel:.2e}")
-    if n_rank or dp > args.atol:
+    if n_rank or n_far:
         print("same p(c): no")
         return 1
     print("same p(c): yes")

@@ -18,8 +18,10 @@ Each method runs in its own fresh subprocess (this script re-invoked with
 chunks of ``--batch-size`` images (lockstep), so background load on a shared machine
 falls on both alike. The timed region covers encoding + projection + attribution +
 top-k of every image (images are read from disk before it); an untimed warm-up on
-each method's first batch runs first. The script exits non-zero when the two methods
-do not give the same top-k (layer, unit, patch) triples.
+each method's first batch runs first. The script exits non-zero when the methods do not
+give the same top-k (layer, unit, patch) triples up to float noise (``_common.topk_agree``,
+``--tol``: a fresh process occasionally computes in a slightly different numeric state,
+which reorders near ties); it also prints how many images agree exactly.
 
     python benchmarks/bench_attribution.py --images 8 --batch-size 4
     python benchmarks/bench_attribution.py --smoke
@@ -46,11 +48,13 @@ from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
     serve,
     start_worker,
     texts_and_targets,
+    topk_agree,
 )
 
 METHODS = ("one-pass", "streaming", "naive")
 BATCHED = ("one-pass", "streaming")
 TARGET_RATIO = 5.0
+TOL = 1e-3  # relative to max |g|; in the rare numeric state the target logit moved by 5.9e-4 (~3e-5 relative)
 
 
 # --- the two methods -----------------------------------------------------------------
@@ -155,15 +159,18 @@ def worker(args: argparse.Namespace) -> None:
 # --- driver --------------------------------------------------------------------------
 
 
-def compare(a: list[dict], b: list[dict]) -> tuple[int, float]:
-    """(#images whose ordered top-k triples differ, max |Δg| relative to max |g|)."""
+def compare(a: list[dict], b: list[dict], tol: float) -> tuple[int, int, float]:
+    """(#images whose ordered top-k triples differ, #images that disagree beyond float noise,
+    max |Δg| relative to max |g| over images with identical top-k)."""
     n_diff = sum(x["triples"] != y["triples"] for x, y in zip(a, b))
+    n_bad = sum(not topk_agree(list(zip(x["triples"], x["g"])), list(zip(y["triples"], y["g"])), tol)
+                for x, y in zip(a, b))
     rel = 0.0
     for x, y in zip(a, b):
         if x["triples"] == y["triples"]:
             scale = max(abs(v) for v in x["g"]) or 1.0
             rel = max(rel, max(abs(u - v) for u, v in zip(x["g"], y["g"])) / scale)
-    return n_diff, rel
+    return n_diff, n_bad, rel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=8, help="number of images (default 8)")
     p.add_argument("--batch-size", type=int, default=4, help="one-pass / streaming batch size (default 4)")
     p.add_argument("--k", type=int, default=100, help="top-k triples per image (default 100)")
+    p.add_argument("--tol", type=float, default=TOL,
+                   help=f"float noise allowed between methods, relative to max |g| (default {TOL:g})")
     add_common_args(p, METHODS)
     p.add_argument("--smoke", action="store_true", help="tiny run: 2 images, batch 2, no warm-up")
     args = p.parse_args(argv)
@@ -209,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
               f"CPU time ratio {nv['cpu_seconds'] / res[m]['cpu_seconds']:.2f}x)")
     n_bad = 0
     for m in METHODS[1:]:
-        n_diff, rel = compare(one["results"], res[m]["results"])
+        n_diff, n_far, rel = compare(one["results"], res[m]["results"], args.tol)
         dy = max(abs(x["y"] - y["y"]) for x, y in zip(one["results"], res[m]["results"]))
         print(f"one-pass vs {m}: {n_diff} of {one['images']} images with different top-k; max |dy| = {dy:.2e}; "
-              f"max |dg| / max|g| over identical top-k = {rel:.2e}")
-        n_bad = max(n_bad, n_diff)
+              f"max |dg| / max|g| over identical top-k = {rel:.2e}; "
+              f"{n_far} of {one['images']} differ beyond float noise (tol {args.tol:g})")
+        n_bad = max(n_bad, n_far)
     if n_bad:
-        print(f"same top-k: no (up to {n_bad} of {one['images']} images differ)")
+        print(f"same top-k: no (up to {n_bad} of {one['images']} images differ beyond float noise)")
         return 1
     print("same top-k: yes")
     return 0
