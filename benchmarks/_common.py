@@ -84,9 +84,8 @@ def machine_info(threads: int) -> list[str]:
 def topk_agree(a: Sequence[tuple[Sequence, float]], b: Sequence[tuple[Sequence, float]], tol: float) -> bool:
     """Whether two top-k lists of ``(key, value)`` agree up to float noise.
 
-    The methods run in separate processes, and a fresh process occasionally computes in a
-    slightly different numeric state (about 1e-5 relative on the logits), which reorders
-    near-tied entries. So: a key in both lists must have values within ``tol * max|value|``;
+    Methods that batch differently sum floats in a different order (about 1e-5 relative),
+    which may reorder near-tied entries. So: a key in both lists must have values within ``tol * max|value|``;
     a key in only one list must be a near-tie at the other's cut, within ``tol * max|value|``
     of the other list's k-th value. The order itself is not compared (the values are).
     """

