@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_script(name: str) -> str:
+def run_script(name: str, *args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / name), "--smoke"],
+        [sys.executable, str(REPO / "benchmarks" / name), *(args or ("--smoke",))],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )
     assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
@@ -137,3 +137,16 @@ def test_bench_gpu_smoke():
         assert ips > 0 and tpi > 0
         # tokens/img is printed rounded to an integer: allow that rounding
         assert tflops == pytest.approx(4 * n_params * tpi * ips / 1e12, rel=0.05, abs=1e-4)
+
+
+def test_vml_race_replay():
+    """The harness replays ATen's own VML call bit for bit (HA); the EP kernel on one thread's half
+    of the rotary cos/sin moves the logits (what the race did before mmn.numerics)."""
+    out = run_script("vml_race_replay.py", "--check")
+    rows = parse_table(out)
+    assert len(rows) == 9 and rows[0]["rotary op"] == "(normal forward)"
+    base = float(rows[0]["max logit (image 0, last position)"])
+    for r in rows[1:]:
+        v = float(r["max logit (image 0, last position)"])
+        assert (v == base) if r["VML kernel"] == "HA" else (v != base and abs(v - base) < 0.01), r
+    assert "HA replay bit-identical to the normal forward: yes" in out
