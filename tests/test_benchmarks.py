@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,7 +94,8 @@ def test_bench_ablate_smoke():
         assert 0 < float(r["ablation s"]) <= float(r["seconds"])
     assert "torch threads = 2" in out
     assert "speed ratio" in out
-    assert re.search(r"unit rankings: [0-2] of 2 images identical, 0 differ beyond float noise", out)
+    # the same ranking code on the same image in two processes: identical (mmn.numerics), not just close
+    assert "unit rankings: 2 of 2 images identical, 0 differ beyond float noise" in out
     assert "same p(c): yes" in out.splitlines()
 
 
