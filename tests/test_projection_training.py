@@ -238,7 +238,13 @@ def test_float64_training_restores_the_models_and_saves_float32(tiny_adapters, t
     for k, v in tiny_beit.state_dict().items():
         assert v.dtype == enc_before[k].dtype and torch.equal(v, enc_before[k]), k
     p64b, res64b, _ = run("float64", 4, 2)
-    assert torch.equal(p64.weight, p64b.weight) and res64.history == res64b.history
+    # 1 vs 2 threads: whether MKL splits a reduction differently depends on the CPU and shape, so
+    # equal up to float64 noise (float32 weights: within an ulp), not necessarily bit for bit
+    torch.testing.assert_close(p64.weight, p64b.weight, rtol=1.2e-7, atol=1e-9)
+    assert [r["step"] for r in res64.history] == [r["step"] for r in res64b.history]
+    for a, b in zip(res64.history, res64b.history, strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert (a[key] is None) == (b[key] is None) and (a[key] is None or abs(a[key] - b[key]) <= 1e-9 * abs(a[key])), (a, b)
     # one step from the same init on the same batch: float64 and float32 agree to float32 precision
     p32, res32, meta32 = run("float32", 1, 1)
     p64_1, res64_1, _ = run("float64", 1, 1)

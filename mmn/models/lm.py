@@ -13,6 +13,7 @@ Gotchas:
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -95,14 +96,39 @@ def require_gguf_loader(what: str) -> None:
         ) from None
 
 
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An inter-process lock (``flock`` on ``lock_path``), released on exit or process death."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def embedded_lm_dir(name: str) -> Path:
-    """Convert the embedded gguf once into a plain HF folder and return it."""
+    """Convert the embedded gguf once into a plain HF folder and return it.
+
+    Several processes may ask at once on a fresh cache (torchrun ranks, benchmark workers, DVC
+    experiments): the conversion runs under a lock, so one converts and the others wait and
+    reuse it (unlocked, each one's atomic_dir cleared the others' temp folders)."""
     package, fname = EMBEDDED_LMS[name]
     gguf = package_path(package, fname, what=f"the gguf of {name}", error=ModelError)
     out = cache_root() / name.replace(":", "_")
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    done = lambda: (out / "config.json").is_file() and (out / "model.safetensors").is_file()  # noqa: E731
+    if done():
         return out
     require_gguf_loader(f"the gguf of {name}")
+    with _exclusive(out.with_name(f".{out.name}.lock")):
+        if done():  # converted by another process while this one waited
+            return out
+        _convert_gguf(gguf, out)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_config(q.config, dtype=torch.float32)
@@ -110,7 +136,6 @@ def embedded_lm_dir(name: str) -> Path:
     with atomic_dir(out) as tmp:  # a killed conversion leaves no half folder under the final name
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return out
 
 
 def load_lm(
