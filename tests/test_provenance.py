@@ -25,11 +25,11 @@ def test_cpu_facts_match_proc_cpuinfo():
 def test_environment_is_stable_and_names_versions():
     a, b = environment(), environment()
     assert a == b  # no timestamps: one machine + one environment -> one record
-    assert a["versions"]["torch"] == torch.__version__
+    assert a["versions"]["torch"] == torch.__version__.split("+")[0]  # dist version, no local tag
     assert a["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert json.loads(json.dumps(a)) == a
     line = describe(a)
-    assert a["cpu_model"] in line and torch.__version__ in line
+    assert a["cpu_model"] in line and a["versions"]["torch"] in line
 
 
 def test_committed_results_record_belongs_to_dvc_lock():
