@@ -1,6 +1,6 @@
 """How far two runs of the pipeline differ: the projection, the captions and every headline metric.
 
-For the stability checks of the README (another thread count, another machine, another seed,
+For the stability checks of docs/stability.md (another thread count, another machine, another seed,
 ``projection.train.dtype``): run ``dvc repro`` in two copies of the repository, then
 
     python scripts/compare_runs.py RUN_A RUN_B [--all]

@@ -16,4 +16,4 @@ python -m pip install -q --no-deps --require-hashes -r "$VENV/requirements-lowes
 python -m pip install -q --no-deps --no-build-isolation -e .
 python scripts/check_env.py --lock "$VENV/requirements-lowest.txt"
 grep -E '^[a-z0-9]' "$VENV/requirements-lowest.txt" | sed 's/ .*//' > "$VENV/versions.txt"
-python -m pytest --durations=15 "$@"
+MMN_LOCK="$VENV/requirements-lowest.txt" python -m pytest "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Screenshot of the report's index for the README: docs/report.png (< 300 KB).
+"""Screenshot of the report's index for docs/operations.md: docs/report.png (< 300 KB).
 
 Runs headless Chromium (Debian's ``chromium``) on ``report/index.html`` and stores a
 palette PNG. Usage: python scripts/report_screenshot.py [--report report] [--out docs/report.png]

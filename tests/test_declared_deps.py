@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -106,8 +107,9 @@ def test_deptry_ignores_only_resource_packages():
 # ---- the lock and the environment check (scripts/check_env.py) ----
 
 def test_environment_equals_lock():
-    """This suite runs in the environment setup.sh made: exactly requirements.lock."""
-    lock = check_env.read_lock(REPO / "requirements.lock")
+    """This suite runs in the environment setup.sh made: exactly requirements.lock (or the lock
+    named by MMN_LOCK: scripts/lowest-direct.sh runs the suite on its lowest-direct lock)."""
+    lock = check_env.read_lock(Path(os.environ.get("MMN_LOCK", REPO / "requirements.lock")))
     assert check_env.env_problems(lock, check_env.installed()) == []
 
 

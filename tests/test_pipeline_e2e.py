@@ -427,7 +427,7 @@ def test_experiment_queue_run_all_and_show(pipeline_repo):
     assert {60, 70} <= dpis
 
 
-# -- the README's troubleshooting table: every stage error there is one line, no traceback ----------
+# -- the troubleshooting table (docs/operations.md): every stage error there is one line, no traceback ----------
 
 def _assert_one_line_error(r: subprocess.CompletedProcess, stage: str, *needles: str) -> None:
     """Exit 1, an ``[<stage>] error: ...`` line, every needle in stderr, no Python traceback."""
