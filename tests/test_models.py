@@ -347,3 +347,19 @@ def test_model_load_error_is_one_line_in_a_stage(monkeypatch, capsys):
         stage()
     assert exc.value.code == 1
     assert capsys.readouterr().err == "[load_projection] error: language model 'x' is not in the Hugging Face cache\n"
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "llama"])
+def test_tensor_logits_to_keep_selects_those_positions(tiny_adapters, family):
+    """Attribution asks the model for the logits at chosen positions only, with a tensor
+    ``logits_to_keep`` (transformers' lower bound must support it for every family): equal to
+    the full forward's logits at those positions."""
+    ad, _ = tiny_adapters[family]
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 7))
+    keep = torch.tensor([1, 4, 6])
+    with torch.no_grad():
+        full = ad.model(input_ids=ids).logits
+        some = ad.model(input_ids=ids, logits_to_keep=keep).logits
+    assert some.shape == (2, 3, full.shape[-1])
+    torch.testing.assert_close(some, full[:, keep], rtol=1e-5, atol=1e-6)
