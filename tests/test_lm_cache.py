@@ -49,3 +49,24 @@ def test_concurrent_first_conversion_converts_once(tmp_path):
     assert (out / "config.json").read_text() == "{}" and (out / "model.safetensors").read_bytes() == b"x"
     assert (tmp_path / "conversions.log").read_text() == "1\n"
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_gguf_loader_requirements_are_named(monkeypatch):
+    """transformers' gguf load needs accelerate (>= its ACCELERATE_MIN_VERSION) and gguf; a
+    missing or too old one stops with one ModelError naming it, before the 20 s load starts."""
+    import sys
+
+    import pytest
+    from transformers.utils import import_utils
+
+    from mmn.errors import ModelError
+    from mmn.models.lm import require_gguf_loader
+
+    require_gguf_loader("x")  # the locked environment has both, new enough
+    monkeypatch.setattr(import_utils, "is_accelerate_available", lambda *a, **k: False)
+    with pytest.raises(ModelError, match=rf"needs accelerate >= {import_utils.ACCELERATE_MIN_VERSION}, installed"):
+        require_gguf_loader("the gguf of embedded:smollm2-135m")
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate -> ImportError
+    with pytest.raises(ModelError, match=r"needs the package 'accelerate', which is not installed"):
+        require_gguf_loader("the gguf of embedded:smollm2-135m")

@@ -14,6 +14,7 @@ Gotchas:
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -85,7 +86,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def require_gguf_loader(what: str) -> None:
-    """Raise :class:`ModelError` naming ``what`` unless transformers' gguf load can run here."""
+    """Raise :class:`ModelError` naming ``what`` unless transformers' gguf load can run here
+    (both packages installed, at the versions this transformers asks for)."""
+    from transformers.utils import import_utils
+
     try:
         import accelerate  # noqa: F401  (transformers refuses a gguf load without it)
         import gguf  # noqa: F401  (transformers reads the gguf file with it)
@@ -94,6 +98,11 @@ def require_gguf_loader(what: str) -> None:
             f"loading {what} needs the package {err.name!r}, which is not installed: run "
             f"scripts/setup.sh (it installs requirements.lock) or 'pip install -e .'"
         ) from None
+    for pkg, ok, need in (("accelerate", import_utils.is_accelerate_available(), import_utils.ACCELERATE_MIN_VERSION),
+                          ("gguf", import_utils.is_gguf_available(), import_utils.GGUF_MIN_VERSION)):
+        if not ok:
+            raise ModelError(f"loading {what}: transformers needs {pkg} >= {need}, installed "
+                             f"{importlib.metadata.version(pkg)}: run scripts/setup.sh or 'pip install -e .'")
 
 
 @contextmanager
