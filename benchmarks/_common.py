@@ -65,14 +65,9 @@ def load_average() -> str:
 def machine_info(threads: int) -> list[str]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from mmn.provenance import cpu_model
+
+    cpu = cpu_model()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [
         f"python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.machine()}",

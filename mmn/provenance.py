@@ -4,7 +4,8 @@ kernels torch dispatches to, and the versions of the numeric libraries.
 Float results differ across CPUs (MKL/oneDNN pick kernels by CPU, e.g. AVX-512 vs AMX), so a
 number that differs from a committed one on another machine is not by itself a bug. This is
 what lets a user tell "another machine" from "a bug": ``results-environment.json`` (beside
-``dvc.lock``) holds it for the committed results, and the benchmarks print it.
+``dvc.lock``) holds it for the committed results; the benchmarks' headers and the CPU-dependent
+tests' skip messages name the CPU through it.
 
 Gotcha: read ``/proc/cpuinfo``, not :func:`platform.processor` (empty on most Linux builds).
 """

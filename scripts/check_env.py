@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.platform:
         return 0
-    problems = env_problems(read_lock(args.lock), installed())
+    have = installed()
+    problems = env_problems(read_lock(args.lock), have)
     res = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     problems += [f"pip check: {line}" for line in pip_check_problems(res.stdout + res.stderr)]
     if problems:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mmn: setup stops here. Remove what was installed by hand (or delete .venv) and rerun "
               "scripts/setup.sh; to change versions on purpose use scripts/update-lock.sh.", file=sys.stderr)
         return 1
-    print(f"mmn: environment == {args.lock.name} ({len(installed())} distributions), pip check clean")
+    print(f"mmn: environment == {args.lock.name} ({len(have)} distributions), pip check clean")
     return 0
 
 

@@ -15,5 +15,4 @@ python3.11 -m venv "$VENV"
 python -m pip install -q --no-deps --require-hashes -r "$VENV/requirements-lowest.txt"
 python -m pip install -q --no-deps --no-build-isolation -e .
 python scripts/check_env.py --lock "$VENV/requirements-lowest.txt"
-grep -E '^[a-z0-9]' "$VENV/requirements-lowest.txt" | sed 's/ .*//' > "$VENV/versions.txt"
 MMN_LOCK="$VENV/requirements-lowest.txt" python -m pytest "$@"

@@ -11,11 +11,10 @@ and, at small n, in a borderline test decision; this file tells that apart from 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from mmn.io import atomic_file
+from mmn.io import write_json
 from mmn.provenance import environment, sha256_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,8 +32,7 @@ def record() -> dict:
 
 def main() -> int:
     rec = record()
-    with atomic_file(OUT) as tmp:
-        Path(tmp).write_text(json.dumps(rec, indent=2) + "\n")
+    write_json(rec, OUT)
     print(f"wrote {OUT.name}: {rec['cpu_model']}, torch {rec['versions']['torch']}")
     return 0
 
