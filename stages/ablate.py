@@ -94,7 +94,8 @@ def main(params_path, coco_dir, proj_dir, captions, out, curve_out, metrics_out,
     if info.world > 1:
         log(NAME, f"merged {info.world} shards")
     if ap.regenerate:
-        bert = BertScorer.from_params(params.model.bert_model, params.model.bert_layers, device=ad.device)
+        bert = BertScorer.from_params(params.model.bert_model, params.model.bert_layers, device=ad.device,
+                                      dtype=ad.dtype)
         orig = dict(zip(caps["image_id"].to_list(), caps["caption"].to_list()))
         f1 = bert.f1(df["caption"].to_list(), [orig[i] for i in df["image_id"].to_list()])
         df = df.with_columns(pl.Series("bertscore_f1", f1, dtype=pl.Float64))

@@ -56,7 +56,8 @@ def main(params_path: str, coco_dir: str, proj_dir: str, out: str, metrics_out: 
     df = df.sort("image_id")
     if info.world > 1:
         log(NAME, f"merged {info.world} shards")
-    df = _quality(df, CocoLayout(Path(coco_dir)), Path(proj_dir), params, plm.adapter.device, metrics_out, info_out)
+    df = _quality(df, CocoLayout(Path(coco_dir)), Path(proj_dir), params, plm.adapter.device, metrics_out, info_out,
+                  dtype=plm.adapter.dtype)
     check_captions(df, with_quality=True)
     write_parquet(df, out)
     n_noun = int(df["has_noun"].sum())
@@ -65,7 +66,8 @@ def main(params_path: str, coco_dir: str, proj_dir: str, out: str, metrics_out: 
         log(NAME, f"  {r['image_id']}: {r['caption']!r} -> c={r['target_token']!r} p={r['p_target']}")
 
 
-def _quality(df, layout, proj_dir: Path, params, device, metrics_out: str, info_out: str):
+def _quality(df, layout, proj_dir: Path, params, device, metrics_out: str, info_out: str,
+             dtype=None):
     """Score the captions against the references (see module doc); write metrics + info JSON."""
     from mmn.captioning import caption_quality
     from mmn.metrics.bertscore import BertScorer
@@ -73,7 +75,7 @@ def _quality(df, layout, proj_dir: Path, params, device, metrics_out: str, info_
     m = params.model
     meta = json.loads((proj_dir / "meta.json").read_text())
     held_out = bool(meta.get("held_out", False))
-    scorer = BertScorer.from_params(m.bert_model, m.bert_layers, device=device)
+    scorer = BertScorer.from_params(m.bert_model, m.bert_layers, device=device, dtype=dtype)
     df, metrics, informative = caption_quality(df, layout.captions, scorer, params.seed)
     own, shuf, t = metrics["bertscore_own"], metrics["bertscore_shuffled"], metrics["own_vs_shuffled"]
     summary = (f"caption BERTScore vs own references {own['mean']:.3f}, vs shuffled {shuf['mean']:.3f} "

@@ -48,7 +48,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
     layout = CocoLayout(Path(coco_dir))
     try:
         bert = BertScorer.from_params(m.bert_model, m.bert_layers, device=plm.adapter.device,
-                                      rescale=m.bert_rescale, batch_size=s.batch_size)
+                                      rescale=m.bert_rescale, batch_size=s.batch_size, dtype=plm.adapter.dtype)
     except ValueError as e:
         raise StageError(f"profiles.{params.profile}.bert_rescale: {e}") from e
     clip, reason = None, None

@@ -201,3 +201,37 @@ def test_vml_replay_verdict_both_paths():
                        .replace("moves the logits on this CPU: no", "moves the logits on this CPU: yes"), "cpu X")
     with pytest.raises(AssertionError):  # the HA identity holds wherever MKL is: never skipped
         vml_replay_verdict(table(27.5, ha=27.4), "cpu X")
+
+
+def test_bench_paper_gpu_smoke():
+    """The paper-shaped GPU benchmark runs every stage in --smoke mode on the CPU (tiny shapes):
+    one row per stage with images/s = images / seconds and t(n) = n / rate, the three memory
+    sizes, and the whole-DAG line equal to n · Σ 1/rate + decode, recomputed from the rows."""
+    out = run_script("bench_paper_gpu.py", "--smoke")
+    assert "tiny shapes: not a GPU figure" in out and "FAILED" not in out, out
+    assert "LM attention implementation:" in out
+    rows = {}
+    for ln in out.splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if not ln.startswith("| ") or cells[0] == "stage":
+            continue
+        n, secs, ips, t1000, t5000 = int(cells[1]), float(cells[2]), cells[3], float(cells[7]), float(cells[8])
+        rows[cells[0]] = (n, secs, None if ips == "-" else float(ips), t1000, t5000)
+    stages = ["caption (batched greedy, KV cache)", "attribute", "decode (all units, top 10)",
+              "score (Table 1 + Table 2, BERTScore + CLIP)", "iou (activations + receptive fields)",
+              "ablate (9 ks x 3 kinds, regenerate)", "attribute, 2 images", "attribute, 4 images",
+              "attribute, 8 images"]
+    assert all(s in rows for s in stages), sorted(rows)
+    assert any(k.startswith("attribution core") for k in rows)
+    per_image = 0.0
+    for name, (n, secs, ips, t1000, t5000) in rows.items():
+        if ips is None:
+            continue
+        assert ips == pytest.approx(n / secs, rel=0.05 + 0.01 / secs)
+        assert t1000 == pytest.approx(1000 / ips, rel=0.01, abs=0.06)
+        assert t5000 == pytest.approx(5 * t1000, rel=0.01, abs=0.3)
+        if name in stages[:6]:
+            per_image += 1 / ips
+    line = next(ln for ln in out.splitlines() if ln.startswith("== whole DAG"))
+    slope = float(line.split("= n * ")[2].split(" s")[0])
+    assert slope == pytest.approx(per_image, rel=0.02)

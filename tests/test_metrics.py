@@ -189,7 +189,7 @@ def test_bertscore_single_ref_matches_bert_score(bert, minilm_path):
     assert got.shape == (4,) and got.dtype == np.float64
     np.testing.assert_allclose(got, f.numpy(), rtol=1e-5, atol=1e-6)
     assert bert.f1(["a cat on a mat"], ["a cat on a mat"])[0] == pytest.approx(1.0, abs=1e-5)
-    assert bert.scorer._tokenizer.model_max_length == 512
+    assert bert.tokenizer.model_max_length == 512
     assert bert.description == "embedded:all-MiniLM-L6-v2 (layer 6)"
 
 
@@ -300,16 +300,68 @@ def test_bertscore_f1_guard_on_a_crafted_pair(bert, minilm_path):
     assert 2 * p[0] * r[0] / (p[0] + r[0]) == pytest.approx(-2.2)
     np.testing.assert_allclose(guarded_f1(p, r), [0.0, 0.0, 0.4, 0.0, 0.0])
 
-    class _Crafted:  # stands in for bert_score.BERTScorer: returns the crafted P, R
-        def score(self, cands, refs, batch_size=64):
-            P, R = torch.tensor([-0.10, 0.6]), torch.tensor([0.11, 0.3])
-            return P, R, 2 * P * R / (P + R)
-
-    s = BertScorer(_Crafted(), "crafted")
+    s = BertScorer(bert.model, bert.tokenizer, "crafted")  # P, R crafted instead of computed
+    s.precision_recall = lambda c, r: (np.array([-0.10, 0.6]), np.array([0.11, 0.3]))
     np.testing.assert_allclose(s.pair_f1(["Historically, text, Limit, Text, Fine", "a cat"], ["x y", "a cat"]),
                                [0.0, 0.4], rtol=1e-6)
     s.baseline = 0.5
     np.testing.assert_allclose(s.pair_f1(["a", "b"], ["c", "d"]), [-1.0, -0.2], rtol=1e-6)
+
+
+PAIRS_SIGNED = [("Historically, text, Limit, Text, Fine", "two dogs"), ("a dog", "a man riding a wave on a surfboard"),
+                ("kitchen", "a clean kitchen"), ("vehicles, Trucks, trucks, trucking, lorry", "a bus on a street"),
+                ("dark", "an empty room at night with the lights off")]
+
+
+def test_bertscore_batched_equals_each_pair_scored_alone(bert, minilm_path):
+    """Batched matching (many pairs of different lengths in one bmm) gives, pair by pair, the
+    P and R that bert_score computes for that pair alone (no padding, so no zero-floored
+    cosines), signed-cosine pairs included; and the result does not depend on the batch."""
+    import bert_score
+
+    cands, refs = [c for c, _ in PAIRS_SIGNED], [r for _, r in PAIRS_SIGNED]
+    p, r = bert.precision_recall(cands, refs)
+    for i, (c, ref) in enumerate(PAIRS_SIGNED):
+        p1, r1, _ = bert_score.score([c], [ref], model_type=minilm_path, num_layers=6, device="cpu")
+        assert p[i] == pytest.approx(p1.item(), abs=2e-6) and r[i] == pytest.approx(r1.item(), abs=2e-6), c
+    assert (r < 0).any()  # the set really has a signed-cosine pair
+    p_rev, r_rev = bert.precision_recall(cands[::-1], refs[::-1])
+    np.testing.assert_allclose(p_rev[::-1], p, atol=1e-6)
+    np.testing.assert_allclose(r_rev[::-1], r, atol=1e-6)
+    small = type(bert)(bert.model, bert.tokenizer, "small blocks", batch_size=2, max_pairs=2)
+    np.testing.assert_allclose(small.precision_recall(cands, refs)[0], p, atol=1e-6)
+
+
+def test_bertscore_references_are_embedded_once(bert):
+    """A reference caption is embedded once, however many candidates and calls score against it."""
+    from mmn.metrics.bertscore import BertScorer
+
+    s = BertScorer(bert.model, bert.tokenizer, "counting")
+    seen: list[str] = []
+    enc = s._encode
+    s._encode = lambda sents: (seen.extend(sents), enc(sents))[1]
+    refs = REFS_MULTI[0]
+    s.mean_f1_over_refs(["a cat", "a dog", "a cat"], [refs, refs, refs])
+    s.mean_f1_over_refs(["a bird"], [refs])
+    assert sorted(x for x in seen if x in refs) == sorted(refs)  # each reference once, over both calls
+    assert seen.count("a cat") == 1 and seen.count("a bird") == 1  # a repeated candidate: once per call
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bertscore_half_precision_agrees_with_fp32(bert, dtype):
+    """The encoder under bf16 / fp16 autocast (matching stays fp32): every F1 within 1e-3 of fp32."""
+    from mmn.metrics.bertscore import BertScorer
+
+    half = BertScorer(bert.model, bert.tokenizer, "half", dtype=dtype)
+    cands = CANDS + [c for c, _ in PAIRS_SIGNED]
+    groups = REFS_MULTI + [[r, "a photo of something"] for _, r in PAIRS_SIGNED]
+    f32 = bert.mean_f1_over_refs(cands, groups)
+    f16 = half.mean_f1_over_refs(cands, groups)
+    assert np.abs(f16 - f32).max() <= 1e-3
+    assert np.median(f32) > 0.1  # non-trivial scores
+    assert np.abs(f16 - f32).max() > 0  # half precision really ran
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        BertScorer(bert.model, bert.tokenizer, "x", dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- IoU

@@ -1,4 +1,5 @@
-"""BERTScore F1 (Zhang et al. 2019) through ``bert_score.BERTScorer``, loaded once.
+"""BERTScore F1 (Zhang et al. 2019): bert_score's model, tokenizer and baselines, loaded once,
+with a batched greedy matching (:class:`BertScorer`).
 
 ``model_type`` is a HF model id or a local folder; the special name
 ``embedded:all-MiniLM-L6-v2`` resolves to the all-MiniLM-L6-v2 folder shipped inside the
@@ -42,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from torch import Tensor
 
 from mmn.errors import ModelError
 from mmn.resources import package_path
@@ -109,16 +112,55 @@ def read_baseline(path: str | Path, num_layers: int) -> float:
 
 
 class BertScorer:
-    """BERTScore F1 with one loaded model. Build with :meth:`from_params`.
+    """BERTScore F1 with one loaded encoder. Build with :meth:`from_params`.
 
+    ``model``: the encoder truncated to the scoring layer (bert_score's ``get_model``), on its
+    device and in its dtype; ``tokenizer``: bert_score's tokenizer for it (sentences are
+    encoded by ``bert_score.utils.sent_encode``, so token ids are bert_score's).
     ``baseline``: the F baseline b when scores are rescaled, ``(F - b) / (1 - b)``; None = raw F.
+    ``max_pairs``: (candidate, reference) pairs per batched similarity (memory knob only).
+    ``dtype``: float32, or bfloat16/float16 to run the encoder under autocast (weights stay
+    fp32; layer norms and softmax stay fp32, which is what keeps F1 within 1e-3: a model cast
+    wholesale to bf16 drifted by 1.04e-3 on MiniLM).
+
+    The greedy matching is batched here rather than left to ``bert_score.BERTScorer.score``
+    (whose pair loop pads and moves every batch through the CPU): every distinct sentence of
+    a call is embedded once, references are kept across calls (a reference caption is
+    embedded once per image, not once per candidate or per call), and many pairs are
+    matched in one ``bmm`` on the model's device. Embeddings are normalised and matched in
+    fp32 whatever ``dtype`` (bf16/fp16 agree with fp32 within 1e-3 of F1; ``tests/test_metrics.py``).
+
+    Gotcha: bert_score multiplies the similarity matrix by the padding mask before the max,
+    so a token's best cosine is floored at 0 whenever the other sentence is shorter than the
+    longest of its batch: with signed-cosine models (MiniLM) its P and R depend on the batch
+    composition. Here the max runs over the real tokens only (the definition of Zhang et al.),
+    which equals bert_score wherever the best cosines are positive (always for roberta-large)
+    and for any pair scored alone.
     """
 
-    def __init__(self, scorer, name: str, batch_size: int = 64, baseline: float | None = None) -> None:
-        self.scorer = scorer  # bert_score.BERTScorer (always built without rescaling)
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str, batch_size: int = 64,
+                 baseline: float | None = None, *, max_pairs: int = 4096, max_cached_refs: int = 200_000,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"BERTScore dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.dtype = dtype
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        if tokenizer.model_max_length is None or tokenizer.model_max_length > 100_000:
+            tokenizer.model_max_length = MAX_TOKENS
         self.name = name
         self.batch_size = int(batch_size)
         self.baseline = baseline
+        self.max_pairs = int(max_pairs)
+        self.max_cached_refs = int(max_cached_refs)
+        # bert_score's idf_dict without idf: weight 0 for [CLS]/[SEP] (<s>, </s>), 1 for every other token
+        self._special = torch.tensor(sorted({t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id)
+                                             if t is not None}), dtype=torch.long)
+        self._refs: dict[str, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @classmethod
     def from_params(
@@ -132,16 +174,20 @@ class BertScorer:
         baseline_path: str | Path | None = None,
         lang: str = "en",
         rescale_with_baseline: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> BertScorer:
-        """Load ``model_type`` (see module doc) truncated to ``num_layers`` layers.
+        """Load ``model_type`` (see module doc) truncated to ``num_layers`` layers, in ``dtype``.
 
         ``num_layers=None``: 6 for the embedded MiniLM, else bert_score's tuned default
         for that model (e.g. 17 for ``roberta-large``). ``rescale=True`` rescales F with
         the baseline at ``num_layers`` of ``baseline_path`` (default: bert_score's own file
         for ``model_type``/``lang``; none exists for embedded models).
         ``rescale_with_baseline`` is an alias of ``rescale`` (bert_score's name).
+        ``dtype``: the encoder's autocast dtype (None = float32; see the class doc).
         """
         from bert_score import BERTScorer
+
+        dtype = torch.float32 if dtype is None else dtype
         from bert_score.utils import model2layers
 
         if rescale_with_baseline is not None:
@@ -161,17 +207,16 @@ class BertScorer:
                                      "pass baseline_path or leave it unrescaled")
                 baseline_path = baseline_file(path, lang)
             baseline = read_baseline(baseline_path, num_layers)
-        try:
-            scorer = BERTScorer(model_type=path, num_layers=num_layers, device=str(device) if device else None,
+        try:  # bert_score's own loader and tokenizer choice; only its pair loop is replaced
+            loaded = BERTScorer(model_type=path, num_layers=num_layers, device=str(device) if device else None,
                                 batch_size=batch_size, lang=lang)
         except OSError as e:
             raise BertScoreUnavailable(f"could not load BERTScore model {model_type!r} ({path}): {e}") from e
-        tok = scorer._tokenizer
-        if tok.model_max_length is None or tok.model_max_length > 100_000:
-            tok.model_max_length = MAX_TOKENS
         name = f"{model_type} (layer {num_layers}"
+        if dtype != torch.float32:
+            name += f", {str(dtype).removeprefix('torch.')}"
         name += f", rescaled with baseline F = {baseline:.4f})" if baseline is not None else ")"
-        return cls(scorer, name, batch_size, baseline)
+        return cls(loaded._model, loaded._tokenizer, name, batch_size, baseline, dtype=dtype)
 
     @property
     def description(self) -> str:
@@ -195,8 +240,7 @@ class BertScorer:
         """F1 of each (``cands[i]``, ``refs[i]``) pair: shape ``[n]`` (guarded, then rescaled).
 
         An empty (or whitespace-only) candidate or reference scores raw 0, as bert_score
-        intends; it is kept away from bert_score because with transformers 5 bert_score
-        0.3.12 crashes encoding an empty sentence (``build_inputs_with_special_tokens``).
+        intends (bert_score 0.3.12 itself crashes encoding an empty sentence under transformers 5).
         """
         cands, refs = list(cands), list(refs)
         if len(cands) != len(refs):
@@ -204,10 +248,91 @@ class BertScorer:
         out = np.zeros(len(cands), dtype=np.float64)
         keep = [i for i, (c, r) in enumerate(zip(cands, refs)) if c.strip() and r.strip()]
         if keep:
-            p, r, _ = self.scorer.score([cands[i] for i in keep], [refs[i] for i in keep],
-                                        batch_size=self.batch_size)
-            out[keep] = guarded_f1(p.numpy(), r.numpy())
+            p, r = self.precision_recall([cands[i] for i in keep], [refs[i] for i in keep])
+            out[keep] = guarded_f1(p, r)
         return self.rescale(out)
+
+    # ------------------------------------------------------------------ engine
+
+    def _encode(self, sents: Sequence[str]) -> list[tuple[Tensor, Tensor]]:
+        """Per sentence ``(unit-norm fp32 embeddings [len, d], token weights [len])`` on the
+        model's device; batches of ``batch_size`` sentences sorted by length (little padding)."""
+        from bert_score.utils import sent_encode
+
+        ids = [sent_encode(self.tokenizer, s) for s in sents]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        dev = self.device
+        special = self._special.to(dev)
+        out: list[tuple[Tensor, Tensor] | None] = [None] * len(ids)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        half = self.dtype != torch.float32
+        with torch.no_grad(), torch.autocast(dev.type, dtype=self.dtype, enabled=half):
+            for s in range(0, len(order), self.batch_size):
+                batch = order[s: s + self.batch_size]
+                n = max(len(ids[i]) for i in batch)
+                x = torch.full((len(batch), n), pad, dtype=torch.long)
+                mask = torch.zeros(len(batch), n, dtype=torch.long)
+                for j, i in enumerate(batch):
+                    x[j, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+                    mask[j, : len(ids[i])] = 1
+                x, mask = x.to(dev), mask.to(dev)
+                emb = self.model(x, attention_mask=mask)[0].float()
+                emb = emb / emb.norm(dim=-1, keepdim=True)
+                w = (~torch.isin(x, special)).float()
+                for j, i in enumerate(batch):
+                    out[i] = (emb[j, : len(ids[i])], w[j, : len(ids[i])])
+        return out  # type: ignore[return-value]
+
+    def _ref_embeddings(self, refs: Sequence[str]) -> None:
+        """Embed the references not cached yet (the cache is dropped when it outgrows its cap)."""
+        new = list(dict.fromkeys(r for r in refs if r not in self._refs))
+        if len(self._refs) + len(new) > self.max_cached_refs:
+            self._refs.clear()
+        self._refs.update(zip(new, self._encode(new)))
+
+    @staticmethod
+    def _padded(items: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(emb [n, L, d], valid [n, L] bool, weight [n, L])``, zero-padded."""
+        from torch.nn.utils.rnn import pad_sequence
+
+        emb = pad_sequence([e for e, _ in items], batch_first=True)
+        w = pad_sequence([w for _, w in items], batch_first=True)
+        valid = pad_sequence([torch.ones(len(e), dtype=torch.bool, device=e.device) for e, _ in items],
+                             batch_first=True)
+        return emb, valid, w
+
+    def precision_recall(self, cands: Sequence[str], refs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw BERTScore (P, R) of each (``cands[i]``, ``refs[i]``) pair, ``[n]`` each (no guard,
+        no rescaling; sentences must be non-empty). Greedy matching: each candidate token's best
+        cosine over the reference's tokens, averaged over its non-special tokens (P), and the
+        reverse (R); ``[CLS]``/``[SEP]`` take part in the matching but carry weight 0."""
+        cands, refs = list(cands), list(refs)
+        self._ref_embeddings(refs)
+        P = np.zeros(len(cands), dtype=np.float64)
+        R = np.zeros(len(cands), dtype=np.float64)
+        dev = self.device
+        block = max(self.max_pairs, 1)
+        for s in range(0, len(cands), block):
+            c_blk, r_blk = cands[s: s + block], refs[s: s + block]
+            uc = list(dict.fromkeys(c_blk))
+            ur = list(dict.fromkeys(r_blk))
+            ce, cv, cw = self._padded(self._encode(uc))
+            re_, rv, rw = self._padded([self._refs[r] for r in ur])
+            pos_c = {c: i for i, c in enumerate(uc)}
+            pos_r = {r: i for i, r in enumerate(ur)}
+            ci = torch.tensor([pos_c[c] for c in c_blk], dtype=torch.long, device=dev)
+            ri = torch.tensor([pos_r[r] for r in r_blk], dtype=torch.long, device=dev)
+            sim = torch.bmm(ce[ci], re_[ri].transpose(1, 2))  # [B, Lc, Lr]
+            both = cv[ci][:, :, None] & rv[ri][:, None, :]
+            sim = sim.masked_fill(~both, float("-inf"))
+            best_c = sim.max(dim=2).values.masked_fill(~cv[ci], 0.0)  # [B, Lc]
+            best_r = sim.max(dim=1).values.masked_fill(~rv[ri], 0.0)  # [B, Lr]
+            wc, wr = cw[ci], rw[ri]
+            p = (best_c * wc).sum(1) / wc.sum(1).clamp_min(1e-12)
+            r = (best_r * wr).sum(1) / wr.sum(1).clamp_min(1e-12)
+            P[s: s + len(c_blk)] = p.double().cpu().numpy()
+            R[s: s + len(c_blk)] = r.double().cpu().numpy()
+        return P, R
 
     def f1(self, cands: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]]) -> np.ndarray:
         """F1 of ``cands[i]`` against ``refs[i]``: shape ``[len(cands)]``.
