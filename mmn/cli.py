@@ -33,8 +33,8 @@ def stage_main(name: str) -> Callable:
     the active stage of :mod:`mmn.stage_params`: :func:`mmn.params.load_params` then
     returns a view that refuses params keys the stage does not declare.
 
-    ``PYTHONHASHSEED`` is not set here: the stages whose bytes depend on it (BERTScore's
-    set-ordered batching) pin it in their ``cmd`` in dvc.yaml.
+    ``PYTHONHASHSEED`` is not set here; the caption stage pins it in its ``cmd`` in dvc.yaml
+    as a guard (BERTScore batching no longer follows set order).
     """
 
     def deco(fn: Callable) -> Callable:

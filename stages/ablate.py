@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from mmn.cli import StageError, log, stage_main
-from mmn.io import atomic_file, write_json, write_parquet
+from mmn.io import atomic_file, read_parquet, write_json, write_parquet
 from mmn.params import load_params
 
 NAME = "ablate"
@@ -64,7 +64,7 @@ def main(params_path, coco_dir, proj_dir, captions, out, curve_out, metrics_out,
     params = load_params(params_path)
     seed_everything(params.seed)
     ap = params.ablate
-    caps = pl.read_parquet(captions)
+    caps = read_parquet(captions)
     layout = CocoLayout(Path(coco_dir))
     with distributed() as info:
         plm = build_prefix_lm(params, Path(proj_dir))

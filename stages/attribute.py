@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from mmn.cli import log, stage_main
-from mmn.io import write_parquet
+from mmn.io import read_parquet, write_parquet
 from mmn.params import load_params
 
 NAME = "attribute"
@@ -31,7 +31,6 @@ NAME = "attribute"
 @click.option("--out", default="data/attributions.parquet", show_default=True, type=click.Path())
 @stage_main(NAME)
 def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str) -> None:
-    import polars as pl
 
     from mmn.data.layout import CocoLayout
     from mmn.distributed import distributed, gather_frames
@@ -42,7 +41,7 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
     params = load_params(params_path)
     seed_everything(params.seed)
     ap = params.attribute
-    caps = pl.read_parquet(captions)
+    caps = read_parquet(captions)
     layout = CocoLayout(Path(coco_dir))
     with distributed() as info:
         plm = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from mmn.cli import log, stage_main
-from mmn.io import write_json, write_parquet
+from mmn.io import read_json, write_json, write_parquet
 from mmn.params import load_params
 
 NAME = "caption"
@@ -73,7 +73,7 @@ def _quality(df, layout, proj_dir: Path, params, device, metrics_out: str, info_
     from mmn.metrics.bertscore import BertScorer
 
     m = params.model
-    meta = json.loads((proj_dir / "meta.json").read_text())
+    meta = read_json(proj_dir / "meta.json")
     held_out = bool(meta.get("held_out", False))
     scorer = BertScorer.from_params(m.bert_model, m.bert_layers, device=device, dtype=dtype)
     df, metrics, informative = caption_quality(df, layout.captions, scorer, params.seed)

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from mmn.cli import log, stage_main
-from mmn.io import atomic_file, write_json, write_parquet
+from mmn.io import atomic_file, read_parquet, write_json, write_parquet
 from mmn.params import load_params
 
 NAME = "compare_methods"
@@ -61,7 +61,7 @@ def main(params_path, coco_dir, proj_dir, captions, out, summary_out, curve_out,
     params = load_params(params_path)
     seed_everything(params.seed)
     cp = params.compare
-    caps = pl.read_parquet(captions)
+    caps = read_parquet(captions)
     if int(caps["has_noun"].sum()) == 0:
         raise StageError(f"{captions}: no caption has a target noun (has_noun); nothing to compare")
     layout = CocoLayout(Path(coco_dir))

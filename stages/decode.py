@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from mmn.cli import log, stage_main
-from mmn.io import write_parquet
+from mmn.io import read_parquet, write_parquet
 from mmn.params import load_params
 
 NAME = "decode"
@@ -23,7 +23,6 @@ NAME = "decode"
 @click.option("--out", default="data/neurons.parquet", show_default=True, type=click.Path())
 @stage_main(NAME)
 def main(params_path: str, attributions: str, out: str) -> None:
-    import polars as pl
 
     from mmn.neurons.decode import decode_units
     from mmn.pipeline import build_lm, seed_everything
@@ -31,8 +30,8 @@ def main(params_path: str, attributions: str, out: str) -> None:
 
     params = load_params(params_path)
     seed_everything(params.seed)
+    att = read_parquet(attributions)  # inputs first: a bad file fails before the model loads
     adapter, tok = build_lm(params, dtype="float32", device="cpu")
-    att = pl.read_parquet(attributions)
     df = decode_units(adapter, tok, att, top_n=params.decode.top_n, lens=params.decode.lens)
     check_neurons(df, top_n=params.decode.top_n, n_layers=adapter.n_layers, n_units=adapter.d_mlp)
     write_parquet(df, out)

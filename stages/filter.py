@@ -16,7 +16,7 @@ from __future__ import annotations
 import click
 
 from mmn.cli import log, stage_main
-from mmn.io import atomic_file, write_json, write_parquet
+from mmn.io import atomic_file, read_parquet, write_json, write_parquet
 from mmn.params import load_params
 
 NAME = "filter"
@@ -33,7 +33,6 @@ NAME = "filter"
 @stage_main(NAME)
 def main(params_path: str, attributions: str, neurons: str, out: str, layers_out: str, metrics_out: str,
          info_out: str) -> None:
-    import polars as pl
 
     from mmn.neurons.filter import apply_filter, load_wordlist, wordlist_info
     from mmn.neurons.summary import layer_distribution, neuron_metrics
@@ -42,9 +41,9 @@ def main(params_path: str, attributions: str, neurons: str, out: str, layers_out
     params = load_params(params_path)
     f = params.filter
     words = load_wordlist(f.wordlist)
-    neu = apply_filter(pl.read_parquet(neurons), words, min_words=f.min_words, top_n=f.top_n,
+    neu = apply_filter(read_parquet(neurons), words, min_words=f.min_words, top_n=f.top_n,
                        min_letters=f.min_letters)
-    att = pl.read_parquet(attributions)
+    att = read_parquet(attributions)
     check_interpretable(neu, top_n=params.decode.top_n)
     dist = layer_distribution(att, neu)
     metrics = neuron_metrics(att, neu, seed=params.seed)

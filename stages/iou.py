@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mmn.cli import StageError, log, stage_main
-from mmn.io import atomic_file, write_json, write_parquet
+from mmn.io import atomic_file, read_parquet, write_json, write_parquet
 from mmn.params import load_params
 
 NAME = "iou"
@@ -35,7 +35,6 @@ NAME = "iou"
 @stage_main(NAME)
 def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, categories_out, selectivity_out,
          metrics_out, info_out) -> None:
-    import polars as pl
     from pycocotools.coco import COCO
 
     from mmn.data.layout import CocoLayout
@@ -51,7 +50,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
     ip, cats = params.iou, params.model.iou_categories
     layout = CocoLayout(Path(coco_dir))
     coco = COCO(str(layout.instances_path))
-    caps, att = pl.read_parquet(captions), pl.read_parquet(attributions)
+    caps, att = read_parquet(captions), read_parquet(attributions)
     where = f"{params_path}: profiles.{params.profile}.iou_categories"
     try:
         images = iou_images(coco, caps, att, cats, ip.single)
@@ -61,7 +60,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
     if len(unused) == len(cats):
         raise StageError(f"{where}: no single-instance image of {cats} (iou.single={ip.single}, with a caption "
                          f"target) in {layout.instances_path}")
-    plan, plan_imgs = selectivity_plan(coco, att, pl.read_parquet(neurons), cats, ip.selectivity_units)
+    plan, plan_imgs = selectivity_plan(coco, att, read_parquet(neurons), cats, ip.selectivity_units)
     with distributed() as info:
         plm = build_prefix_lm(params, Path(proj_dir))
         rows = iou_plan(images, att, top_units=ip.top_units, random_draws=ip.random_draws,

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from mmn.cli import StageError, log, stage_main
-from mmn.io import atomic_dir
+from mmn.io import atomic_dir, read_csv, read_json, read_parquet
 from mmn.params import load_params
 
 NAME = "plot"
@@ -47,15 +47,15 @@ def main(params_path, coco_dir, proj_dir, data_dir, metrics_dir, plots_out, repo
     m, d = params.model, Path(data_dir)
     layout = CocoLayout(Path(coco_dir))
     inp = PlotInputs(
-        captions=pl.read_parquet(d / "captions.parquet"),
-        attributions=pl.read_parquet(d / "attributions.parquet"),
-        interpretable=pl.read_parquet(d / "interpretable.parquet"),
-        scores=pl.read_parquet(d / "scores.parquet"),
-        iou=pl.read_parquet(d / "iou.parquet"),
-        selectivity=pl.read_parquet(d / "selectivity.parquet"),
-        ablation=pl.read_parquet(d / "ablation.parquet"),
-        layers=pl.read_csv(d / "layer_distribution.csv"),
-        metrics={k: json.loads((Path(metrics_dir) / f"{k}.json").read_text()) for k in METRICS},
+        captions=read_parquet(d / "captions.parquet"),
+        attributions=read_parquet(d / "attributions.parquet"),
+        interpretable=read_parquet(d / "interpretable.parquet"),
+        scores=read_parquet(d / "scores.parquet"),
+        iou=read_parquet(d / "iou.parquet"),
+        selectivity=read_parquet(d / "selectivity.parquet"),
+        ablation=read_parquet(d / "ablation.parquet"),
+        layers=read_csv(d / "layer_distribution.csv"),
+        metrics={k: read_json(Path(metrics_dir) / f"{k}.json") for k in METRICS},
         refs=layout.captions,
         file_names={r["id"]: r["file_name"] for r in layout.images},
         load_image=layout.load_image,
@@ -65,13 +65,13 @@ def main(params_path, coco_dir, proj_dir, data_dir, metrics_dir, plots_out, repo
                   f"from {d}/*.parquet and {metrics_dir}/*.json."),
     )
     loss_csv = Path(proj_dir) / "loss.csv"  # caption quality + training curve on the first page
-    inp.projection_loss = pl.read_csv(loss_csv) if loss_csv.is_file() else None
-    inp.projection_meta = json.loads((Path(proj_dir) / "meta.json").read_text())
+    inp.projection_loss = read_csv(loss_csv) if loss_csv.is_file() else None
+    inp.projection_meta = read_json(Path(proj_dir) / "meta.json")
     inp.caption_info = {"bert_model": m.bert_model}
     methods_json = Path(metrics_dir) / "methods.json"  # stage compare_methods (optional outside the DAG)
     if (d / "compare_methods_curve.csv").is_file() and (d / "compare_methods.csv").is_file():
-        inp.methods_curve = pl.read_csv(d / "compare_methods_curve.csv")
-        inp.methods_summary = pl.read_csv(d / "compare_methods.csv", schema_overrides={"vs": pl.Utf8})
+        inp.methods_curve = read_csv(d / "compare_methods_curve.csv")
+        inp.methods_summary = read_csv(d / "compare_methods.csv", schema_overrides={"vs": pl.Utf8})
         if methods_json.is_file():
             inp.metrics["methods"] = json.loads(methods_json.read_text())
     plm = build_prefix_lm(params, Path(proj_dir))

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mmn.cli import StageError, log, stage_main
-from mmn.io import write_json, write_parquet
+from mmn.io import read_parquet, write_json, write_parquet
 from mmn.params import load_params
 
 NAME = "score"
@@ -61,7 +61,7 @@ def main(params_path, coco_dir, proj_dir, captions, attributions, neurons, out, 
                                       w=s.clip_w, batch_size=s.batch_size)
     try:
         df = score_tables(
-            pl.read_parquet(captions), pl.read_parquet(attributions), pl.read_parquet(neurons), layout.captions,
+            read_parquet(captions), read_parquet(attributions), read_parquet(neurons), layout.captions,
             layout.load_image, plm, bert, clip, random_draws=s.random_draws,
             prompt_neighbours=s.prompt_neighbours, seed=params.seed,
         )

@@ -353,3 +353,36 @@ def test_path_check_catches_a_drift(monkeypatch):
     monkeypatch.setitem(globals(), "_dvc", lambda: st)
     with pytest.raises(AssertionError, match="stage caption: option default data/captions.parquet"):
         test_click_defaults_and_dvc_paths_agree("caption")
+
+
+def test_an_edit_reruns_only_the_stages_that_run_the_edited_code():
+    """Exact invalidation, on the derived import sets: the data stages import no model or
+    attribution code (the quality suites read the method names from an import-free module),
+    so an edit to attribution re-runs attribute and what reads its code, never the downloads
+    or the projection training; a BERTScore edit re-runs the stages that score captions."""
+    deps = {s: code_deps(s) for s in STAGES}
+    def users(f: str) -> set[str]:
+        return {s for s, d in deps.items() if f in d}
+    assert users("mmn/neurons/attribution.py") == {"attribute", "ablate", "compare_methods", "plot"}
+    assert users("mmn/metrics/bertscore.py") == {"caption", "score", "ablate", "plot"}
+    for s in ("download_coco", "download_train"):
+        assert not any(f.startswith(("mmn/models/", "mmn/neurons/attribution", "mmn/neurons/methods"))
+                       for f in deps[s]), s
+    assert "mmn/neurons/names.py" in deps["download_coco"]  # the quality suites' one import from neurons
+
+
+def test_a_profile_key_edit_reruns_only_the_stages_that_read_it():
+    """Per-key profile params: bert_layers is read by the stages that score with BERTScore,
+    iou_categories by iou and plot, the LM by every stage that runs it; the downloads read
+    only data keys, so a model or scorer edit never re-downloads or retrains."""
+    def readers(key: str) -> set[str]:
+        return {s for s in STAGES if f"{ACTIVE_PROFILE}.{key}" in _declared_params(s)}
+
+    assert readers("bert_layers") == {"caption", "score", "ablate"}
+    assert readers("iou_categories") == {"iou", "plot"}
+    assert readers("clip_pretrained") == {"score"}
+    assert readers("lm") == set(STAGES) - {"download_coco", "download_train", "filter"}
+    for s in ("download_coco", "download_train"):
+        assert not any(k.endswith(("lm", "encoder", "bert_model", "bert_layers", "iou_categories", "dtype"))
+                       for k in _declared_params(s)), s
+    assert ACTIVE_PROFILE not in {k for s in STAGES for k in _declared_params(s)}  # never the whole profile

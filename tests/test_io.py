@@ -62,3 +62,42 @@ def test_atomic_dir_replaces_a_symlink_and_keeps_its_target(tmp_path):
     assert not out.is_symlink() and sorted(p.name for p in out.iterdir()) == ["a"]
     assert (target / "keep").read_text() == "k"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "elsewhere"]
+
+
+def test_a_corrupt_or_missing_input_is_one_line_naming_the_file(tmp_path):
+    """A truncated Parquet input makes the stage exit 1 with one line naming the file and the
+    stage (no polars traceback), before any model is loaded; a missing one likewise."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import polars as pl
+
+    repo = Path(__file__).resolve().parents[1]
+    good = tmp_path / "attributions.parquet"
+    pl.DataFrame({"layer": list(range(50)), "unit": list(range(50))}).write_parquet(good)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path, what in ((bad, "not a readable Parquet file"), (tmp_path / "none.parquet", "input file does not exist")):
+        r = subprocess.run([sys.executable, "-m", "stages.decode", "--attributions", str(path), "--out",
+                            str(tmp_path / "out.parquet")], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines[-1].startswith(f"[decode] error: {path}: {what}"), r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "out.parquet").exists()
+
+
+def test_read_helpers_raise_data_errors(tmp_path):
+    from mmn.errors import DataError
+    from mmn.io import read_csv, read_json, read_parquet
+
+    (tmp_path / "x.json").write_text("{not json")
+    (tmp_path / "x.csv").write_bytes(b"a,b\n1,2\n3\n\xff\xfe")
+    with pytest.raises(DataError, match=r"x\.json: not a readable JSON file"):
+        read_json(tmp_path / "x.json")
+    with pytest.raises(DataError, match="does not exist"):
+        read_csv(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match=r"x\.csv: not a readable CSV file"):
+        read_csv(tmp_path / "x.csv")
+    with pytest.raises(DataError, match=r"x\.json: not a readable Parquet file"):
+        read_parquet(tmp_path / "x.json")

@@ -30,8 +30,7 @@ from mmn.hooks import TraceDict
 from mmn.models.adapters import LMAdapter
 from mmn.models.prefix_lm import ImagePrefixLM, PrefixBatch
 
-Method = Literal["grad_x_act", "direct_logit", "integrated_gradients"]
-METHODS: tuple[str, ...] = ("grad_x_act", "direct_logit", "integrated_gradients")
+from mmn.neurons.names import METHODS, Method  # noqa: E402,F401 - re-exported: the one list of methods
 
 
 def check_method(method: str, preactivation: bool = False) -> None:

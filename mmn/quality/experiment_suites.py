@@ -99,7 +99,7 @@ def check_ablation(df: Any) -> None:
 def methods_suite() -> list[dict]:
     """Stage compare_methods' candidate table: one row per (image, unit), exact effects and
     every method's score present and finite, |Δp| <= 1."""
-    from mmn.neurons.methods import METHODS
+    from mmn.neurons.names import METHODS
 
     scores = [f"score_{m}" for m in METHODS]
     return [
