@@ -9,8 +9,8 @@
   RSS (``getrusage``) before and after the timed region;
 * output helpers: :func:`machine_info`, :func:`load_average`, :func:`markdown_table`.
 
-Not a test module and not part of the ``mmn`` package: the scripts put this folder on
-``sys.path`` and import it as ``_common``.
+Not a test module and not part of the ``mmn`` package: the scripts import it as ``_common``
+(run as ``python benchmarks/<script>.py``, a script has its own folder first on ``sys.path``).
 """
 
 from __future__ import annotations

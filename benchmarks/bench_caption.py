@@ -26,9 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402  (shared plumbing of the benchmark scripts)
+from _common import (  # shared plumbing of the benchmark scripts, in this folder
     MODELS_LINE,
     add_common_args,
     common_argv,

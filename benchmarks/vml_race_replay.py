@@ -25,9 +25,7 @@ import ctypes
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import load_images, load_models  # noqa: E402  (shared plumbing of the benchmark scripts)
+from _common import load_images, load_models  # shared plumbing of the benchmark scripts, in this folder
 
 VML_HA, VML_EP = 0x2, 0x3
 VML_FTZDAZ_OFF, VML_ERRMODE_IGNORE = 0x00140000, 0x100

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_prefix_setup
+from helpers.fakes import FakeEncoder, captions
 from mmn.hooks import TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.neurons.ablation import ablated, random_ranking, rank_units, target_probs, unit_masks, unit_scores
@@ -106,28 +107,6 @@ def test_random_ranking_is_nested_with_the_layer_mix_of_every_prefix():
         random_ranking([(1, u) for u in range(9)], 8, np.random.default_rng(0))
 
 
-class _FakeEncoder:
-    """Stands in for a PatchEncoder: an image is its integer id; features are seeded by it."""
-
-    def encode(self, images):
-        return torch.stack([torch.randn(N_PATCH, D_ENC, generator=torch.Generator().manual_seed(int(i))) * 2
-                            for i in images])
-
-
-def _captions(tok, n=5):
-    import polars as pl
-
-    texts = [" a cat on the mat", " two dogs in snow", " a red bus", " the old clock", " one cup of tea"]
-    rows = []
-    for i in range(n):
-        ids = tok(texts[i % len(texts)]).input_ids
-        rows.append({"image_id": 10 + i, "caption_token_ids": ids, "target_pos": len(ids) - 1,
-                     "target_token_id": ids[-1], "has_noun": True})
-    rows.append({"image_id": 99, "caption_token_ids": [1], "target_pos": None, "target_token_id": None,
-                 "has_noun": False})
-    return pl.DataFrame(rows)
-
-
 def test_ablate_images_shards_merge_to_the_single_run_and_layers_cap_k(tiny_adapters):
     """Two shards (every 2nd image) concatenate to the one-process table; with
     ``layers=[last]`` a huge k is capped at that layer's d_mlp units (k_effective)."""
@@ -137,8 +116,8 @@ def test_ablate_images_shards_merge_to_the_single_run_and_layers_cap_k(tiny_adap
 
     ad, tok = tiny_adapters["gpt2"]
     torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=_FakeEncoder())
-    caps = _captions(tok)
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=FakeEncoder(N_PATCH, D_ENC, 2))
+    caps = captions(tok)
     interp = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
     interp[:, ::3] = True
     kw = dict(ks=[0, 3, 10_000], max_new_tokens=3, regenerate=True, seed=0, progress=False)
@@ -170,7 +149,7 @@ def test_rank_units_limit():
 def _plm(tiny_adapters, family="gpt2"):
     ad, tok = tiny_adapters[family]
     torch.manual_seed(0)
-    return ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=_FakeEncoder()), tok
+    return ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=FakeEncoder(N_PATCH, D_ENC, 2)), tok
 
 
 def test_ablate_images_random_sets_are_nested_across_k(tiny_adapters, monkeypatch):
@@ -191,7 +170,7 @@ def test_ablate_images_random_sets_are_nested_across_k(tiny_adapters, monkeypatc
     monkeypatch.setattr(A, "target_probs", spy)
     ks = [0, 2, 5, 11, 40]
     interp = torch.ones(ad.n_layers, ad.d_mlp, dtype=torch.bool)
-    A.ablate_images(_captions(tok, 3), lambda i: i, plm, interp, ks=ks, regenerate=False,
+    A.ablate_images(captions(tok, 3), lambda i: i, plm, interp, ks=ks, regenerate=False,
                     progress=False)
     assert len(seen) == 3
     rnd_sets = []
@@ -301,7 +280,7 @@ def test_ablated_captions_honour_stop_at_newline(tiny_adapters):
     try:
         kw = dict(ks=[0, 3], max_new_tokens=6, regenerate=True, progress=False)
         interp = torch.ones(plm.adapter.n_layers, plm.adapter.d_mlp, dtype=torch.bool)
-        caps = _captions(tok, 3)
+        caps = captions(tok, 3)
         on = ablate_images(caps, lambda i: i, plm, interp, stop_at_newline=True, **kw)
         off = ablate_images(caps, lambda i: i, plm, interp, stop_at_newline=False, **kw)
     finally:
@@ -394,7 +373,7 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
     raw["caption"].update(stop_at_newline=False, max_new_tokens=3)
     raw["attribute"]["layers"] = None
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    caps = _captions(tok, 4).with_columns(pl.lit("a clean caption").alias("caption"))
+    caps = captions(tok, 4).with_columns(pl.lit("a clean caption").alias("caption"))
     caps.write_parquet(tmp_path / "captions.parquet")
     interp = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
     interp[:, ::2] = True

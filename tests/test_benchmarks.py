@@ -62,8 +62,12 @@ def test_bench_attribution_smoke():
 
 def test_topk_agree_hand_cases():
     """Near-ties may reorder or swap at the cut; anything larger than the tolerance may not."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from _common import topk_agree
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_common", REPO / "benchmarks" / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    topk_agree = common.topk_agree
 
     a = [((0, 1), 10.0), ((0, 2), 5.0), ((1, 3), 4.0)]
     assert topk_agree(a, a, 1e-3)

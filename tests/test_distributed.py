@@ -40,7 +40,7 @@ def _free_port() -> int:
 def _ablate_mean(shard: tuple[int, int], reduce_sum) -> pl.DataFrame:
     """ablate_images(mode="mean") on a tiny random GPT-2 and 5 seeded fake images."""
     from conftest import load_tokenizer, tiny_lm
-    from test_ablation import _captions, _FakeEncoder, D_ENC
+    from helpers.fakes import FakeEncoder, captions
 
     from mmn.experiments.ablation import ablate_images
     from mmn.models.lm import prepare_lm
@@ -49,10 +49,10 @@ def _ablate_mean(shard: tuple[int, int], reduce_sum) -> pl.DataFrame:
     tok = load_tokenizer()
     ad, tok = prepare_lm(tiny_lm("gpt2", len(tok)), tok)
     torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, torch.nn.Linear(D_ENC, ad.d_model), encoder=_FakeEncoder())
+    plm = ImagePrefixLM(ad, tok, torch.nn.Linear(12, ad.d_model), encoder=FakeEncoder(6, 12, 2))
     interp = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
     interp[:, ::2] = True
-    return ablate_images(_captions(tok), lambda i: i, plm, interp, ks=[0, 5, 40], mode="mean",
+    return ablate_images(captions(tok), lambda i: i, plm, interp, ks=[0, 5, 40], mode="mean",
                          max_new_tokens=2, regenerate=False, seed=0, progress=False, shard=shard,
                          reduce_sum=reduce_sum)
 

@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from helpers.pipeline import copy_repo, env, run, small_params
 from s3_server import s3_server, weed_binary
-from test_pipeline_e2e import _copy_repo, _env, _run, _small_params
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def _ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return _run(["dvc", *args], repo)
+    return run(["dvc", *args], repo)
 
 
 def _sha256(path: Path) -> str:
@@ -119,8 +119,8 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def remote_repo(tmp_path_factory, s3):
     """A small reproduced pipeline whose default DVC remote is the S3 server; all committed."""
-    repo = _copy_repo(tmp_path_factory.mktemp("repo"))
-    _small_params(repo)
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    small_params(repo)
     _trim_pipeline(repo)
     _ok(_dvc(repo, "repro"))
     _ok(_dvc(repo, "remote", "add", "-d", "-f", "store", f"s3://{s3.bucket}/cache"))
@@ -206,7 +206,7 @@ def test_store_crash_in_the_middle_of_a_push_then_retry(remote_repo):
     sums = _checksums(repo, "fault/blob.bin")
 
     base = s3.stored_bytes()
-    push = subprocess.Popen(["dvc", "push"], cwd=repo, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    push = subprocess.Popen(["dvc", "push"], cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         deadline = time.monotonic() + 120
@@ -252,7 +252,7 @@ def test_stage_killed_while_writing_leaves_the_previous_output(remote_repo):
     repo = remote_repo.path
     out = repo / "data/attributions.parquet"
     before = (out.stat().st_mtime_ns, _sha256(out))
-    r = _run([sys.executable, "-c", _KILL_WHILE_WRITING], repo)
+    r = run([sys.executable, "-c", _KILL_WHILE_WRITING], repo)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     debris = list(out.parent.glob(".tmp-attributions.parquet-*"))
     assert len(debris) == 1 and 0 < debris[0].stat().st_size  # the half-written temp file
@@ -268,7 +268,7 @@ def test_dvc_repro_killed_mid_stage_then_rerun(remote_repo):
     before = (out.stat().st_mtime_ns, _sha256(out))
     log = repo.parent / "killed-repro.err"
     with open(log, "w") as err:
-        proc = subprocess.Popen(["dvc", "repro", "-s", "attribute", "--force"], cwd=repo, env=_env(),
+        proc = subprocess.Popen(["dvc", "repro", "-s", "attribute", "--force"], cwd=repo, env=env(),
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         deadline = time.monotonic() + 300

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_prefix_setup
+from helpers.fakes import FakeEncoder, captions
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.neurons.ablation import set_effects, single_unit_effects
 from mmn.neurons.attribution import attribute_topk, attribution_maps, method_pass
@@ -276,17 +277,16 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
     import mmn.data.layout
     import mmn.pipeline
     import stages.compare_methods as S
-    from tests.test_ablation import _captions, _FakeEncoder
 
     ad, tok = tiny_adapters["gpt2"]
     torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=_FakeEncoder())
+    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model), encoder=FakeEncoder(N_PATCH, D_ENC, 2))
     raw = yaml.safe_load(open("params.yaml"))
     raw["ablate"]["ks"] = [0, 3, 10, 50]
     raw["attribute"].update(layers=None, ig_steps=4)
     raw["compare"] = {"candidates": 6, "precision_k": 3, "batch_size": 16, "max_images": 4}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    caps = _captions(tok, 5)
+    caps = captions(tok, 5)
     caps.write_parquet(tmp_path / "captions.parquet")
 
     class Layout:
@@ -325,7 +325,7 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
     # the exact dy of image 10's candidates, recomputed one call per unit
     c10 = cand.filter(pl.col("image_id") == 10)
     r10 = caps.filter(pl.col("image_id") == 10).row(0, named=True)
-    soft = plm.soft_tokens(_FakeEncoder().encode([10]))
+    soft = plm.soft_tokens(FakeEncoder(N_PATCH, D_ENC, 2).encode([10]))
     units = list(zip(c10["layer"].to_list(), c10["unit"].to_list()))
     text = list(r10["caption_token_ids"][: r10["target_pos"]])
     ref = single_unit_effects(plm, soft, text, int(r10["target_token_id"]), units, rows=1)
@@ -369,18 +369,17 @@ def test_attribute_captions_with_a_method_passes_the_gate_and_matches_the_score_
     full max-over-patches map, one sort), with the same scores."""
     from mmn.neurons.attribution import attribute_captions
     from mmn.quality import check_attributions
-    from tests.test_ablation import _captions, _FakeEncoder
 
     plm, *_ = _scaled(tiny_adapters, "llama")
     ad = plm.adapter
-    caps = _captions(plm.tokenizer, 3).with_columns(pl.col("target_token_id").cast(str).alias("target_token"))
-    plm.encoder = _FakeEncoder()
+    caps = captions(plm.tokenizer, 3).with_columns(pl.col("target_token_id").cast(str).alias("target_token"))
+    plm.encoder = FakeEncoder(N_PATCH, D_ENC, 2)
     df = attribute_captions(caps, lambda i: i, plm, k=5, batch_size=2, progress=False,
                             method=method, ig_steps=4)
     check_attributions(df, k=5, n_layers=ad.n_layers, n_units=ad.d_mlp, n_patches=N_PATCH,
                        layers=list(range(ad.n_layers)), rank_by="unit")
     for r in caps.filter("has_noun").iter_rows(named=True):
-        soft = plm.soft_tokens(_FakeEncoder().encode([r["image_id"]]))
+        soft = plm.soft_tokens(FakeEncoder(N_PATCH, D_ENC, 2).encode([r["image_id"]]))
         text = list(r["caption_token_ids"][: r["target_pos"]])
         _, s, _ = unit_score_map(plm, soft, text, int(r["target_token_id"]), method, ig_steps=4)
         vals, idx = torch.sort(s.reshape(-1), descending=True, stable=True)

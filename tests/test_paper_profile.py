@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from coco_server import coco_server, require_coco_mini
+from helpers.pipeline import copy_repo, env, ran, run
 from mmn.params import load_params
-from test_pipeline_e2e import _copy_repo, _env, _ran, _run
 
 pytestmark = pytest.mark.slow
 
@@ -71,27 +71,27 @@ def _offline_env(tmp_path: Path) -> tuple[dict, Path, Path]:
     hf_home = tmp_path / "hf_home"
     hf_home.mkdir()
     netlog = tmp_path / "net.log"
-    env = _env()
+    offline = env()
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE",
                 "HF_ENDPOINT", "PYTHONPATH"):
-        env.pop(var, None)
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(guard),
-               MMN_NETGUARD_LOG=str(netlog), MMN_CACHE=str(tmp_path / "mmn_cache"))
-    return env, hf_home, netlog
+        offline.pop(var, None)
+    offline.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(guard),
+                   MMN_NETGUARD_LOG=str(netlog), MMN_CACHE=str(tmp_path / "mmn_cache"))
+    return offline, hf_home, netlog
 
 
 def test_paper_profile_offline_stops_clearly_at_the_first_model(tmp_path):
     mini = require_coco_mini()
-    repo = _copy_repo(tmp_path / "repo")
-    env, hf_home, netlog = _offline_env(tmp_path)
+    repo = copy_repo(tmp_path / "repo")
+    offline, hf_home, netlog = _offline_env(tmp_path)
     with coco_server(tmp_path / "mirror") as srv:
         limber_url = srv.base_url + LIMBER_PATH
         t0 = time.monotonic()
-        r = _run(["dvc", "exp", "run", "-S", "profile=paper",
-                  "-S", f"data.coco.base_url='{srv.base_url}'",
-                  "-S", f"data.coco.annotations_sha1='{srv.sha1}'",
-                  "-S", f"data.coco.subset={SUBSET}",
-                  "-S", f"profiles.paper.limber_url='{limber_url}'"], repo, env=env, timeout=600)
+        r = run(["dvc", "exp", "run", "-S", "profile=paper",
+                 "-S", f"data.coco.base_url='{srv.base_url}'",
+                 "-S", f"data.coco.annotations_sha1='{srv.sha1}'",
+                 "-S", f"data.coco.subset={SUBSET}",
+                 "-S", f"profiles.paper.limber_url='{limber_url}'"], repo, env=offline, timeout=600)
         elapsed = time.monotonic() - t0
         served = [q.path for q in srv.requests]
     out = r.stdout + r.stderr
@@ -101,7 +101,7 @@ def test_paper_profile_offline_stops_clearly_at_the_first_model(tmp_path):
     p = load_params(repo / "params.yaml")
     assert p.profile == "paper" and p.model.data_source == "coco" and p.model.limber_url == limber_url
     assert p.data.coco.base_url == srv.base_url and p.data.coco.subset == SUBSET
-    assert _ran(r.stdout) == {"download_coco", "download_train", "load_projection"}, out[-3000:]
+    assert ran(r.stdout) == {"download_coco", "download_train", "load_projection"}, out[-3000:]
     assert "[download_coco] source=coco" in out
     instances = json.loads((repo / "data/coco/annotations/instances.json").read_text())
     names = sorted(im["file_name"] for im in instances["images"])

@@ -7,7 +7,6 @@ filter-only param change reruns exactly the filter stage.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,65 +16,11 @@ import polars as pl
 import pytest
 import yaml
 
-from conftest import COCO_MINI, REPO
+from conftest import COCO_MINI
+from helpers.pipeline import STAGES, copy_repo, env, ran, run, set_keys, small_params
 from same_outputs import assert_byte_identical
 
 pytestmark = pytest.mark.slow
-
-STAGES = ["download_coco", "download_train", "load_projection", "caption", "attribute", "decode", "filter", "score", "iou", "ablate", "compare_methods", "plot"]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    return env
-
-
-def _run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _copy_repo(dst: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        src = REPO / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    (dst / ".cache").mkdir()
-    wordlist = "data/wordlist/american-english"  # DVC-tracked input, git-ignored (scripts/setup.sh)
-    shutil.copy2(REPO / wordlist, dst / wordlist)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
-                ["dvc", "commit", "-q", "-f", f"{wordlist}.dvc"]):  # into the copy's cache, as setup.sh does
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True, env=_env())
-    return dst
-
-
-def _small_params(repo: Path, **overrides) -> None:
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["projection"]["train"].update(max_steps=4, batch_size=4, views=2, warmup_steps=1, eval_every=2)
-    p["caption"]["max_new_tokens"] = 10
-    p["attribute"]["k"] = 25
-    p["score"]["random_draws"] = 2
-    p["ablate"]["ks"] = [0, 10, 100]
-    p["attribute"]["ig_steps"] = 4
-    p["compare"].update(candidates=8, precision_k=4, max_images=3)
-    _set_keys(p, overrides)
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-
-
-def _set_keys(p: dict, overrides: dict) -> None:
-    """Set dotted ``overrides`` (``{"a.b.c": value}``) in the params dict ``p``."""
-    for path, value in overrides.items():
-        node = p
-        keys = path.split(".")
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-
 
 def _assert_numbers_only(node, where: str) -> None:
     if isinstance(node, dict):
@@ -85,22 +30,18 @@ def _assert_numbers_only(node, where: str) -> None:
         assert node is None or (isinstance(node, (int, float)) and not isinstance(node, bool)), (where, node)
 
 
-def _ran(stdout: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in stdout}
-
-
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory):
-    repo = _copy_repo(tmp_path_factory.mktemp("repo"))
-    _small_params(repo)
-    r = _run(["dvc", "repro"], repo)
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    small_params(repo)
+    r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return repo, r
 
 
 def test_full_dag_runs_and_outputs_are_consistent(pipeline_repo):
     repo, r = pipeline_repo
-    assert _ran(r.stdout) == set(STAGES)
+    assert ran(r.stdout) == set(STAGES)
     caps = pl.read_parquet(repo / "data/captions.parquet")
     n_images = len(list((repo / "data/coco/images").iterdir()))
     assert caps.height == n_images == 7
@@ -125,22 +66,22 @@ def test_full_dag_runs_and_outputs_are_consistent(pipeline_repo):
 
 def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipeline_repo):
     repo, _ = pipeline_repo
-    r = _run(["dvc", "repro"], repo)
+    r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stderr
-    assert _ran(r.stdout) == set()
+    assert ran(r.stdout) == set()
     assert "up to date" in r.stdout.lower()
     before = (repo / "data/attributions.parquet").read_bytes()
-    _small_params(repo, **{"filter.min_words": 6})
-    r = _run(["dvc", "repro"], repo)
+    small_params(repo, **{"filter.min_words": 6})
+    r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stderr
     # exactly the stages that read filter.* or its outputs (ablate filters all units itself)
-    assert _ran(r.stdout) == {"filter", "score", "iou", "ablate", "plot"}
+    assert ran(r.stdout) == {"filter", "score", "iou", "ablate", "plot"}
     assert (repo / "data/attributions.parquet").read_bytes() == before
     # back to the old value: DVC's run cache restores filter's outputs without running it
-    _small_params(repo, **{"filter.min_words": 7})
-    r = _run(["dvc", "repro"], repo)
+    small_params(repo, **{"filter.min_words": 7})
+    r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stderr
-    assert _ran(r.stdout) == set()
+    assert ran(r.stdout) == set()
     cached = {s for s in STAGES if f"Stage '{s}' is cached" in r.stdout}
     assert cached == {"filter", "score", "iou", "ablate", "plot"}
 
@@ -151,11 +92,11 @@ def test_coco_source_stage_from_local_mirror(tmp_path):
         pytest.skip(f"coco-mini not found at {COCO_MINI}")
     from coco_server import coco_server
 
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     with coco_server(tmp_path / "mirror") as srv:
-        _small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
-                               "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 6})
-        r = _run(["dvc", "repro", "download_coco"], repo)
+        small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
+                              "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 6})
+        r = run(["dvc", "repro", "download_coco"], repo)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     from pycocotools.coco import COCO
 
@@ -180,11 +121,11 @@ def test_download_coco_bad_image_policy(tmp_path, policy):
     chosen = select_image_ids(ids, 4, 0)
     by_id = {im["id"]: im for im in load_mini_json("instances", COCO_MINI)["images"]}
     victim = by_id[chosen[1]]["file_name"]
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     with coco_server(tmp_path / "mirror", corrupt_images=[victim]) as srv:
-        _small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
-                               "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 4,
-                               "data.on_bad_image": policy})
+        small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
+                              "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 4,
+                              "data.on_bad_image": policy})
         r = _stage(repo, "download_coco")
     if policy == "fail":
         assert r.returncode == 1
@@ -242,18 +183,18 @@ def test_two_rank_gloo_stage_equals_single_process(pipeline_repo, tmp_path, stag
     # torchrun defaults to OMP_NUM_THREADS=1; CPU results are bit-identical only with the
     # thread count of the single-process run, i.e. what a fresh stage process picks (not
     # this pytest process, which another test may have changed)
-    threads = _run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], repo).stdout.strip()
-    env = {**_env(), "OMP_NUM_THREADS": threads}
+    threads = run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], repo).stdout.strip()
+    run_env = {**env(), "OMP_NUM_THREADS": threads}
     args = [a for opt, rel in outs.items() for a in (opt, str(tmp_path / Path(rel).name))]
     r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", f"stages.{stage}", *args],
-                       cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+                       cwd=repo, env=run_env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "merged 2 shards" in r.stderr
     assert_byte_identical({rel: (tmp_path / Path(rel).name, repo / rel) for rel in outs.values()})
 
 
 def _stage(repo: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", f"stages.{stage}", *args], repo)
+    return run([sys.executable, "-m", f"stages.{stage}", *args], repo)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
@@ -324,9 +265,9 @@ def test_forced_rerun_is_byte_identical(pipeline_repo, tmp_path):
         rel = str(f.relative_to(repo))
         before[rel] = tmp_path / rel.replace("/", "__")
         shutil.copyfile(f, before[rel])
-    r = _run(["dvc", "repro", "--force"], repo)
+    r = run(["dvc", "repro", "--force"], repo)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert _ran(r.stdout) == set(STAGES)
+    assert ran(r.stdout) == set(STAGES)
     assert_byte_identical({rel: (repo / rel, old) for rel, old in before.items()})
 
 
@@ -342,9 +283,9 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
 
     from coco_server import coco_server
 
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     with coco_server(tmp_path / "mirror", merged_val=False) as srv:
-        _small_params(repo, **{
+        small_params(repo, **{
             "profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
             "data.coco.annotations_sha1": srv.sha1, "data.coco.subset": 10,
             "projection.train.data": "coco-train", "projection.train.subset": 0,
@@ -354,9 +295,9 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
             "iou.single": "one_instance",
             "ablate.ks": [0, 10], "caption.max_new_tokens": 8, "plot.cards": 3, "plot.images": 4,
         })
-        r = _run(["dvc", "repro"], repo)
+        r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert _ran(r.stdout) == set(STAGES)
+    assert ran(r.stdout) == set(STAGES)
     split = json.loads((repo / "data/coco_train/split.json").read_text())
     eval_ids = {im["id"] for im in json.loads((repo / "data/coco/annotations/instances.json").read_text())["images"]}
     assert split["mode"] == "coco-train" and split["held_out"] is True
@@ -365,7 +306,7 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
     cq = json.loads((repo / "metrics/captions.json").read_text())
     # No direction is asserted: at n = 10 after 40 steps the own-vs-shuffled margin is small (one
     # machine measured own 0.207 vs shuffled 0.199, p = 0.66), so its sign is a coin that a CPU with
-    # other float kernels may flip. The 100-image run (tests/run_coco_mini_dag.py) tests it.
+    # other float kernels may flip. The 100-image run (scripts/run_coco_mini_dag.py) tests it.
     for key in ("bertscore_own", "bertscore_shuffled"):
         assert -1 <= cq[key]["mean"] <= 1, cq
     caps = pl.read_parquet(repo / "data/captions.parquet")
@@ -407,12 +348,12 @@ def test_experiment_queue_run_all_and_show(pipeline_repo):
     import json
 
     repo, _ = pipeline_repo
-    r = _run(["dvc", "exp", "run", "--queue", "-S", "plot.dpi=60,70"], repo)
+    r = run(["dvc", "exp", "run", "--queue", "-S", "plot.dpi=60,70"], repo)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Queued experiment") == 2
-    r = _run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], repo)
+    r = run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], repo)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    r = _run(["dvc", "exp", "show", "--json"], repo)
+    r = run(["dvc", "exp", "show", "--json"], repo)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     exps = [e for row in rows for e in (row.get("experiments") or [])]
@@ -440,7 +381,7 @@ def _assert_one_line_error(r: subprocess.CompletedProcess, stage: str, *needles:
 
 def _params_with(repo: Path, tmp_path: Path, **overrides) -> Path:
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    _set_keys(p, overrides)
+    set_keys(p, overrides)
     out = tmp_path / "params.yaml"
     out.write_text(yaml.safe_dump(p))
     return out
@@ -503,14 +444,14 @@ def test_troubleshooting_download_rows(tmp_path, fault):
 
     images = load_mini_json("instances", COCO_MINI)["images"]
     victim = {im["id"]: im for im in images}[select_image_ids([im["id"] for im in images], 3, 0)[0]]
-    repo = _copy_repo(tmp_path / "repo")
+    repo = copy_repo(tmp_path / "repo")
     with coco_server(tmp_path / "mirror") as srv:
         sha1 = "0" * 40 if fault == "sha1" else srv.sha1
         if fault == "http404":
             next(srv.root.rglob(victim["file_name"])).unlink()
-        _small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
-                               "data.coco.annotations_sha1": sha1, "data.coco.subset": 3,
-                               "data.on_bad_image": "fail"})
+        small_params(repo, **{"profiles.embedded.data_source": "coco", "data.coco.base_url": srv.base_url,
+                              "data.coco.annotations_sha1": sha1, "data.coco.subset": 3,
+                              "data.on_bad_image": "fail"})
         r = _stage(repo, "download_coco")
     needles = ("sha1 mismatch",) if fault == "sha1" else (victim["file_name"], "HTTP 404")
     _assert_one_line_error(r, "download_coco", *needles)

@@ -386,7 +386,7 @@ def test_captions_gate_checks_the_quality_columns(tmp_path):
     score out of range or a 'shuffled' image equal to the row's own image fails it."""
     from mmn.io import write_parquet
     from mmn.quality import QualityError, check_captions
-    from tests.test_quality import good_captions
+    from helpers.tables import good_captions
 
     base = good_captions()
     refs = {i: ["a dog on grass", "a cat"] for i in base["image_id"]}
@@ -404,7 +404,7 @@ def test_captions_gate_checks_the_quality_columns(tmp_path):
 
 @pytest.mark.parametrize("informative", [0, 1])
 def test_report_first_page_shows_caption_quality_and_the_loss_curve(tmp_path, informative):
-    from tests.test_plots import build_synthetic, make_inputs
+    from helpers.report import build_synthetic, make_inputs
 
     inp = make_inputs()
     inp.metrics["captions"].update(image_information=informative, held_out=informative)
@@ -424,7 +424,7 @@ def test_seed_aggregation_by_hand(tmp_path):
     """scripts/seeds.py: metric leaves across seed folders -> n, mean, sample sd, min, max."""
     import importlib.util
 
-    from tests.conftest import REPO
+    from conftest import REPO
 
     spec = importlib.util.spec_from_file_location("seeds", REPO / "scripts" / "seeds.py")
     seeds = importlib.util.module_from_spec(spec)

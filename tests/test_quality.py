@@ -16,6 +16,7 @@ import mmn.quality as q
 from mmn.quality import QualityError, check_captions, check_coco_layout, expect, run_suite
 
 from conftest import COCO_MINI  # noqa: E402
+from helpers.tables import good_captions  # noqa: E402
 COCO_MINI = COCO_MINI.resolve()
 needs_coco = pytest.mark.skipif(
     not (COCO_MINI / "annotations" / "instances.json").is_file(),
@@ -24,24 +25,6 @@ needs_coco = pytest.mark.skipif(
 
 
 # ------------------------------------------------------------------ captions
-
-
-def good_captions() -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "image_id": [7001, 7002, 7003, 7004],
-            "file_name": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
-            "caption": ["a dog on grass", "very nice", "a cat on a mat", "two zebras"],
-            "has_noun": [True, False, True, True],
-            "noun": ["dog", None, "cat", "zebras"],
-            "target_token_id": [5325, None, 3797, 1976],
-            "target_token": [" dog", None, " cat", " zeb"],
-            "target_pos": [1, None, 1, 1],
-            "p_target": [0.31, None, 0.92, 0.0],
-            "n_caption_tokens": [4, 2, 5, 3],
-        },
-        schema_overrides={"target_token_id": pl.Int64, "target_pos": pl.Int64},
-    )
 
 
 def _set(df: pl.DataFrame, col: str, values: list) -> pl.DataFrame:

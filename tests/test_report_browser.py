@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from conftest import REPO
-from test_plots import build_synthetic, build_template, check_internal_links, make_inputs
+from helpers.report import build_synthetic, build_template, check_internal_links, make_inputs
 
 websocket = pytest.importorskip("websocket", reason="websocket-client not installed (pip install -e '.[dev]')")
 

@@ -11,6 +11,7 @@ import scipy.stats
 import torch
 from torch import nn
 
+from helpers.fakes import FakeEncoder
 from mmn.experiments import scores as S
 
 # ----------------------------------------------------------------------------- fixtures
@@ -164,13 +165,6 @@ def test_sample_nouns_five_seeded_from_captions():
 
 # ----------------------------------------------------------------------------- end to end, tiny models
 
-class _FakeEncoder:
-    """An image is its integer id; 4 patches of 8-d features seeded by it."""
-
-    def encode(self, images):
-        return torch.stack([torch.randn(4, 8, generator=torch.Generator().manual_seed(int(i))) for i in images])
-
-
 class _FakeBert:
     """Deterministic stand-in: score = length of the candidate / 100 (same for every reference)."""
 
@@ -188,7 +182,7 @@ def test_score_tables_tiny_lm_real_vocab_and_ks_n(tiny_adapters, monkeypatch):
     real = torch.arange(200, 300)  # pretend only these rows are real vocabulary
     monkeypatch.setattr(ad, "real_token_ids", real)
     torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(8, ad.d_model), encoder=_FakeEncoder())
+    plm = ImagePrefixLM(ad, tok, nn.Linear(8, ad.d_model), encoder=FakeEncoder(4, 8, 1))  # 4 patches, 8-d features
     images = [1, 2, 3]
     att = pl.DataFrame({"image_id": [i for i in images for _ in range(3)], "rank": [0, 1, 2] * 3,
                         "layer": [0, 1, 2] * 3, "unit": [i + j for i in images for j in range(3)],

@@ -7,7 +7,9 @@ embedded models on the `coco` source. The projection is trained only on images t
 evaluated: ``projection.train.data=split`` with ``holdout`` 0.2 (80 train / 20 evaluated),
 because coco-mini has only 21 train2017 images for ``coco-train``.
 
-    python tests/run_coco_mini_dag.py /tmp/coco100 [-S key=value ...]
+    python -m scripts.run_coco_mini_dag /tmp/coco100 [-S key=value ...]
+
+Run it from the repository root (``-m``: ``scripts`` and ``tests`` are found there).
 
 Prints every metrics file at the end; the copy stays in DIR for inspection.
 """
@@ -20,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import yaml
 
-from coco_server import coco_server  # noqa: E402
-from test_pipeline_e2e import _copy_repo, _run, _set_keys  # noqa: E402
-
-import yaml  # noqa: E402
+from tests.coco_server import coco_server
+from tests.helpers.pipeline import copy_repo, run, set_keys
 
 DEFAULTS = {
     "profiles.embedded.data_source": "coco",
@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("-S", dest="sets", action="append", default=[], help="params override key=yaml-value")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    repo = _copy_repo(args.dir / "repo")
+    repo = copy_repo(args.dir / "repo")
     with coco_server(args.dir / "mirror") as srv:
         p = yaml.safe_load((repo / "params.yaml").read_text())
         overrides = dict(DEFAULTS)
@@ -54,10 +54,10 @@ def main() -> int:
         for s in args.sets:
             k, v = s.split("=", 1)
             overrides[k] = yaml.safe_load(v)
-        _set_keys(p, overrides)
+        set_keys(p, overrides)
         (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         t0 = time.time()
-        r = _run(["dvc", "repro"], repo, timeout=4 * 3600)
+        r = run(["dvc", "repro"], repo, timeout=4 * 3600)
         dt = time.time() - t0
     (args.dir / "repro.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
     print(f"dvc repro exit {r.returncode} in {dt / 60:.1f} min (log: {args.dir / 'repro.log'})")
