@@ -1,0 +1,110 @@
+"""Check the numbers the docs quote from ``metrics/*.json`` against the files themselves.
+
+A quoted number is marked in the Markdown with an HTML comment right after it (invisible
+when rendered)::
+
+    difference +0.133 [−0.008, 0.259]<!--m captions.json:own_vs_shuffled.diff-->, p = 0.14<!--m captions.json:own_vs_shuffled.p-->
+
+The marker names the metrics file and the dotted key of one number. The text just before
+it must end with that number, rounded to the decimals shown, optionally followed by a
+bracketed ``[lo, hi]`` that must match the ``lo`` and ``hi`` beside the key (the CI of the
+same block). ``−`` (U+2212) is read as a minus; ``**bold**`` around the value is allowed.
+Prints one line per mismatch (``file:line: key: docs say X, metrics have Y``) and exits 1
+when there is any; tests/test_doc_numbers.py runs it on the repository.
+
+    python scripts/check_doc_numbers.py [--metrics metrics] [FILE.md ...]   # default: README.md docs/*.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+NUM = r"[−+-]?\d+(?:\.\d+)?"
+MARKER = re.compile(r"<!--m ([\w.-]+\.json):([\w.]+)-->")
+VALUE = re.compile(rf"(?P<v>{NUM})\**(?:\s*\[(?P<lo>{NUM}), (?P<hi>{NUM})\])?\**\s*$")
+
+
+def _number(text: str) -> tuple[float, int]:
+    """``(value, decimals shown)`` of a printed number."""
+    t = text.replace("−", "-").lstrip("+")
+    return float(t), len(t.split(".")[1]) if "." in t else 0
+
+
+def _matches(printed: str, actual: object) -> bool:
+    if not isinstance(actual, (int, float)) or isinstance(actual, bool):
+        return False
+    value, decimals = _number(printed)
+    return abs(float(actual) - value) <= 0.5 * 10 ** -decimals + 1e-12
+
+
+def _lookup(metrics: dict, key: str) -> object:
+    node: object = metrics
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def check_file(md: Path, metrics_dir: Path) -> list[str]:
+    """Mismatch messages for one Markdown file (empty = every marked number agrees)."""
+    problems: list[str] = []
+    cache: dict[str, dict] = {}
+    for lineno, line in enumerate(md.read_text().splitlines(), 1):
+        start = 0
+        for m in MARKER.finditer(line):
+            where = f"{md}:{lineno}: {m.group(1)}:{m.group(2)}"
+            before, start = line[start: m.start()], m.end()
+            v = VALUE.search(before)
+            if not v:
+                problems.append(f"{where}: no number right before the marker")
+                continue
+            fname = m.group(1)
+            if fname not in cache:
+                path = metrics_dir / fname
+                if not path.is_file():
+                    problems.append(f"{where}: no metrics file {path}")
+                    continue
+                cache[fname] = json.loads(path.read_text())
+            try:
+                actual = _lookup(cache[fname], m.group(2))
+            except KeyError:
+                problems.append(f"{where}: no such key in {fname}")
+                continue
+            if not _matches(v.group("v"), actual):
+                problems.append(f"{where}: docs say {v.group('v')}, metrics have {actual}")
+            if v.group("lo") is not None:
+                parent = m.group(2).rsplit(".", 1)[0] if "." in m.group(2) else ""
+                for bound in ("lo", "hi"):
+                    try:
+                        b = _lookup(cache[fname], f"{parent}.{bound}" if parent else bound)
+                    except KeyError:
+                        problems.append(f"{where}: a [lo, hi] is quoted but {fname} has no {bound} beside the key")
+                        continue
+                    if not _matches(v.group(bound), b):
+                        problems.append(f"{where}: docs say {bound} {v.group(bound)}, metrics have {b}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="*", type=Path)
+    ap.add_argument("--metrics", type=Path, default=Path("metrics"))
+    args = ap.parse_args(argv)
+    files = args.files or [Path("README.md"), *sorted(Path("docs").glob("*.md"))]
+    problems, n = [], 0
+    for f in files:
+        n += len(MARKER.findall(f.read_text()))
+        problems += check_file(f, args.metrics)
+    for p in problems:
+        print(p)
+    print(f"{n} quoted numbers checked against {args.metrics}/: {len(problems)} mismatch(es)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

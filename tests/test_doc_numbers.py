@@ -1,0 +1,43 @@
+"""scripts/check_doc_numbers.py: the numbers the docs quote from metrics/ equal the files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "check_doc_numbers.py"
+
+
+def _check(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_the_docs_quote_the_committed_metrics():
+    """README.md and docs/*.md against metrics/ (the committed dvc.lock's outputs)."""
+    r = _check()
+    assert r.returncode == 0, r.stdout
+    n = int(r.stdout.splitlines()[-1].split()[0])
+    assert n >= 50, r.stdout  # the results summary and results.md's first section are marked
+
+
+def test_hand_cases(tmp_path):
+    m = tmp_path / "metrics"
+    m.mkdir()
+    (m / "a.json").write_text(json.dumps({"x": {"mean": 0.4095, "lo": -0.0080, "hi": 0.2588, "p": 0.140625},
+                                          "k": 50, "s": "text"}))
+    md = tmp_path / "doc.md"
+    md.write_text("ok 0.41 [−0.01, 0.26]<!--m a.json:x.mean-->, p = 0.14<!--m a.json:x.p-->; **0.410**<!--m "
+                  "a.json:x.mean--> and 50<!--m a.json:k-->\n")
+    assert _check("--metrics", str(m), str(md)).returncode == 0
+    for text, says in [("0.42<!--m a.json:x.mean-->", "docs say 0.42, metrics have 0.4095"),
+                       ("0.410 [0.01, 0.26]<!--m a.json:x.mean-->", "docs say lo 0.01"),
+                       ("0.4<!--m a.json:x.nope-->", "no such key"),
+                       ("text<!--m a.json:s-->", "no number right before the marker"),
+                       ("1<!--m a.json:s-->", "metrics have text"),
+                       ("1<!--m b.json:k-->", "no metrics file")]:
+        md.write_text(f"line one\n{text}\n")
+        r = _check("--metrics", str(m), str(md))
+        assert r.returncode == 1 and f"{md}:2: " in r.stdout and says in r.stdout, (text, r.stdout)
