@@ -79,20 +79,13 @@ class LMTok:
 
 
 def bert_tokenizer(lm_vocab: int):
-    """A word-level fast tokenizer (the synthetic words and every LM id's text), BERT-style
-    ``[CLS] … [SEP]``: no vocabulary file is needed offline. One token per word or comma,
-    a little fewer than roberta's BPE would give."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """A BERT word-piece tokenizer over the synthetic words and every LM id's text (built from an
+    in-memory vocabulary: no file is needed offline). One token per word or comma, a little fewer
+    than roberta's BPE would give; ``[CLS] … [SEP]`` as bert_score expects."""
+    from transformers import BertTokenizer
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS + [str(i) for i in range(lm_vocab)] + [","])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
-                                                                                              ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", model_max_length=512)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *WORDS, *(str(i) for i in range(lm_vocab))]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=False, model_max_length=512)
 
 
 def _with_default_dtype(dtype: torch.dtype, device: torch.device, make: Callable[[], nn.Module]) -> nn.Module:
