@@ -383,7 +383,7 @@ def stage_ablate(b: Bench, plm, bert, data: Data, n: int, sizes: dict) -> None:
         df = ablate_images(caps, data.load_image, plm, interp, ks=ks, progress=False, stop_at_newline=False)
         f1 = bert.f1([c or "" for c in df["caption"].to_list()], ["0 1 2"] * df.height)
         rows = df.height // n + 1
-        box["flops"] = n * (6 * sizes["lm"] * lm_tokens(plm, data, 1)  # ranking: forward + backward
+        box["flops"] = n * (4 * sizes["lm"] * lm_tokens(plm, data, 1)  # ranking: forward + input-gradient backward
                             + 2 * sizes["lm"] * rows * lm_tokens(plm, data, 1)  # the rows' forward
                             + 2 * sizes["lm"] * (rows - 1) * (lm_tokens(plm, data, 1) + 16))  # regeneration
         box["note"] = f"{rows} rows per image, {len(f1)} regenerated captions BERTScored"

@@ -108,6 +108,20 @@ def embedded_encoder():
     return load_encoder("embedded:efficientnet-lite0", 7, 224)
 
 
+@pytest.fixture(scope="session")
+def reproduced_pipeline(tmp_path_factory):
+    """``(repo, result)``: ONE small ``dvc repro`` of the whole DAG per session (``small_params``),
+    never modified. Tests that need a reproduced pipeline take a copy
+    (``helpers.pipeline.copy_reproduced``), so the DAG runs once for the e2e and remote tests."""
+    from helpers.pipeline import copy_repo, run, small_params
+
+    repo = copy_repo(tmp_path_factory.mktemp("pristine") / "repo")
+    small_params(repo)
+    r = run(["dvc", "repro"], repo)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return repo, r
+
+
 def tiny_prefix_setup(tiny_adapters, family: str, n_patch: int = 6, d_enc: int = 12):
     """``(plm, soft [1, n_patch, d_model], text ids, target id)``: a tiny ``family`` LM behind a
     seeded random projection, the text " a cat on the" and the target " mat" (ablation and

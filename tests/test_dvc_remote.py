@@ -20,9 +20,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
-from helpers.pipeline import copy_repo, env, run, small_params
+from helpers.pipeline import copy_reproduced, env, run
 from s3_server import s3_server, weed_binary
 
 pytestmark = pytest.mark.slow
@@ -68,19 +67,6 @@ def _wipe(repo: Path, *extra: str) -> None:
     assert sorted(p.name for p in (repo / "data/wordlist").iterdir()) == [".gitignore", "american-english.dvc"]
 
 
-def _trim_pipeline(repo: Path, last: str = "filter") -> None:
-    """Keep the stages up to ``last`` (DVC semantics only need a few; the full DAG is e2e's job)."""
-    dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
-    names = list(dvc_yaml["stages"])
-    dvc_yaml["stages"] = {n: dvc_yaml["stages"][n] for n in names[: names.index(last) + 1]}
-    outs = {o if isinstance(o, str) else next(iter(o)) for st in dvc_yaml["stages"].values()
-            for o in st.get("outs", [])}
-    dvc_yaml["plots"] = [pl for pl in dvc_yaml.get("plots", [])
-                         if any(next(iter(pl)).startswith(o) for o in outs)]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-    (repo / "dvc.lock").unlink(missing_ok=True)
-
-
 def _ran(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("Running stage")]
 
@@ -117,12 +103,11 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def remote_repo(tmp_path_factory, s3):
-    """A small reproduced pipeline whose default DVC remote is the S3 server; all committed."""
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    small_params(repo)
-    _trim_pipeline(repo)
-    _ok(_dvc(repo, "repro"))
+def remote_repo(tmp_path_factory, s3, reproduced_pipeline):
+    """A copy of the session's small reproduced pipeline (conftest) whose default DVC remote is
+    the S3 server; all committed."""
+    repo = copy_reproduced(reproduced_pipeline[0], tmp_path_factory.mktemp("remote") / "repo")
+    assert UP_TO_DATE in _ok(_dvc(repo, "status")).stdout
     _ok(_dvc(repo, "remote", "add", "-d", "-f", "store", f"s3://{s3.bucket}/cache"))
     _ok(_dvc(repo, "remote", "modify", "store", "endpointurl", s3.endpoint_url))
     _ok(_dvc(repo, "remote", "modify", "--local", "store", "access_key_id", s3.access_key))

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import COCO_MINI
-from helpers.pipeline import STAGES, copy_repo, env, ran, run, set_keys, small_params
+from helpers.pipeline import STAGES, copy_repo, copy_reproduced, env, ran, run, set_keys, small_params
 from same_outputs import assert_byte_identical
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,10 @@ def _assert_numbers_only(node, where: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_repo(tmp_path_factory):
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    small_params(repo)
-    r = run(["dvc", "repro"], repo)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return repo, r
+def pipeline_repo(reproduced_pipeline, tmp_path_factory):
+    """A copy of the session's reproduced pipeline (conftest) that this module's tests may change."""
+    src, r = reproduced_pipeline
+    return copy_reproduced(src, tmp_path_factory.mktemp("e2e") / "repo"), r
 
 
 def test_full_dag_runs_and_outputs_are_consistent(pipeline_repo):

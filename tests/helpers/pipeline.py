@@ -55,6 +55,16 @@ def copy_repo(dst: Path) -> Path:
     return dst
 
 
+def copy_reproduced(src: Path, dst: Path) -> Path:
+    """A copy of an already reproduced repository ``src`` (git history, DVC cache, outputs and
+    ``dvc.lock``; not ``.dvc/tmp``, DVC's locks and state), so a test can change it freely."""
+    def skip(folder: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(folder) == src / ".dvc" else []
+
+    shutil.copytree(src, dst, symlinks=True, ignore=skip)
+    return dst
+
+
 def small_params(repo: Path, **overrides) -> None:
     """Rewrite ``repo``'s params.yaml for a small, fast run, then apply dotted ``overrides``."""
     p = yaml.safe_load((repo / "params.yaml").read_text())
