@@ -35,7 +35,8 @@ def main() -> None:
     from mmn.data.layout import CocoLayout
     from mmn.data.sample import materialize_sample
     from mmn.params import load_params, parse_params
-    from mmn.pipeline import build_encoder, build_lm, seed_everything
+    from mmn.numerics import seed_everything
+    from mmn.pipeline import build_encoder, build_lm
     from mmn.projection_training import train_from_layout
 
     raw = load_params(REPO / "params.yaml").model_dump()

@@ -43,7 +43,8 @@ def worker(args: argparse.Namespace) -> None:
     from mmn.metrics.bertscore import BertScorer
     from mmn.models.prefix_lm import ImagePrefixLM
     from mmn.params import load_params, parse_params
-    from mmn.pipeline import build_encoder, build_lm, seed_everything
+    from mmn.numerics import seed_everything
+    from mmn.pipeline import build_encoder, build_lm
     from mmn.projection_training import train_from_layout
 
     raw = load_params(args.params).model_dump()

@@ -174,3 +174,45 @@ def caption_quality(
     }
     informative = test["p"] is not None and test["p"] < alpha and test["lo"] is not None and test["lo"] > 0
     return out, metrics, informative
+
+
+def caption_report(df: pl.DataFrame, refs: Mapping[int, Sequence[str]], scorer: RefScorer, seed: int,
+                   projection_meta: dict) -> tuple[pl.DataFrame, dict, dict, list[str]]:
+    """The caption stage's held-out quality: :func:`caption_quality` plus ``(metrics, info, log lines)``.
+
+    ``metrics`` adds ``held_out`` and ``image_information`` (0/1); ``info`` describes the
+    scorer, the definitions and the projection's training data; a log line starts with
+    "WARNING" when own and shuffled references do not differ significantly, or when the
+    projection was trained on the evaluated images (``projection_meta["held_out"]`` false)."""
+    held_out = bool(projection_meta.get("held_out", False))
+    df, metrics, informative = caption_quality(df, refs, scorer, seed)
+    own, shuf, t = metrics["bertscore_own"], metrics["bertscore_shuffled"], metrics["own_vs_shuffled"]
+    summary = (f"caption BERTScore vs own references {own['mean']:.3f}, vs shuffled {shuf['mean']:.3f} "
+               f"(diff {t['diff']:+.3f}, 95% CI {_fmt(t['lo'])}..{_fmt(t['hi'])}, p {_fmt(t['p'])}, n {t['n']})")
+    warning = None
+    if not informative:
+        warning = ("the captions carry no detectable image information: BERTScore against the image's own "
+                   "references is not significantly above shuffled references (p >= 0.05 or the CI of the "
+                   "difference includes 0)")
+    lines = [f"WARNING: {warning}; {summary}" if warning else summary]
+    if not held_out:
+        lines.append("WARNING: the projection was trained on these evaluation images (held_out: false)")
+    lines.append(f"first noun in the image's own references for {metrics['noun_in_refs']['mean']:.0%} of images; "
+                 f"{metrics['distinct_nouns']} distinct first nouns")
+    info = {
+        "bert_model": scorer.description,
+        "score": "BERTScore F1 of the generated caption, mean over the reference captions (paper Table 1)",
+        "shuffled": f"references of another image: seeded derangement (Sattolo), seed {seed}",
+        "noun_in_refs": "first noun (or its plural/singular: -s, -es, -ies/-y) occurs as a word in one of the image's "
+                        "own COCO captions; images without a noun count as misses",
+        "held_out": held_out,
+        "train_data": projection_meta.get("train_data"),
+        "projection_source": projection_meta.get("source"),
+        "warning": warning,
+        "summary": summary,
+    }
+    return df, {**metrics, "held_out": int(held_out), "image_information": int(informative)}, info, lines
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"

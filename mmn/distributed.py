@@ -12,7 +12,7 @@ environment (``WORLD_SIZE`` unset) everything runs in one process.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -79,6 +79,24 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     buf = t.to(dev).clone()
     dist.all_reduce(buf)
     return buf.to(t.device)
+
+
+def share_mask_from_main(compute: Callable[[], torch.Tensor], shape: tuple[int, ...],
+                         info: DistInfo) -> torch.Tensor:
+    """A boolean mask of ``shape`` computed by ``compute()`` on the main rank only (e.g. one fp32
+    CPU copy of the LM, not one per rank) and shared with every rank. A mask of another shape
+    raises :class:`~mmn.errors.StageError`."""
+    from mmn.errors import StageError
+
+    if info.is_main:
+        mask = compute()
+        if tuple(mask.shape) != tuple(shape):
+            raise StageError(f"mask of shape {tuple(mask.shape)} computed on the main rank; expected {tuple(shape)}")
+    else:
+        mask = torch.zeros(shape, dtype=torch.bool)
+    if info.world > 1:
+        mask = all_reduce_sum(mask.to(torch.float32), info) > 0.5
+    return mask
 
 
 def gather_frames(df: pl.DataFrame, info: DistInfo) -> pl.DataFrame | None:

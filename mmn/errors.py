@@ -1,6 +1,6 @@
 """The one error hierarchy of mmn: every expected failure raises an :class:`MMNError`.
 
-A stage (:func:`mmn.cli.stage_main`) prints an ``MMNError`` as one ``error: ...`` line and
+A stage (:func:`mmn.runner.stage`) prints an ``MMNError`` as one ``error: ...`` line and
 exits 1; anything else is a bug and keeps its traceback. Each category also derives
 from the builtin its old classes derived from, so ``except ValueError`` callers keep working.
 

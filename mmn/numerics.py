@@ -14,6 +14,10 @@ removes it. Idempotent and cheap (well under a millisecond after the first time)
 
 from __future__ import annotations
 
+import os
+import random
+
+import numpy as np
 import torch
 
 # ATen's VML-routed unary ops (aten/src/ATen/cpu/vml.h, IMPLEMENT_VML_MKL), float and double;
@@ -34,3 +38,13 @@ def warm_up_vml() -> None:
         for op in _VML_OPS:
             op(x)
     _done = True
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; make CPU kernels deterministic (incl. MKL VML's first call)."""
+    warm_up_vml()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

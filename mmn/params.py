@@ -211,7 +211,6 @@ class FilterParams(_Strict):
     min_words: int = Field(ge=0)
     top_n: int = Field(gt=0)
     min_letters: int = Field(gt=0)
-    wordlist: str = Field(min_length=1)
 
     @model_validator(mode="after")
     def _words_fit(self) -> "FilterParams":
@@ -358,7 +357,7 @@ def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate ``params.yaml``; raises :class:`ParamsError` naming the key.
 
-    Inside a stage (:func:`mmn.cli.stage_main`) the result is a
+    Inside a stage (:func:`mmn.runner.stage`) the result is a
     :class:`mmn.stage_params.ParamsView` that refuses keys the stage does not declare."""
     from mmn.stage_params import view_for_active_stage
 

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import random
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from mmn.models.adapters import LMAdapter
 from mmn.models.lm import load_lm, resolve_device
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.models.projection import ProjectionError, load_projection
 from mmn.models.vision import PatchEncoder, load_encoder
-from mmn.numerics import warm_up_vml
 from mmn.params import Params, ParamsError
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch; make CPU kernels deterministic (incl. MKL VML's first call)."""
-    warm_up_vml()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def build_lm(params: Params, dtype: str | None = None, device: str | None = None) -> tuple[LMAdapter, object]:

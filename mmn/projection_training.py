@@ -380,3 +380,30 @@ def loss_csv(history: Sequence[dict]) -> str:
     return ",".join(LOSS_COLUMNS) + "\n" + "".join(
         f"{r['step']},{fmt(r['train_loss'])},{fmt(r['val_loss'])}\n" for r in history
     )
+
+
+def training_lines(res: TrainResult, meta: dict) -> list[str]:
+    """The load_projection stage's log lines for a training run; "WARNING" lines when there was no
+    validation split or the validation loss never fell below the untrained projection's."""
+    h = res.history
+    lines = [f"trained projection on {meta['n_train_images']} images ({meta['n_views']} views), "
+             f"{meta['n_val_images']} validation images; {res.steps_run} steps"
+             f"{' (stopped early)' if res.stopped_early else ''}; train loss {h[0]['train_loss']:.3f} -> "
+             f"{h[-1]['train_loss']:.3f}"]
+    if res.best_val_loss is None:
+        return lines + ["WARNING: no validation split (projection.train.val_fraction: 0 or one image): kept the "
+                        "last step"]
+    lines.append(f"validation loss {res.initial_val_loss:.3f} (untrained) -> best {res.best_val_loss:.3f} at step "
+                 f"{res.best_step} (kept)")
+    if res.best_step == 0:
+        lines.append("WARNING: the validation loss never fell below the untrained projection's; the projection "
+                     "carries no learned image information")
+    return lines
+
+
+def projection_metrics(meta: dict) -> dict:
+    """Numbers-only summary for metrics/projection.json (null where not applicable)."""
+    keys = ("n_train_images", "n_val_images", "steps_run", "best_step", "best_val_loss", "initial_val_loss")
+    out = {k: meta.get(k) for k in keys}
+    out["held_out"] = int(bool(meta.get("held_out")))
+    return out

@@ -1,19 +1,10 @@
-"""Which ``params.yaml`` keys each stage reads: one table, checked at run time and by the tests.
+"""Params reads checked against the stage declarations (:mod:`mmn.stage_specs`).
 
-:data:`STAGE_PARAMS` is the single declaration. ``dvc.yaml`` must list exactly these keys
-under each stage's ``params:`` (``tests/test_dvc_deps.py``), and while a stage runs
-(:func:`mmn.cli.stage_main` sets it active) :func:`mmn.params.load_params` returns a
-:class:`ParamsView` that raises :class:`~mmn.params.ParamsError` on any read of a key the
-stage did not declare. So ``dvc status`` reruns a stage when, and only when, a key it
-reads changed.
-
-``profiles.${profile}.<key>`` is DVC templating (``params.yaml`` is loaded as vars): the stage
-depends on the keys it reads of the *active* profile only, so editing another profile (say
-``profiles.paper``) leaves the embedded pipeline up to date, and editing ``bert_layers`` reruns
-only the stages that score with BERTScore. ``params.model.<key>`` and the derived properties
-(``train_data``, ``train_loop``, ``coco_eval``, ``coco_train``) read them. DVC fails on a
-declared key that is missing, so every profile in ``params.yaml`` spells out every key
-(``null`` where unused; ``tests/test_dvc_deps.py``).
+While a stage runs (:mod:`mmn.runner` makes it the active stage) :func:`mmn.params.load_params`
+returns a :class:`ParamsView` that raises :class:`~mmn.errors.ParamsError` on any read of a key
+the stage did not declare. So ``dvc status`` reruns a stage when, and only when, a key it reads
+changed. ``params.model.<key>`` and the derived properties (``train_data``, ``train_loop``,
+``coco_eval``, ``coco_train``) read keys of the active profile.
 """
 
 from __future__ import annotations
@@ -21,56 +12,11 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any
 
-ACTIVE_PROFILE = "profiles.${profile}"
+from mmn.errors import ParamsError
+from mmn.stage_specs import ACTIVE_PROFILE, PROPERTY_READS, STAGE_PARAMS
 
-
-def _profile(*keys: str) -> tuple[str, ...]:
-    """``profile`` (which entry is active) and the given keys of the active profile."""
-    return ("profile", *(f"{ACTIVE_PROFILE}.{k}" for k in keys))
-
-
-# What each group of code reads from the active profile (so e.g. editing bert_layers reruns only
-# the stages that score with BERTScore, and iou_categories only iou and plot).
-_LM = ("lm", "lm_revision", "device", "dtype")  # mmn.pipeline.build_lm
-_LM_CPU_FP32 = ("lm", "lm_revision")  # build_lm(dtype="float32", device="cpu"): no device/dtype read
-_ENCODER = ("encoder", "encoder_grid", "image_size")  # mmn.pipeline.build_encoder (+ device)
-_PREFIX_LM = (*_LM, *_ENCODER)  # mmn.pipeline.build_prefix_lm
-_BERT = ("bert_model", "bert_layers")
-_CLIP = ("clip_pretrained", "clip_checkpoint")
-_TRAIN_OVERRIDES = ("train_max_steps", "train_batch_size", "train_views", "train_dtype")
-_TRAIN_LOOP = tuple(f"projection.train.{k}" for k in (
-    "max_steps", "batch_size", "lr", "views", "warmup_steps", "val_fraction", "val_max_images", "eval_every",
-    "patience", "dtype"))
-
-#: stage -> the params keys it reads (a key covers everything under it).
-STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "download_coco": (*_profile("data_source", "eval_subset", "train_data"), "seed", "data.coco",
-                      "data.on_bad_image", "projection.train.data", "projection.train.holdout"),
-    "download_train": (*_profile("data_source", "eval_subset", "train_data", "train_subset", "projection"), "seed",
-                       "data.coco", "data.on_bad_image", "projection.train.data", "projection.train.holdout",
-                       "projection.train.subset", "projection.train.split"),
-    "load_projection": (*_profile(*_LM, *_ENCODER, "projection", "limber_url", *_TRAIN_OVERRIDES), "seed",
-                        *_TRAIN_LOOP, "caption.prompt"),
-    "caption": (*_profile(*_PREFIX_LM, *_BERT), "seed", "caption"),
-    "attribute": (*_profile(*_PREFIX_LM), "seed", "caption.prompt", "attribute"),
-    "decode": (*_profile(*_LM_CPU_FP32), "seed", "decode"),
-    "filter": ("seed", "attribute.rank_by", "decode", "filter"),
-    "score": (*_profile(*_PREFIX_LM, *_BERT, "bert_rescale", *_CLIP), "seed", "caption.prompt", "score"),
-    "iou": (*_profile(*_PREFIX_LM, "iou_categories"), "seed", "caption.prompt", "iou"),
-    "ablate": (*_profile(*_PREFIX_LM, *_BERT), "seed", "caption.prompt", "caption.max_new_tokens",
-               "caption.stop_at_newline", "decode", "filter", "attribute.layers", "ablate"),
-    "compare_methods": (*_profile(*_PREFIX_LM), "seed", "caption.prompt", "attribute.ig_steps", "attribute.layers",
-                        "ablate.ks", "compare"),
-    "plot": (*_profile(*_PREFIX_LM, "projection", "iou_categories", "bert_model"), "seed", "caption.prompt", "plot"),
-}
-
-#: ``Params`` properties -> the keys they read.
-_PROPERTY_READS: dict[str, tuple[str, ...]] = {
-    "train_data": (*_profile("train_data"), "projection.train.data"),
-    "train_loop": (*_profile(*_TRAIN_OVERRIDES), *_TRAIN_LOOP),
-    "coco_eval": (*_profile("eval_subset"), "data.coco"),
-    "coco_train": (*_profile("train_subset"), "data.coco", "projection.train.split", "projection.train.subset"),
-}
+__all__ = ["ACTIVE_PROFILE", "STAGE_PARAMS", "ParamsView", "covered", "set_active_stage", "reset_active_stage",
+           "view_for_active_stage"]
 
 _active: ContextVar[str | None] = ContextVar("mmn_active_stage", default=None)
 
@@ -78,7 +24,7 @@ _active: ContextVar[str | None] = ContextVar("mmn_active_stage", default=None)
 def set_active_stage(stage: str | None) -> object:
     """Make ``stage`` the one whose reads :func:`mmn.params.load_params` checks; returns a reset token."""
     if stage is not None and stage not in STAGE_PARAMS:
-        raise KeyError(f"stage {stage!r} has no entry in mmn.stage_params.STAGE_PARAMS")
+        raise KeyError(f"stage {stage!r} has no entry in mmn.stage_specs.STAGES")
     return _active.set(stage)
 
 
@@ -107,11 +53,9 @@ class ParamsView:
         object.__setattr__(self, "_reads", set() if reads is None else reads)
 
     def _check(self, key: str) -> None:
-        from mmn.params import ParamsError
-
         if not covered(key, STAGE_PARAMS[self._stage]):
             raise ParamsError(f"stage {self._stage} reads params key {key!r}, which it does not declare; add it "
-                              f"to mmn/stage_params.py STAGE_PARAMS and to the stage's params in dvc.yaml")
+                              f"to its StageSpec in mmn/stage_specs.py and to the stage's params in dvc.yaml")
         self._reads.add(key)
 
     def __getattr__(self, name: str) -> Any:
@@ -124,8 +68,8 @@ class ParamsView:
         if self._prefix == "" and name == "model":
             self._check("profile")  # which profile; each of its keys is checked when read
             return ParamsView(obj.model, self._stage, ACTIVE_PROFILE, self._reads)
-        if self._prefix == "" and name in _PROPERTY_READS:
-            for k in _PROPERTY_READS[name]:
+        if self._prefix == "" and name in PROPERTY_READS:
+            for k in PROPERTY_READS[name]:
                 self._check(k)
             return getattr(obj, name)
         key = f"{self._prefix}.{name}" if self._prefix else name

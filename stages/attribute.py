@@ -12,39 +12,22 @@ gradient, target token, y; activation/gradient at the recorded patch).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import click
-
-from mmn.cli import log, stage_main
-from mmn.io import read_parquet, write_parquet
-from mmn.params import load_params
-
-NAME = "attribute"
+from mmn.runner import Run, stage
 
 
-@click.command(help=__doc__)
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path())
-@click.option("--coco", "coco_dir", default="data/coco", show_default=True, type=click.Path())
-@click.option("--projection", "proj_dir", default="data/projection", show_default=True, type=click.Path())
-@click.option("--captions", default="data/captions.parquet", show_default=True, type=click.Path())
-@click.option("--out", default="data/attributions.parquet", show_default=True, type=click.Path())
-@stage_main(NAME)
-def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str) -> None:
-
+@stage("attribute")
+def main(run: Run) -> None:
     from mmn.data.layout import CocoLayout
     from mmn.distributed import distributed, gather_frames
     from mmn.neurons.attribution import attribute_captions
-    from mmn.pipeline import attributed_layers, build_prefix_lm, seed_everything
+    from mmn.pipeline import attributed_layers, build_prefix_lm
     from mmn.quality import check_attributions
 
-    params = load_params(params_path)
-    seed_everything(params.seed)
-    ap = params.attribute
-    caps = read_parquet(captions)
-    layout = CocoLayout(Path(coco_dir))
+    params, ap = run.params, run.params.attribute
+    caps = run.read_parquet("captions")
+    layout = CocoLayout(run.path("coco"))
     with distributed() as info:
-        plm = build_prefix_lm(params, Path(proj_dir), dtype=ap.dtype, device=ap.device)
+        plm = build_prefix_lm(params, run.path("projection"), dtype=ap.dtype, device=ap.device)
         layers = attributed_layers(params, plm.adapter.n_layers)
         part = attribute_captions(caps, layout.load_image, plm, k=ap.k, batch_size=ap.batch_size,
                                   preactivation=ap.preactivation, progress=info.is_main, shard=info.shard,
@@ -53,14 +36,12 @@ def main(params_path: str, coco_dir: str, proj_dir: str, captions: str, out: str
     if not info.is_main:
         return
     df = df.sort(["image_id", "rank"])
-    if info.world > 1:
-        log(NAME, f"merged {info.world} shards")
     n_img = int(caps["has_noun"].sum())
     check_attributions(df, k=ap.k, n_layers=plm.adapter.n_layers, n_units=plm.adapter.d_mlp,
                        n_patches=plm.encoder.n_patches, layers=layers, rank_by=ap.rank_by)
-    write_parquet(df, out)
-    log(NAME, f"{df.height} {ap.rank_by}s for {n_img} images ({caps.height - n_img} without a noun skipped); "
-              f"wrote {out}")
+    run.write_parquet("out", df)
+    run.log(f"{df.height} {ap.rank_by}s for {n_img} images ({caps.height - n_img} without a noun skipped); "
+            f"{info.world} shard(s); wrote {run.wrote()}")
 
 
 if __name__ == "__main__":

@@ -18,79 +18,38 @@ data/info/compare_methods.json (settings, definitions, seconds per image).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import click
-
-from mmn.cli import log, stage_main
-from mmn.io import atomic_file, read_parquet, write_json, write_parquet
-from mmn.params import load_params
-
-NAME = "compare_methods"
+from mmn.runner import Run, stage
 
 
-@click.command(help=__doc__)
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path())
-@click.option("--coco", "coco_dir", default="data/coco", show_default=True, type=click.Path())
-@click.option("--projection", "proj_dir", default="data/projection", show_default=True, type=click.Path())
-@click.option("--captions", default="data/captions.parquet", show_default=True, type=click.Path())
-@click.option("--out", default="data/compare_methods.parquet", show_default=True, type=click.Path())
-@click.option("--summary", "summary_out", default="data/compare_methods.csv", show_default=True, type=click.Path())
-@click.option("--curve", "curve_out", default="data/compare_methods_curve.csv", show_default=True,
-              type=click.Path())
-@click.option("--metrics", "metrics_out", default="metrics/methods.json", show_default=True, type=click.Path())
-@click.option("--info", "info_out", default="data/info/compare_methods.json", show_default=True,
-              type=click.Path())
-@stage_main(NAME)
-def main(params_path, coco_dir, proj_dir, captions, out, summary_out, curve_out, metrics_out, info_out) -> None:
-    import polars as pl
-
-    from mmn.cli import StageError
+@stage("compare_methods")
+def main(run: Run) -> None:
     from mmn.data.layout import CocoLayout
-    from mmn.experiments.compare_methods import (
-        compare_images,
-        method_curves,
-        method_summary,
-        methods_info,
-        methods_metrics,
-        timing_summary,
-    )
-    from mmn.pipeline import attributed_layers, build_prefix_lm, seed_everything
+    from mmn.errors import DataError
+    from mmn.experiments import compare_methods as C
+    from mmn.pipeline import attributed_layers, build_prefix_lm
     from mmn.quality import check_methods
 
-    params = load_params(params_path)
-    seed_everything(params.seed)
-    cp = params.compare
-    caps = read_parquet(captions)
+    params, cp = run.params, run.params.compare
+    caps = run.read_parquet("captions")
     if int(caps["has_noun"].sum()) == 0:
-        raise StageError(f"{captions}: no caption has a target noun (has_noun); nothing to compare")
-    layout = CocoLayout(Path(coco_dir))
-    plm = build_prefix_lm(params, Path(proj_dir))
+        raise DataError(f"{run.path('captions')}: no caption has a target noun (has_noun); nothing to compare")
+    plm = build_prefix_lm(params, run.path("projection"))
     layers = attributed_layers(params, plm.adapter.n_layers)
-    cand, per, curve = compare_images(caps, layout.load_image, plm, candidates=cp.candidates,
-                                      precision_k=cp.precision_k, ks=params.ablate.ks,
-                                      ig_steps=params.attribute.ig_steps, rows=cp.batch_size, layers=layers,
-                                      max_images=cp.max_images)
+    cand, per, curve = C.compare_images(caps, CocoLayout(run.path("coco")).load_image, plm, candidates=cp.candidates,
+                                        precision_k=cp.precision_k, ks=params.ablate.ks,
+                                        ig_steps=params.attribute.ig_steps, rows=cp.batch_size, layers=layers,
+                                        max_images=cp.max_images)
     check_methods(cand)
     n_images = per["image_id"].n_unique()
-    summary = method_summary(per, seed=params.seed)
-    curves = method_curves(curve, seed=params.seed)
-    write_parquet(cand, out)
-    with atomic_file(summary_out) as tmp:
-        summary.write_csv(tmp, float_precision=6)
-    with atomic_file(curve_out) as tmp:
-        curves.write_csv(tmp, float_precision=6)
-    write_json(methods_metrics(summary, n_images), metrics_out)
-    seconds = timing_summary(per, seed=params.seed)
-    write_json(methods_info(params, layers, n_images, seconds), info_out)
-    for r in summary.filter(pl.col("vs").is_null(), pl.col("metric").is_in(["spearman", "auc"])
-                            ).iter_rows(named=True):
-        ci = "" if r["lo"] is None else f" [95% CI {r['lo']:.3f}, {r['hi']:.3f}]"
-        log(NAME, f"{r['method']}: {r['metric']} {r['mean']:.3f}{ci} (n={r['n']})")
-    for m, t in seconds.items():
-        log(NAME, f"{m}: {t['mean']:.2f} s per image (wall time, in data/info only)")
-    log(NAME, f"{n_images} images, {cand.height} candidate units ablated one at a time; wrote {out}, "
-              f"{summary_out}, {curve_out}, {metrics_out}, {info_out}")
+    summary, seconds = C.method_summary(per, seed=params.seed), C.timing_summary(per, seed=params.seed)
+    run.write_parquet("out", cand)
+    run.write_csv("summary", summary, float_precision=6)
+    run.write_csv("curve", C.method_curves(curve, seed=params.seed), float_precision=6)
+    run.write_metrics(C.methods_metrics(summary, n_images))
+    run.write_info(C.methods_info(cp.precision_k, layers, n_images, seconds))
+    for line in C.summary_lines(summary, seconds):
+        run.log(line)
+    run.log(f"{n_images} images, {cand.height} candidate units ablated one at a time; wrote {run.wrote()}")
 
 
 if __name__ == "__main__":

@@ -12,93 +12,34 @@ under `eval`.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
-import click
-
-from mmn.cli import StageError, log, stage_main
-from mmn.data.layout import CocoLayout
-from mmn.io import atomic_dir
-from mmn.params import Params, load_params
-
-NAME = "download_train"
-
-EVAL_WARNING = (
-    "WARNING: projection.train.data = eval: the projection is trained on the very images it is evaluated on "
-    "({n} images of {eval_dir}/). Nothing is held out (held_out: false): every effect measured downstream is "
-    "partly memorisation. Use `coco-train` or `split` for a held-out result."
-)
+from mmn.runner import Run, stage
 
 
-def _copy_layout(src: Path, dst: Path) -> dict:
-    """Copy the COCO layout ``src`` (images, annotations, skipped.csv) into ``dst``."""
-    lay = CocoLayout(src)
-    shutil.copytree(lay.images_dir, dst / "images")
-    shutil.copytree(lay.root / "annotations", dst / "annotations")
-    if lay.skipped_path.exists():
-        shutil.copyfile(lay.skipped_path, dst / "skipped.csv")
-    return {"n_images": len(lay.images), "copied_from": str(src)}
-
-
-def build_train_layout(params: Params, eval_dir: Path, tmp: Path, cache_dir: Path) -> dict:
-    """Write the training layout of ``params.train_data`` into the empty folder ``tmp``."""
-    mode, source = params.train_data, params.model.data_source
-    t = params.projection.train
-    if mode == "eval":
-        return _copy_layout(eval_dir, tmp)
-    if mode == "split":
-        from mmn.data.split import split_part
-
-        train_part = split_part("train", t.holdout, params.seed)
-        if source == "sample":
-            from mmn.data.sample import materialize_sample, sample_image_ids
-
-            return materialize_sample(tmp, image_ids=train_part(sample_image_ids()))
-        from mmn.data.coco import download_coco
-
-        return download_coco(params.coco_eval, tmp, seed=params.seed, cache_dir=cache_dir,
-                             on_bad_image=params.data.on_bad_image, restrict=train_part)
-    if source != "coco":  # coco-train
-        raise StageError(f"projection.train.data: coco-train needs the profile's data_source to be coco "
-                         f"(profile {params.profile!r} has {source!r}); use split or eval")
-    from mmn.data.coco import download_coco
-
-    return download_coco(params.coco_train, tmp, seed=params.seed, cache_dir=cache_dir,
-                         on_bad_image=params.data.on_bad_image)
-
-
-@click.command(help=__doc__)
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path())
-@click.option("--eval", "eval_dir", default="data/coco", show_default=True, type=click.Path(),
-              help="the evaluation layout (stage download_coco)")
-@click.option("--out", "out_dir", default="data/coco_train", show_default=True, type=click.Path())
-@click.option("--cache", "cache_dir", default=".cache/coco", show_default=True, type=click.Path(),
-              help="resumable download cache (coco source), shared with download_coco")
-@stage_main(NAME)
-def main(params_path: str, eval_dir: str, out_dir: str, cache_dir: str) -> None:
+@stage("download_train")
+def main(run: Run) -> None:
+    from mmn.data.build import EVAL_WARNING, build_train_layout
+    from mmn.data.layout import CocoLayout
     from mmn.data.split import write_split_info
     from mmn.quality import check_coco_layout, check_train_eval_disjoint
 
-    params = load_params(params_path)
-    mode = params.train_data
-    eval_path = Path(eval_dir)
-    n_eval = len(CocoLayout(eval_path).images)  # LayoutError naming the file when data/coco is missing
-    with atomic_dir(out_dir) as tmp:
-        summary = build_train_layout(params, eval_path, tmp, Path(cache_dir))
+    params, mode, out = run.params, run.params.train_data, run.path("out")
+    n_eval = len(CocoLayout(run.path("eval")).images)  # LayoutError naming the file when data/coco is broken
+    with run.out_dir("out") as tmp:
+        summary = build_train_layout(params, run.path("eval"), tmp, run.path("cache"))
         check_coco_layout(tmp)
-        overlap = check_train_eval_disjoint(tmp, eval_path, allow_overlap=mode == "eval", train_label=f"{out_dir}/")
+        overlap = check_train_eval_disjoint(tmp, run.path("eval"), allow_overlap=mode == "eval",
+                                            train_label=f"{out}/")
         info = write_split_info(tmp, mode, [r["id"] for r in CocoLayout(tmp).images], n_eval)
     if mode == "eval" and params.model.projection == "train":
-        log(NAME, EVAL_WARNING.format(n=len(overlap), eval_dir=eval_dir))
+        run.log(EVAL_WARNING.format(n=len(overlap), eval_dir=run.path("eval")))
     elif params.model.projection != "train":
-        log(NAME, f"profile {params.profile!r} loads a {params.model.projection} projection: "
-                  f"{out_dir}/ is not used for training")
-    log(NAME, f"mode={mode} source={params.model.data_source}: {info.n_train} training image(s), "
-              f"{info.n_eval} evaluated, held_out={str(info.held_out).lower()}; {summary}; wrote {out_dir}/")
+        run.log(f"profile {params.profile!r} loads a {params.model.projection} projection: {out}/ is not used for "
+                f"training")
+    run.log(f"mode={mode} source={params.model.data_source}: {info.n_train} training image(s), {info.n_eval} "
+            f"evaluated, held_out={str(info.held_out).lower()}; {summary}; wrote {out}/")
     if summary.get("n_skipped"):
-        log(NAME, f"skipped {summary['n_skipped']} bad image(s) (data.on_bad_image: skip); "
-                  f"listed with the reason in {out_dir}/skipped.csv")
+        run.log(f"skipped {summary['n_skipped']} bad image(s) (data.on_bad_image: skip); listed with the reason in "
+                f"{out}/skipped.csv")
 
 
 if __name__ == "__main__":

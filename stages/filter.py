@@ -13,59 +13,28 @@ data/info/filter.json (word list path/hash and the definitions used).
 
 from __future__ import annotations
 
-import click
-
-from mmn.cli import log, stage_main
-from mmn.io import atomic_file, read_parquet, write_json, write_parquet
-from mmn.params import load_params
-
-NAME = "filter"
+from mmn.runner import Run, stage
 
 
-@click.command(help=__doc__)
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path())
-@click.option("--attributions", default="data/attributions.parquet", show_default=True, type=click.Path())
-@click.option("--neurons", default="data/neurons.parquet", show_default=True, type=click.Path())
-@click.option("--out", default="data/interpretable.parquet", show_default=True, type=click.Path())
-@click.option("--layers-out", default="data/layer_distribution.csv", show_default=True, type=click.Path())
-@click.option("--metrics", "metrics_out", default="metrics/neurons.json", show_default=True, type=click.Path())
-@click.option("--info", "info_out", default="data/info/filter.json", show_default=True, type=click.Path())
-@stage_main(NAME)
-def main(params_path: str, attributions: str, neurons: str, out: str, layers_out: str, metrics_out: str,
-         info_out: str) -> None:
-
-    from mmn.neurons.filter import apply_filter, load_wordlist, wordlist_info
+@stage("filter")
+def main(run: Run) -> None:
+    from mmn.neurons.filter import apply_filter, filter_info, load_wordlist
     from mmn.neurons.summary import layer_distribution, neuron_metrics
     from mmn.quality import check_interpretable
 
-    params = load_params(params_path)
-    f = params.filter
-    words = load_wordlist(f.wordlist)
-    neu = apply_filter(read_parquet(neurons), words, min_words=f.min_words, top_n=f.top_n,
-                       min_letters=f.min_letters)
-    att = read_parquet(attributions)
+    params, f = run.params, run.params.filter
+    neu = apply_filter(run.read_parquet("neurons"), load_wordlist(run.path("wordlist")), min_words=f.min_words,
+                       top_n=f.top_n, min_letters=f.min_letters)
+    att = run.read_parquet("attributions")
     check_interpretable(neu, top_n=params.decode.top_n)
-    dist = layer_distribution(att, neu)
     metrics = neuron_metrics(att, neu, seed=params.seed)
-    info = {
-        "wordlist": wordlist_info(f.wordlist),
-        "rule": f">= {f.min_words} of the top {f.top_n} decoded tokens are dictionary words of "
-                f">= {f.min_letters} letters",
-        "attribute_rank_by": params.attribute.rank_by,
-        "decode_lens": params.decode.lens,
-        "kept_fraction": "per image: interpretable / distinct top units; mean over images with a 95% "
-                         "percentile bootstrap CI over images (n = images)",
-        "layer_distribution": "counts of (image, layer, unit): each image's distinct top units",
-    }
-    write_parquet(neu, out)
-    with atomic_file(layers_out) as tmp:
-        dist.write_csv(tmp)
-    write_json(metrics, metrics_out)
-    write_json(info, info_out)
+    run.write_parquet("out", neu)
+    run.write_csv("layers_out", layer_distribution(att, neu))
+    run.write_metrics(metrics)
+    run.write_info(filter_info(run.path("wordlist"), f))
     kf = metrics["kept_fraction"]
-    log(NAME, f"{metrics['n_interpretable']} of {metrics['n_units']} distinct units interpretable; kept "
-              f"fraction per image {kf['mean']} (95% CI {kf['lo']}..{kf['hi']}, n={kf['n']}); "
-              f"wrote {out}, {layers_out}, {metrics_out}, {info_out}")
+    run.log(f"{metrics['n_interpretable']} of {metrics['n_units']} distinct units interpretable; kept fraction "
+            f"per image {kf['mean']} (95% CI {kf['lo']}..{kf['hi']}, n={kf['n']}); wrote {run.wrote()}")
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ def test_ablate_stage_decides_interpretability_on_fp32_cpu_like_decode_and_filte
     from mmn.neurons.decode import decode_units
     from mmn.neurons.filter import apply_filter, load_wordlist
     from mmn.params import DecodeParams, FilterParams
-    from stages.ablate import interpretable_fp32
+    from mmn.experiments.ablation import interpretable_fp32
 
     ad, tok = tiny_adapters["gpt2"]
     # a word list of every alphabetic token text below id 20000 (so some units pass, some fail)
@@ -333,11 +333,12 @@ def test_ablate_stage_decides_interpretability_on_fp32_cpu_like_decode_and_filte
 
     monkeypatch.setattr(mmn.pipeline, "build_lm", fake_build_lm)
     dec = DecodeParams(top_n=12)
-    filt = FilterParams(min_words=4, top_n=10, min_letters=3, wordlist=str(wl))
-    mask = interpretable_fp32(SimpleNamespace(decode=dec, filter=filt))
+    filt = FilterParams(min_words=4, top_n=10, min_letters=3)
+    mask = interpretable_fp32(SimpleNamespace(decode=dec, filter=filt), wl)
     assert calls == [("float32", "cpu")]
     # the stage's own LM, already fp32 on the CPU, is reused: same mask, no second load
-    reused = interpretable_fp32(SimpleNamespace(decode=dec, filter=filt), SimpleNamespace(adapter=ad, tokenizer=tok))
+    reused = interpretable_fp32(SimpleNamespace(decode=dec, filter=filt), wl,
+                                SimpleNamespace(adapter=ad, tokenizer=tok))
     assert calls == [("float32", "cpu")] and torch.equal(reused, mask)
     units = pl.DataFrame({"layer": [l for l in range(ad.n_layers) for _ in range(ad.d_mlp)],
                           "unit": [u for _ in range(ad.n_layers) for u in range(ad.d_mlp)]})
@@ -397,7 +398,7 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
 
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main would re-exec the interpreter otherwise
     monkeypatch.setattr(A, "ablate_images", spy)
-    monkeypatch.setattr(S, "interpretable_fp32", lambda params, plm=None: interp)
+    monkeypatch.setattr(A, "interpretable_fp32", lambda params, wordlist, plm=None: interp)
     monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: plm)
     monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
     monkeypatch.setattr(bertscore.BertScorer, "from_params", classmethod(lambda cls, *a, **k: Bert()))
@@ -405,7 +406,8 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
     r = CliRunner().invoke(S.main, ["--params", str(tmp_path / "params.yaml"), "--captions",
                                     str(tmp_path / "captions.parquet"), "--out", str(out["ablation.parquet"]),
                                     "--curve", str(out["curve.csv"]), "--metrics", str(out["ablation.json"]),
-                                    "--info", str(out["info.json"])])
+                                    "--info", str(out["info.json"]), "--wordlist", str(tmp_path / "params.yaml"),
+                                    "--coco", str(tmp_path), "--projection", str(tmp_path)])
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert seen["stop_at_newline"] is False and seen["max_new_tokens"] == 3
     curve = pl.read_csv(out["curve.csv"])
@@ -417,6 +419,7 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
     u = curve.filter(pl.col("kind") == "unfiltered", pl.col("k") == 100).row(0, named=True)
     assert m["unfiltered"]["k100"]["rel_drop"]["mean"] == pytest.approx(u["rel_drop"], abs=1e-6)
     info = json.loads(out["info.json"].read_text())
-    assert info["stop_at_newline"] is False and info["interpretable_units"] == int(interp.sum())
+    assert info["settings"]["caption.stop_at_newline"] is False and info["interpretable_units"] == int(interp.sum())
+    assert info["stage"] == "ablate" and info["outputs"]["curve"] == str(out["curve.csv"])
     df = pl.read_parquet(out["ablation.parquet"])
     assert df["bertscore_f1"].null_count() == 0

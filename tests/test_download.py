@@ -98,7 +98,7 @@ def test_status_retries_back_off_exponentially(site, tmp_path: Path, monkeypatch
 def test_load_projection_fetches_the_checkpoint_once_into_the_cache(site, tmp_path: Path) -> None:
     """The LiMBeR checkpoint goes through mmn.download: a cut transfer is resumed, the file lands
     at cache/<sha1(url)[:12]>/<name>, a second call reads the cache, a 404 is a NetworkError."""
-    from stages.load_projection import fetch_checkpoint
+    from mmn.limber import fetch_checkpoint
 
     httpd, url = site
     httpd.faults["/ckpt/proj.ckpt"] = ["cut"]

@@ -3,8 +3,9 @@
 Code: the transitive set of project modules that ``stages/<name>.py`` imports (module- and
 function-level imports, relative imports, ``from pkg import submodule``; imports under
 ``if TYPE_CHECKING:`` do not run and are skipped), plus the package-data files those
-modules read. Params: :data:`mmn.stage_params.STAGE_PARAMS`, the table the stages'
-``load_params`` enforces at run time (a read of an undeclared key is a ParamsError).
+modules read. Params and data paths: each stage's declaration in :mod:`mmn.stage_specs`, the
+table the stage runner builds the options from and enforces at run time (a read of an
+undeclared params key is a ParamsError).
 
 Each check fails naming the stage and the missing or unused item.
 """
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from mmn.stage_params import ACTIVE_PROFILE, STAGE_PARAMS, ParamsView, covered
+from mmn.stage_specs import STAGES as SPECS
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("mmn", "stages")
@@ -273,86 +275,58 @@ def test_load_params_checks_only_inside_a_stage():
     assert not isinstance(load_params(REPO / "params.yaml"), ParamsView)
 
 
-def test_stage_main_reports_mmn_errors_in_one_line(capsys):
-    from mmn.cli import stage_main
-    from mmn.errors import DataError, MMNError, ModelError, NetworkError, ParamsError, QualityError
-    from mmn.params import load_params
-
-    @stage_main("decode")
-    def body() -> None:
-        load_params(REPO / "params.yaml").iou  # noqa: B018 - a section read is allowed, a leaf is not
-        _ = load_params(REPO / "params.yaml").iou.quantile
-
-    with pytest.raises(SystemExit) as e:
-        body()
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("[decode] error: stage decode reads params key 'iou.quantile'") and "Traceback" not in err
-
-    @stage_main("decode")
-    def bug() -> None:
-        raise KeyError("a bug keeps its traceback")
-
-    with pytest.raises(KeyError):
-        bug()
-    for cls in (DataError, ModelError, NetworkError, ParamsError, QualityError):
-        assert issubclass(cls, MMNError)
+# -- paths: each stage's declaration (mmn.stage_specs) is what dvc.yaml lists and what click offers -----
 
 
-# -- paths: the click defaults of each stage and dvc.yaml's deps/outs never drift ------------------
-
-#: paths a stage reads through a library constant instead of an option (constant -> its value)
-CONSTANT_PATHS = {"data/wordlist/american-english": "mmn.neurons.filter.DEFAULT_WORDLIST"}
-#: option defaults that are caches, deliberately not DVC outputs (re-creatable, resumable downloads)
-CACHES = {".cache/coco"}
-
-
-def _dvc_paths(stage: str) -> set[str]:
-    """Data paths dvc.yaml declares for ``stage``: non-code deps, outs, metrics and plots."""
-    st, out = _dvc()[stage], set()
+def _dvc_paths(stage: str) -> dict[str, set[str]]:
+    """Data paths dvc.yaml declares for ``stage``, by section (deps without code, outs, metrics, plots)."""
+    st, out = _dvc()[stage], {}
     for key in ("deps", "outs", "metrics", "plots"):
+        paths = set()
         for e in st.get(key) or []:
-            out |= set(e) if isinstance(e, dict) else {e}
-    return {p for p in out if p.split("/")[0] not in PACKAGES}
+            paths |= set(e) if isinstance(e, dict) else {e}
+        out[key] = {p for p in paths if p.split("/")[0] not in PACKAGES}
+    return out
 
 
-def _click_paths(stage: str) -> set[str]:
-    """Defaults of the stage's ``click.Path`` options (``params.yaml`` aside)."""
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_yaml_matches_the_stage_declaration(stage):
+    """dvc.yaml's cmd, data deps, outs and metrics of each stage are exactly its StageSpec's
+    (mmn/stage_specs.py): changing one without the other fails here, naming the stage and path."""
+    spec, dvc = SPECS[stage], _dvc_paths(stage)
+    assert _dvc()[stage]["cmd"].split("#")[0].strip() == spec.cmd, f"stage {stage}: cmd"
+    metrics = {spec.outputs[k] for k in spec.metrics}
+    for section, want in (("deps", set(spec.inputs.values())),
+                          ("outs", set(spec.outputs.values()) - metrics), ("metrics", metrics)):
+        for path in sorted(want - dvc[section]):
+            pytest.fail(f"stage {stage}: {path} is declared in mmn/stage_specs.py but not under {section} in dvc.yaml")
+        for path in sorted(dvc[section] - want):
+            pytest.fail(f"stage {stage}: dvc.yaml {section} lists {path}, which mmn/stage_specs.py does not declare")
+    assert not dvc["plots"], f"stage {stage}: plots are declared at the top level of dvc.yaml"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_click_options_are_the_declaration(stage):
+    """The stage's command-line options and their defaults are its declared paths (+ --params)."""
     import importlib
 
     import click
 
     cmd = importlib.import_module(f"stages.{stage}").main
-    return {p.default for p in cmd.params
-            if isinstance(p.type, click.Path) and p.default and p.default != "params.yaml"}
+    spec = SPECS[stage]
+    paths = {p.name: p.default for p in cmd.params if isinstance(p.type, click.Path) and p.name != "params_path"}
+    paths.pop("ckpt", None)  # load_projection's optional local checkpoint (no default)
+    assert paths == {**spec.inputs, **spec.outputs, **spec.options}
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_click_defaults_and_dvc_paths_agree(stage):
-    """Every path a stage writes or reads by default is declared in dvc.yaml, and every declared
-    data path is a default of the stage (or lies in a default folder, or is a named library
-    constant): changing one without the other fails here, naming the stage and the path."""
-    import importlib
-
-    clicks, declared = _click_paths(stage), _dvc_paths(stage)
-    for path in sorted(clicks - CACHES):
-        assert any(_covers(path, d) for d in declared), f"stage {stage}: option default {path} not in dvc.yaml"
-    for path in sorted(declared):
-        if path in CONSTANT_PATHS:
-            mod, _, name = CONSTANT_PATHS[path].rpartition(".")
-            assert str(getattr(importlib.import_module(mod), name)) == path, (stage, path)
-            continue
-        assert any(_covers(c, path) for c in clicks), f"stage {stage}: dvc.yaml path {path} is no option default"
-
-
-def test_path_check_catches_a_drift(monkeypatch):
-    """Mutation: a dvc.yaml out renamed without the stage's option makes the check fail."""
+def test_dvc_check_catches_a_drift(monkeypatch):
+    """Mutation: a dvc.yaml out renamed without the declaration makes the check fail."""
     st = {k: dict(v) for k, v in _dvc().items()}
     st["caption"]["outs"] = ["data/captions_renamed.parquet" if o == "data/captions.parquet" else o
                              for o in st["caption"]["outs"]]
     monkeypatch.setitem(globals(), "_dvc", lambda: st)
-    with pytest.raises(AssertionError, match="stage caption: option default data/captions.parquet"):
-        test_click_defaults_and_dvc_paths_agree("caption")
+    with pytest.raises(pytest.fail.Exception, match="stage caption: data/captions.parquet is declared"):
+        test_dvc_yaml_matches_the_stage_declaration("caption")
 
 
 def test_an_edit_reruns_only_the_stages_that_run_the_edited_code():

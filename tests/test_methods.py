@@ -305,7 +305,8 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
         r = CliRunner().invoke(S.main, ["--params", str(tmp_path / "params.yaml"), "--captions",
                                         str(tmp_path / "captions.parquet"), "--out", str(out["c.parquet"]),
                                         "--summary", str(out["s.csv"]), "--curve", str(out["c.csv"]),
-                                        "--metrics", str(out["m.json"]), "--info", str(out["i.json"])])
+                                        "--metrics", str(out["m.json"]), "--info", str(out["i.json"]),
+                                        "--coco", str(tmp_path), "--projection", str(tmp_path)])
         assert r.exit_code == 0, r.output + repr(r.exception)
         return out
 
@@ -344,7 +345,8 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
                      pl.col("vs").is_null()).row(0, named=True)
     assert m["integrated_gradients"]["spearman"]["mean"] == pytest.approx(sp["mean"], abs=1e-6)
     info = json.loads(out["i.json"].read_text())
-    assert info["candidates"] == 6 and info["ig_steps"] == 4 and "spearman" in info["definitions"]
+    assert info["settings"]["compare"]["candidates"] == 6 and info["settings"]["attribute.ig_steps"] == 4
+    assert "spearman" in info["definitions"] and info["stage"] == "compare_methods"
     assert set(info["seconds_per_image"]) == set(METHODS)
     assert all(t["n"] == 4 and t["mean"] > 0 for t in info["seconds_per_image"].values())
     # wall time stays out of the reproducible outputs

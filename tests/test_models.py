@@ -333,22 +333,6 @@ def test_hub_error_message_online_and_local_path(tmp_path, monkeypatch):
     assert msg.endswith("from that local folder [OSError: no config.json]: check the path")
 
 
-def test_model_load_error_is_one_line_in_a_stage(monkeypatch, capsys):
-    from mmn.cli import stage_main
-    from mmn.models.lm import ModelLoadError
-
-    monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main would re-exec the interpreter otherwise
-
-    @stage_main("load_projection")
-    def stage() -> None:
-        raise ModelLoadError("language model 'x' is not in the Hugging Face cache")
-
-    with pytest.raises(SystemExit) as exc:
-        stage()
-    assert exc.value.code == 1
-    assert capsys.readouterr().err == "[load_projection] error: language model 'x' is not in the Hugging Face cache\n"
-
-
 @pytest.mark.parametrize("family", ["gptj", "gpt2", "llama"])
 def test_tensor_logits_to_keep_selects_those_positions(tiny_adapters, family):
     """Attribution asks the model for the logits at chosen positions only, with a tensor

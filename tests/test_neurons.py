@@ -251,7 +251,7 @@ def test_interpretable_units_equals_decode_then_filter(tiny_adapters):
     dec = decode_units(ad, tok, every, top_n=12, lens="unembed")
     # a word list made of some units' decoded tokens, so that some units pass and some fail
     words = frozenset(t.lower() for toks in dec["tokens"].to_list()[::5] for t in toks if t.isalpha())
-    fp = FilterParams(min_words=4, top_n=10, min_letters=3, wordlist="x")
+    fp = FilterParams(min_words=4, top_n=10, min_letters=3)
     flt = apply_filter(dec, words, min_words=fp.min_words, top_n=fp.top_n, min_letters=fp.min_letters)
     expect = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
     for r in flt.iter_rows(named=True):

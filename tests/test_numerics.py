@@ -8,7 +8,7 @@ import torch
 import mmn.numerics as numerics
 from conftest import tiny_lm
 from mmn.models.lm import prepare_lm
-from mmn.pipeline import seed_everything
+from mmn.numerics import seed_everything
 
 
 def _record(monkeypatch) -> list[tuple[str, int, torch.dtype]]:

@@ -332,32 +332,23 @@ def test_informative_when_own_clearly_beats_shuffled():
 
 
 def _run_quality_stage(monkeypatch, tmp_path, df, refs, held_out=True):
-    import stages.caption as cap
-    from mmn.metrics import bertscore
-    from mmn.params import load_params
+    """The caption stage's quality report on a word-overlap scorer: (frame, metrics, info, log)."""
+    from mmn.captioning import caption_report
 
     class Fake(WordOverlapScorer):
         description = "word overlap (test)"
 
-    monkeypatch.setattr(bertscore.BertScorer, "from_params", classmethod(lambda cls, *a, **k: Fake()))
-    proj = tmp_path / "projection"
-    proj.mkdir(exist_ok=True)
-    (proj / "meta.json").write_text(json.dumps({"held_out": held_out, "source": "trained", "train_data": "split"}))
-
-    class Layout:
-        captions = refs
-
-    out = cap._quality(df, Layout(), proj, load_params(), "cpu", str(tmp_path / "m.json"), str(tmp_path / "i.json"))
-    return out, json.loads((tmp_path / "m.json").read_text()), json.loads((tmp_path / "i.json").read_text())
+    meta = {"held_out": held_out, "source": "trained", "train_data": "split"}
+    out, metrics, info, lines = caption_report(df, refs, Fake(), 0, meta)
+    return out, metrics, info, "\n".join(lines)
 
 
 def test_caption_stage_warns_when_captions_carry_no_image_information(monkeypatch, tmp_path, capsys):
     # every caption is equally far from every image's references: own == shuffled
     refs = {i: ["a photo", "an image"] for i in range(1, 9)}
     df = _captions(["a photo of something"] * 8, ["photo"] * 8)
-    _, metrics, info = _run_quality_stage(monkeypatch, tmp_path, df, refs)
-    err = capsys.readouterr().err
-    assert "[caption] WARNING: the captions carry no detectable image information" in err
+    _, metrics, info, err = _run_quality_stage(monkeypatch, tmp_path, df, refs)
+    assert err.startswith("WARNING: the captions carry no detectable image information")
     assert metrics["image_information"] == 0 and metrics["own_vs_shuffled"]["p"] == 1.0
     assert info["warning"] and info["bert_model"] == "word overlap (test)"
     assert all(isinstance(v, (int, float, dict)) or v is None for v in metrics.values())
@@ -366,8 +357,7 @@ def test_caption_stage_warns_when_captions_carry_no_image_information(monkeypatc
 def test_caption_stage_quiet_when_captions_match_their_images(monkeypatch, tmp_path, capsys):
     refs = {i: [f"word{i} thing{i}", f"word{i}"] for i in range(1, 13)}
     df = _captions([f"word{i}" for i in range(1, 13)], [f"word{i}" for i in range(1, 13)])
-    out, metrics, info = _run_quality_stage(monkeypatch, tmp_path, df, refs, held_out=False)
-    err = capsys.readouterr().err
+    out, metrics, info, err = _run_quality_stage(monkeypatch, tmp_path, df, refs, held_out=False)
     assert "no detectable image information" not in err and info["warning"] is None
     assert "WARNING: the projection was trained on these evaluation images" in err  # held_out: false
     assert metrics["image_information"] == 1 and metrics["held_out"] == 0
@@ -445,29 +435,30 @@ def test_seed_aggregation_by_hand(tmp_path):
 
 
 def test_load_projection_reads_split_json_and_rejects_overlap(tmp_path):
-    from mmn.cli import StageError
-    from mmn.data.layout import CocoLayout
     from mmn.data.sample import materialize_sample
-    from stages.load_projection import check_disjoint, projection_metrics, read_split
+    from mmn.data.split import read_split_info
+    from mmn.projection_training import projection_metrics
+    from mmn.quality import QualityError, check_train_eval_disjoint
 
     from mmn.data.split import SplitError
 
     with pytest.raises(SplitError, match=r"split.json: file not found"):
-        read_split(tmp_path)
+        read_split_info(tmp_path)
     (tmp_path / "split.json").write_text('{"mode": "split"}')
     with pytest.raises(SplitError, match=r"split.json: missing key 'held_out'"):
-        read_split(tmp_path)
+        read_split_info(tmp_path)
     (tmp_path / "split.json").write_text('{"mode": "split", "held_out": true, "n_train": 1, "n_eval": 2, '
                                          '"train_ids": [1]}')
-    assert read_split(tmp_path)["held_out"] is True
+    assert read_split_info(tmp_path).held_out is True
     materialize_sample(tmp_path / "train", [1, 2, 3])
     materialize_sample(tmp_path / "eval", [3, 4])
     materialize_sample(tmp_path / "eval2", [4, 5])
-    train = CocoLayout(tmp_path / "train")
-    with pytest.raises(StageError, match=r"1 training image id\(s\) are also in .*eval: \[3\]"):
-        check_disjoint(train, CocoLayout(tmp_path / "eval"), {"held_out": True})
-    check_disjoint(train, CocoLayout(tmp_path / "eval2"), {"held_out": True})
-    check_disjoint(train, CocoLayout(tmp_path / "eval"), {"held_out": False})  # eval mode: flagged, not failed
+    train = tmp_path / "train"
+    with pytest.raises(QualityError, match=r"1 of the 3 training images in .*train are also evaluated in .*eval: "
+                                           r"image id\(s\) 3"):
+        check_train_eval_disjoint(train, tmp_path / "eval")
+    assert check_train_eval_disjoint(train, tmp_path / "eval2") == []
+    assert check_train_eval_disjoint(train, tmp_path / "eval", allow_overlap=True) == [3]  # eval mode: flagged
     m = projection_metrics({"held_out": False, "steps_run": 30, "best_step": 20, "best_val_loss": 2.5})
     assert m == {"held_out": 0, "steps_run": 30, "best_step": 20, "best_val_loss": 2.5, "n_train_images": None,
                  "n_val_images": None, "initial_val_loss": None}

@@ -279,6 +279,9 @@ def test_stage_coco_train_on_sample_fails_clearly(tmp_path: Path) -> None:
 def test_stage_without_eval_layout_fails_clearly(tmp_path: Path) -> None:
     run = Run(tmp_path)
     r = run.train()
+    assert r.exit_code == 1 and f"[download_train] error: {run.eval_dir}: input does not exist" in r.output
+    run.eval_dir.mkdir(parents=True)  # present but not a COCO layout: the layout's own error names the file
+    r = run.train()
     assert r.exit_code == 1 and "[download_train] error:" in r.output and "instances.json" in r.output
 
 

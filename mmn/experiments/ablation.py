@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -291,13 +292,10 @@ def ablation_metrics(curve: pl.DataFrame, ks: Sequence[int]) -> dict:
     return out
 
 
-def ablation_info(params, n_interpretable: int, n_units: int, layers: Sequence[int]) -> dict:
-    """data/info/ablate.json: settings and definitions behind metrics/ablation.json (strings allowed)."""
-    ap = params.ablate
+def ablation_info(ks: Sequence[int], n_interpretable: int, n_units: int, layers: Sequence[int]) -> dict:
+    """The ablate stage's description (data/info/ablate.json; strings allowed): counts and definitions."""
     return {
-        "mode": ap.mode, "ks": list(ap.ks), "headline_ks": headline_ks(ap.ks), "layers": list(layers),
-        "regenerate": ap.regenerate, "stop_at_newline": params.caption.stop_at_newline,
-        "max_new_tokens": params.caption.max_new_tokens, "lm": params.model.lm,
+        "headline_ks": headline_ks(ks), "layers": list(layers),
         "interpretable_units": n_interpretable, "units": n_units,
         "interpretability": "decided on an fp32 CPU copy of the LM by the decode + filter rule",
         "definitions": {
@@ -309,5 +307,32 @@ def ablation_info(params, n_interpretable: int, n_units: int, layers: Sequence[i
             "random": "per image one random ranking of units with the unfiltered ranking's layer mix; "
                       "the random set for k is its first k units (nested across k)",
         },
-        "curve_table": "data/ablation_curve.csv",
     }
+
+
+def curve_lines(curve: pl.DataFrame, k: int) -> list[str]:
+    """One log line per kind at ``k``: mean relative drop of p(c) with its CI, drop of the mean."""
+    lines = []
+    for r in curve.filter(pl.col("k") == k).iter_rows(named=True):
+        lo, hi = r["rel_drop_lo"], r["rel_drop_hi"]
+        ci = "" if lo is None else f" [95% CI {100 * lo:.1f}, {100 * hi:.1f}]"
+        dm = "n/a" if r["drop_of_mean"] is None else f"{100 * r['drop_of_mean']:.1f}%"
+        lines.append(f"{r['kind']}: k={r['k']} (effective {r['k_effective']:.0f}), n={r['n']}: mean relative "
+                     f"drop of p(c) {100 * r['rel_drop']:.1f}%{ci}; drop of the mean p(c) {dm}")
+    return lines
+
+
+def interpretable_fp32(params, wordlist: str | Path, plm: ImagePrefixLM | None = None) -> torch.Tensor:
+    """``Bool[Tensor, "layers d_mlp"]``: every unit's interpretability, decided on an fp32 CPU
+    copy of the LM by the decode + filter rule (so ablate and the decode + filter stages agree
+    unit for unit, whatever the profile's dtype). ``plm``'s LM is reused when it already is fp32
+    on the CPU (the embedded profile): no second load. Reads ``params.decode``, ``params.filter``
+    and, when it loads the LM, the profile's ``lm``/``lm_revision``."""
+    from mmn import pipeline
+    from mmn.neurons.filter import interpretable_units, load_wordlist
+
+    if plm is not None and plm.adapter.dtype == torch.float32 and plm.adapter.device.type == "cpu":
+        adapter, tok = plm.adapter, plm.tokenizer
+    else:
+        adapter, tok = pipeline.build_lm(params, dtype="float32", device="cpu")
+    return interpretable_units(adapter, tok, load_wordlist(wordlist), params.decode, params.filter)

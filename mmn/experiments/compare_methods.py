@@ -188,6 +188,16 @@ def method_summary(per: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=SUMMARY_SCHEMA)
 
 
+def summary_lines(summary: pl.DataFrame, seconds: dict) -> list[str]:
+    """Log lines: each method's Spearman and AUC (mean [CI], n) and its seconds per image."""
+    lines = []
+    for r in summary.filter(pl.col("vs").is_null(), pl.col("metric").is_in(["spearman", "auc"])).iter_rows(named=True):
+        ci = "" if r["lo"] is None else f" [95% CI {r['lo']:.3f}, {r['hi']:.3f}]"
+        lines.append(f"{r['method']}: {r['metric']} {r['mean']:.3f}{ci} (n={r['n']})")
+    lines += [f"{m}: {t['mean']:.2f} s per image (wall time, in data/info only)" for m, t in seconds.items()]
+    return lines
+
+
 def timing_summary(per: pl.DataFrame, seed: int = 0) -> dict:
     """Seconds per image per method, ``{method: {"mean","lo","hi","n"}}`` (bootstrap over images).
 
@@ -231,15 +241,12 @@ def methods_metrics(summary: pl.DataFrame, n_images: int) -> dict:
     return out
 
 
-def methods_info(params, layers: Sequence[int], n_images: int, seconds: dict | None = None) -> dict:
-    """data/info/compare_methods.json: settings, definitions (strings allowed) and the measured
-    ``seconds_per_image`` per method (:func:`timing_summary`; wall time, not reproducible)."""
-    cp = params.compare
+def methods_info(precision_k: int, layers: Sequence[int], n_images: int, seconds: dict | None = None) -> dict:
+    """The compare_methods stage's description (data/info/compare_methods.json): definitions
+    (strings allowed) and the measured ``seconds_per_image`` per method (:func:`timing_summary`;
+    wall time, not reproducible)."""
     return {
-        "methods": list(METHODS), "lm": params.model.lm, "layers": list(layers), "images": n_images,
-        "seconds_per_image": seconds or {},
-        "candidates": cp.candidates, "precision_k": cp.precision_k, "rows": cp.batch_size,
-        "max_images": cp.max_images, "ig_steps": params.attribute.ig_steps, "ks": list(params.ablate.ks),
+        "methods": list(METHODS), "layers": list(layers), "images": n_images, "seconds_per_image": seconds or {},
         "definitions": {
             "score": "per unit: max over image positions of A*M; M = dy/dA (grad_x_act), W_U[c].W_out^k "
                      "(direct_logit), path-averaged dy/dA from 0 to A, all layers scaled together "
@@ -251,7 +258,7 @@ def methods_info(params, layers: Sequence[int], n_images: int, seconds: dict | N
             "kendall": "Kendall tau-b of score vs dy over the candidates, per image; mean with 95% CI over images",
             "completeness": "|sum of A*M over every attributed unit and image position - (y(A) - y(0))| / "
                             "|y(A) - y(0)|, y(0) = all of them zeroed at the image positions; mean over images",
-            "precision": f"|method's top k and exact top k by dy| / k, k = {cp.precision_k}; mean over images",
+            "precision": f"|method's top k and exact top k by dy| / k, k = {precision_k}; mean over images",
             "auc": "area under the per-image ablation curve (relative drop of p(c), method's top k ablated "
                    "together, k in ablate.ks) with the ks equally spaced, divided by the gaps; mean over images",
             "seconds_per_image": "wall time of the method's per-unit scores for one image in this run (after "

@@ -30,6 +30,7 @@ Our reading (parameters in brackets, defaults first):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -379,3 +380,61 @@ def iou_info(ip, cats: list[str], used: list[str], images_per_category: dict[str
         "selectivity_normalisation": "mean activation / max over categories of |mean activation| (order and "
                                      "sign kept)",
     }
+
+
+# ----------------------------------------------------------------------------- the stage's three steps
+
+
+@dataclass(frozen=True)
+class IouPlan:
+    """What the iou stage scores: Fig. 5 images per category and the selectivity plan."""
+
+    images: dict[str, list[int]]  # category -> single-object images with a target and attributions
+    selectivity: pl.DataFrame  # :func:`selectivity_plan`'s units
+    selectivity_images: dict[str, list[int]]
+
+    @property
+    def unused(self) -> list[str]:
+        return [c for c, imgs in self.images.items() if not imgs]
+
+
+def plan_iou(coco, captions: pl.DataFrame, attributions: pl.DataFrame, interpretable: pl.DataFrame,
+             categories: list[str], ip) -> IouPlan:
+    """Step 1 (no model): the images and units to score; ``ip`` = params.iou. Raises
+    ValueError when no configured category has an image."""
+    images = iou_images(coco, captions, attributions, categories, ip.single)
+    if not any(images.values()):
+        raise ValueError(f"no single-instance image of {categories} (iou.single={ip.single}, with a caption target)")
+    sel, sel_imgs = selectivity_plan(coco, attributions, interpretable, categories, ip.selectivity_units)
+    return IouPlan(images, sel, sel_imgs)
+
+
+def iou_activations(plan: IouPlan, attributions: pl.DataFrame, ip, plm: ImagePrefixLM,
+                    load_image: Callable[[int], Image.Image], seed: int, info) -> tuple[pl.DataFrame,
+                                                                                         pl.DataFrame | None,
+                                                                                         pl.DataFrame | None]:
+    """Step 2 (the LM, sharded over ``info``'s ranks): ``(rows, grids, means)``, the last two
+    gathered on the main rank (None elsewhere); see :func:`iou_plan`, :func:`collect_activations`."""
+    from mmn.distributed import gather_frames
+
+    rows = iou_plan(plan.images, attributions, top_units=ip.top_units, random_draws=ip.random_draws,
+                    d_mlp=plm.adapter.d_mlp, seed=seed)
+    sel_units = sorted(set(plan.selectivity.select("layer", "unit").iter_rows()))
+    sel_images = {i for v in plan.selectivity_images.values() for i in v}
+    grids, means = collect_activations(needed_units(rows, ip.threshold), sel_units, sel_images, load_image, plm,
+                                       progress=info.is_main, shard=info.shard)
+    return rows, gather_frames(grids, info), gather_frames(means, info)
+
+
+def iou_results(plan: IouPlan, rows: pl.DataFrame, grids: pl.DataFrame, means: pl.DataFrame, coco, ip,
+                categories: list[str], grid: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict, dict]:
+    """Step 3 (no model): ``(iou rows, per-category table, selectivity table, metrics, info)``."""
+    df = score_iou(rows, grids_dict(grids), iou_masks(coco, rows, ip.mask_size), grid=grid,
+                   threshold=ip.threshold, quantile=ip.quantile)
+    sel = selectivity_table(plan.selectivity, plan.selectivity_images, means.sort(["image_id", "layer", "unit"]),
+                            categories)
+    metrics = iou_summary(df, categories)
+    metrics["selectivity_rows"] = sel.height
+    per_cat = category_table(df, categories)
+    info = iou_info(ip, categories, per_cat["category"].to_list(), {c: len(plan.images[c]) for c in categories})
+    return df, per_cat, sel, metrics, info

@@ -323,6 +323,35 @@ def summarise(pi: pl.DataFrame, *, bert_rescaled: bool, clip_w: float, clip_comp
             "scale": {"bertscore_rescaled": int(bool(bert_rescaled)), "clip_w": float(clip_w)}}
 
 
+def build_scorers(params, device: torch.device, dtype: torch.dtype | None) -> tuple[BertScorer, ClipScorer | None,
+                                                                             str | None]:
+    """The score stage's BERTScore and CLIPScore models from the profile and ``params.score``:
+    ``(bert, clip, reason)``; ``clip`` is None, with the ``reason``, when the profile configures
+    no CLIP weights (none ship in any PyPI package). A configured CLIP model that cannot load
+    raises; so does a ``bert_rescale`` without a baseline (ParamsError naming the key)."""
+    from mmn.errors import ParamsError
+
+    m, s = params.model, params.score
+    try:
+        bert = BertScorer.from_params(m.bert_model, m.bert_layers, device=device, rescale=m.bert_rescale,
+                                      batch_size=s.batch_size, dtype=dtype)
+    except ValueError as e:
+        raise ParamsError(f"profiles.{params.profile}.bert_rescale: {e}") from e
+    if m.clip_pretrained is None and m.clip_checkpoint is None:
+        return bert, None, (f"no CLIP weights configured for profile '{params.profile}' (none ship in any PyPI "
+                            "package; set profiles.<name>.clip_pretrained or clip_checkpoint)")
+    clip = ClipScorer.from_params(s.clip_model, m.clip_pretrained, m.clip_checkpoint, device=device, w=s.clip_w,
+                                  batch_size=s.batch_size)
+    return bert, clip, None
+
+
+def table1_line(metrics: dict, scale: str) -> str:
+    """The log line of Table 1's BERTScore rows: mean [CI] n per row."""
+    t1 = metrics["bertscore"]["table1"]
+    return (f"Table 1 BERTScore ({scale.split(',')[0]}): "
+            + ", ".join(f"{k} {v['mean']:.4f} [{v['lo']}, {v['hi']}] n={v['n']}" for k, v in t1.items() if v))
+
+
 def describe(bert: BertScorer, clip: ClipScorer | None, clip_reason: str | None, clip_w: float,
              n_images: int) -> dict:
     """data/info/score.json: the strings that go with the numbers (models, scales, reasons)."""

@@ -147,3 +147,4 @@ def load_projection(out_dir: Path) -> tuple[Projection, dict]:
         if "bias" in t:
             proj.linear.bias.copy_(t["bias"])
     return proj.eval(), meta
+

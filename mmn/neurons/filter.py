@@ -6,7 +6,8 @@ the top 10 tokens are words in the English dictionary containing ≥ 3 letters) 
 50% of neurons with high g_{k,c}".
 
 The word list is SCOWL-derived Debian ``wamerican`` (what the paper used: SCOWL),
-fetched by ``scripts/setup.sh`` into ``.cache/wordlist/american-english``. Entries are
+a DVC-tracked input (``data/wordlist/american-english``, fetched by ``scripts/setup.sh``;
+the filter and ablate stages declare it in :mod:`mmn.stage_specs`). Entries are
 lower-cased; possessives (``cat's``) and non-alphabetic entries are dropped.
 """
 
@@ -25,10 +26,8 @@ if TYPE_CHECKING:
     from mmn.models.adapters import LMAdapter
     from mmn.params import DecodeParams, FilterParams
 
-DEFAULT_WORDLIST = Path("data/wordlist/american-english")
 
-
-def load_wordlist(path: Path | str = DEFAULT_WORDLIST) -> frozenset[str]:
+def load_wordlist(path: Path | str) -> frozenset[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: word list missing; run scripts/setup.sh (fetches Debian wamerican) "
@@ -37,11 +36,23 @@ def load_wordlist(path: Path | str = DEFAULT_WORDLIST) -> frozenset[str]:
     return frozenset(w for w in words if w.isalpha() and w.isascii())
 
 
-def wordlist_info(path: Path | str = DEFAULT_WORDLIST) -> dict:
+def wordlist_info(path: Path | str) -> dict:
     path = Path(path)
     data = path.read_bytes()
     return {"path": str(path), "source": "Debian wamerican (SCOWL size 50)",
             "sha256": hashlib.sha256(data).hexdigest(), "entries": len(load_wordlist(path))}
+
+
+def filter_info(wordlist: Path | str, f: FilterParams) -> dict:
+    """The filter stage's description (data/info/filter.json): the word list and the definitions."""
+    return {
+        "wordlist": wordlist_info(wordlist),
+        "rule": f">= {f.min_words} of the top {f.top_n} decoded tokens are dictionary words of "
+                f">= {f.min_letters} letters",
+        "kept_fraction": "per image: interpretable / distinct top units; mean over images with a 95% "
+                         "percentile bootstrap CI over images (n = images)",
+        "layer_distribution": "counts of (image, layer, unit): each image's distinct top units",
+    }
 
 
 def is_word(token: str, words: frozenset[str], min_letters: int = 3) -> bool:
