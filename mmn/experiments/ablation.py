@@ -270,7 +270,7 @@ def ablation_curve(df: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
 
 
 def headline_ks(ks: Sequence[int]) -> list[int]:
-    """The ks reported in metrics/ablation.json: 100 (when run) and the largest k (the paper's 6400)."""
+    """The ks reported in summary/ablation.json (metrics/ablation.json: k_small, k_large): 100 (when run) and the largest k (the paper's 6400)."""
     ks = sorted({int(k) for k in ks if int(k) > 0})
     if not ks:
         return []
@@ -292,7 +292,7 @@ def ablation_metrics(curve: pl.DataFrame, ks: Sequence[int]) -> dict:
 
 
 def ablation_info(params, n_interpretable: int, n_units: int, layers: Sequence[int]) -> dict:
-    """data/info/ablate.json: settings and definitions behind metrics/ablation.json (strings allowed)."""
+    """data/info/ablate.json: settings and definitions behind summary/ablation.json (strings allowed)."""
     ap = params.ablate
     return {
         "mode": ap.mode, "ks": list(ap.ks), "headline_ks": headline_ks(ap.ks), "layers": list(layers),
