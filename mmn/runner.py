@@ -126,9 +126,15 @@ class Run:
     def write_json(self, name: str, obj: object) -> None:
         io.write_json(obj, self._wrote(name))
 
-    def write_metrics(self, full: dict) -> None:
-        """The stage's numbers: ``metrics`` output (numbers or null only)."""
-        self.write_json("metrics", full)
+    def write_metrics(self, full: dict, headline: Callable[[str, dict], dict]) -> None:
+        """The stage's numbers: ``full`` (numbers or null; CIs, n, per-k detail) to the ``summary``
+        output and ``headline(name, full)`` (:func:`mmn.headline.headline`, ``name`` = the declared
+        metrics file's stem) to the ``metrics`` output. The headline is built first: a path that
+        ``full`` lacks writes neither. (The stage passes ``headline`` so that only the stages that
+        write metrics depend on mmn/headline.py.)"""
+        head = headline(Path(self.spec.outputs["metrics"]).stem, full)
+        self.write_json("summary", full)
+        self.write_json("metrics", head)
 
     def write_info(self, description: dict) -> None:
         """The ``info`` output, one convention for every stage: ``stage``, ``settings`` (the value

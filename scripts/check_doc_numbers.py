@@ -1,18 +1,20 @@
-"""Check the numbers the docs quote from ``metrics/*.json`` against the files themselves.
+"""Check the numbers the docs quote from ``summary/*.json`` and ``metrics/*.json`` against the files.
 
 A quoted number is marked in the Markdown with an HTML comment right after it (invisible
 when rendered)::
 
-    difference +0.133 [−0.008, 0.259]<!--m captions.json:own_vs_shuffled.diff-->, p = 0.14<!--m captions.json:own_vs_shuffled.p-->
+    difference +0.133 [−0.008, 0.259]<!--m summary/captions.json:own_vs_shuffled.diff-->, p = 0.14<!--m metrics/captions.json:own_vs_shuffled_p-->
 
-The marker names the metrics file and the dotted key of one number. The text just before
-it must end with that number, rounded to the decimals shown, optionally followed by a
-bracketed ``[lo, hi]`` that must match the ``lo`` and ``hi`` beside the key (the CI of the
-same block). ``−`` (U+2212) is read as a minus; ``**bold**`` around the value is allowed.
-Prints one line per mismatch (``file:line: key: docs say X, metrics have Y``) and exits 1
-when there is any; tests/test_doc_numbers.py runs it on the repository.
+The marker names a JSON file by its path from the repository root (``summary/<name>.json``:
+the full results; ``metrics/<name>.json``: the headline numbers, mmn/headline.py) and the
+dotted key of one number. The text just before it must end with that number, rounded to the
+decimals shown, optionally followed by a bracketed ``[lo, hi]`` that must match the ``lo``
+and ``hi`` beside the key (the CI of the same block, so only summary/ files have them).
+``−`` (U+2212) is read as a minus; ``**bold**`` around the value is allowed. Prints one line
+per mismatch (``file:line: key: docs say X, file has Y``) and exits 1 when there is any;
+tests/test_doc_numbers.py runs it on the repository.
 
-    python scripts/check_doc_numbers.py [--metrics metrics] [FILE.md ...]   # default: README.md docs/*.md
+    python scripts/check_doc_numbers.py [--root .] [FILE.md ...]   # default: README.md docs/*.md
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 NUM = r"[−+-]?\d+(?:\.\d+)?"
-MARKER = re.compile(r"<!--m ([\w.-]+\.json):([\w.]+)-->")
+MARKER = re.compile(r"<!--m ([\w./-]+\.json):([\w.]+)-->")
 VALUE = re.compile(rf"(?P<v>{NUM})\**(?:\s*\[(?P<lo>{NUM}), (?P<hi>{NUM})\])?\**\s*$")
 
 
@@ -50,7 +52,7 @@ def _lookup(metrics: dict, key: str) -> object:
     return node
 
 
-def check_file(md: Path, metrics_dir: Path) -> list[str]:
+def check_file(md: Path, root: Path) -> list[str]:
     """Mismatch messages for one Markdown file (empty = every marked number agrees)."""
     problems: list[str] = []
     cache: dict[str, dict] = {}
@@ -64,10 +66,14 @@ def check_file(md: Path, metrics_dir: Path) -> list[str]:
                 problems.append(f"{where}: no number right before the marker")
                 continue
             fname = m.group(1)
+            if "/" not in fname:
+                problems.append(f"{where}: name the folder: summary/{fname} (full results) or metrics/{fname} "
+                                "(headline numbers)")
+                continue
             if fname not in cache:
-                path = metrics_dir / fname
+                path = root / fname
                 if not path.is_file():
-                    problems.append(f"{where}: no metrics file {path}")
+                    problems.append(f"{where}: no file {path}")
                     continue
                 cache[fname] = json.loads(path.read_text())
             try:
@@ -76,7 +82,7 @@ def check_file(md: Path, metrics_dir: Path) -> list[str]:
                 problems.append(f"{where}: no such key in {fname}")
                 continue
             if not _matches(v.group("v"), actual):
-                problems.append(f"{where}: docs say {v.group('v')}, metrics have {actual}")
+                problems.append(f"{where}: docs say {v.group('v')}, file has {actual}")
             if v.group("lo") is not None:
                 parent = m.group(2).rsplit(".", 1)[0] if "." in m.group(2) else ""
                 for bound in ("lo", "hi"):
@@ -86,23 +92,23 @@ def check_file(md: Path, metrics_dir: Path) -> list[str]:
                         problems.append(f"{where}: a [lo, hi] is quoted but {fname} has no {bound} beside the key")
                         continue
                     if not _matches(v.group(bound), b):
-                        problems.append(f"{where}: docs say {bound} {v.group(bound)}, metrics have {b}")
+                        problems.append(f"{where}: docs say {bound} {v.group(bound)}, file has {b}")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="*", type=Path)
-    ap.add_argument("--metrics", type=Path, default=Path("metrics"))
+    ap.add_argument("--root", type=Path, default=Path("."), help="where summary/ and metrics/ are")
     args = ap.parse_args(argv)
     files = args.files or [Path("README.md"), *sorted(Path("docs").glob("*.md"))]
     problems, n = [], 0
     for f in files:
         n += len(MARKER.findall(f.read_text()))
-        problems += check_file(f, args.metrics)
+        problems += check_file(f, args.root)
     for p in problems:
         print(p)
-    print(f"{n} quoted numbers checked against {args.metrics}/: {len(problems)} mismatch(es)")
+    print(f"{n} quoted numbers checked against {args.root}/{{summary,metrics}}/: {len(problems)} mismatch(es)")
     return 1 if problems else 0
 
 

@@ -6,9 +6,11 @@ For the stability checks of docs/stability.md (another thread count, another mac
     python scripts/compare_runs.py RUN_A RUN_B [--all]
 
 prints the projection's largest weight difference and best step, how many captions (and
-target nouns) are identical, and, for each metric in ``metrics/*.json`` (each ``mean`` of a
-CI, each ``diff``/``p`` of a comparison), both values and their difference. ``--all`` lists
-every numeric leaf, CI bounds and counts included. Exit status 0; it only reports.
+target nouns) are identical, and, for each number in the full results ``summary/*.json`` (each
+``mean`` of a CI, each ``diff``/``p`` of a comparison), both values and their difference. A run
+made before summary/ existed (its ``metrics/*.json`` then held the full results) is read from
+metrics/. ``--all`` lists every numeric leaf, CI bounds and counts included. Exit status 0; it
+only reports.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from mmn.run_metrics import flatten
 
 
 def metrics(run: Path) -> dict[str, float]:
+    """Every numeric leaf of the run's full results, keyed ``<file>:<dotted key>``."""
     out: dict[str, float] = {}
-    for f in sorted((run / "metrics").glob("*.json")):
+    folder = run / "summary" if (run / "summary").is_dir() else run / "metrics"
+    for f in sorted(folder.glob("*.json")):
         out.update({f"{f.stem}:{k}": v for k, v in flatten(json.loads(f.read_text())).items()})
     return out
 

@@ -11,7 +11,7 @@ because coco-mini has only 21 train2017 images for ``coco-train``.
 
 Run it from the repository root (``-m``: ``scripts`` and ``tests`` are found there).
 
-Prints every metrics file at the end; the copy stays in DIR for inspection.
+Prints every full-results file (summary/, else metrics/) at the end; the copy stays in DIR for inspection.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> int:
     if r.returncode != 0:
         print(r.stdout[-4000:], r.stderr[-4000:])
         return r.returncode
-    for f in sorted((repo / "metrics").glob("*.json")):
+    for f in sorted((repo / "summary" if (repo / "summary").is_dir() else repo / "metrics").glob("*.json")):
         print(f"== {f.name}\n{json.dumps(json.loads(f.read_text()), indent=1)}")
     return 0
 

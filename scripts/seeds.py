@@ -6,8 +6,8 @@ mean ± spread across seeds: the honest error bar for the projection's randomnes
     .venv/bin/python scripts/seeds.py --aggregate seeds/              # only aggregate earlier runs
 
 For each seed it runs ``dvc exp run --name seed-<N> -S seed=<N> [-S ...]`` (the experiment is
-also kept in ``dvc exp show``), then copies the workspace's ``metrics/*.json`` to
-``<out>/seed-<N>/``. ``seed`` drives everything seeded (the training/validation split, view
+also kept in ``dvc exp show``), then copies the workspace's full results ``summary/*.json`` to
+``<out>/seed-<N>/`` (``metrics/*.json`` when there is no summary/: a checkout made before it). ``seed`` drives everything seeded (the training/validation split, view
 augmentation and initialisation of the projection, the shuffled-reference baseline, random
 units and random baselines), so the spread is that of a full rerun with other random choices,
 the same code and data. The aggregate (``<out>/aggregate.json`` and a Markdown table on stdout)
@@ -66,7 +66,8 @@ def run_seed(seed: int, overrides: list[str], out: Path) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
     dest = out / f"seed-{seed}"
     dest.mkdir(parents=True, exist_ok=True)
-    for f in (REPO / "metrics").glob("*.json"):
+    src = REPO / "summary" if (REPO / "summary").is_dir() else REPO / "metrics"
+    for f in src.glob("*.json"):
         shutil.copy2(f, dest / f.name)
 
 

@@ -7,8 +7,8 @@ the LM, exactly as the decode + filter stages decide it, whatever the profile's 
 
 Writes data/ablation.parquet (one row per image, kind, k), data/ablation_curve.csv (one
 row per kind and k: means with bootstrap CIs over images, the drop of the mean p(c) and
-the paired test against random units), metrics/ablation.json (numbers only: headline ks)
-and data/info/ablate.json (settings and definitions).
+the paired test against random units), summary/ablation.json (numbers only: headline ks;
+its headline: metrics/ablation.json) and data/info/ablate.json (settings and definitions).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main(run: Run) -> None:
     from mmn.data.layout import CocoLayout
     from mmn.distributed import all_reduce_sum, distributed, gather_frames, share_mask_from_main
     from mmn.experiments import ablation as A
+    from mmn.headline import headline
     from mmn.metrics.bertscore import BertScorer
     from mmn.pipeline import attributed_layers, build_prefix_lm
     from mmn.quality import check_ablation
@@ -45,6 +46,8 @@ def main(run: Run) -> None:
         df = gather_frames(part, info)
     if not info.is_main:
         return
+    if info.world > 1:
+        run.log(f"merged {info.world} shards")
     df = df.sort(["image_id", "kind", "k"])
     if ap.regenerate:
         bert = BertScorer.from_params(params.model.bert_model, params.model.bert_layers, device=ad.device,
@@ -56,7 +59,7 @@ def main(run: Run) -> None:
     curve = A.ablation_curve(df)  # fixed resampling seed: plot recomputes the same numbers
     run.write_parquet("out", df)
     run.write_csv("curve", curve, float_precision=6)
-    run.write_metrics(A.ablation_metrics(curve, ap.ks))
+    run.write_metrics(A.ablation_metrics(curve, ap.ks), headline)
     run.write_info(A.ablation_info(ap.ks, int(interpretable.sum()), int(interpretable.numel()), layers))
     run.log(f"{int(interpretable.sum())} of {interpretable.numel()} units interpretable (fp32 decode)")
     for line in A.curve_lines(curve, max(ap.ks)):

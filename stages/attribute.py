@@ -35,13 +35,15 @@ def main(run: Run) -> None:
         df = gather_frames(part, info)
     if not info.is_main:
         return
+    if info.world > 1:
+        run.log(f"merged {info.world} shards")
     df = df.sort(["image_id", "rank"])
     n_img = int(caps["has_noun"].sum())
     check_attributions(df, k=ap.k, n_layers=plm.adapter.n_layers, n_units=plm.adapter.d_mlp,
                        n_patches=plm.encoder.n_patches, layers=layers, rank_by=ap.rank_by)
     run.write_parquet("out", df)
     run.log(f"{df.height} {ap.rank_by}s for {n_img} images ({caps.height - n_img} without a noun skipped); "
-            f"{info.world} shard(s); wrote {run.wrote()}")
+            f"wrote {run.wrote()}")
 
 
 if __name__ == "__main__":

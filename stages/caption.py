@@ -5,8 +5,8 @@ p(target), ...); images whose caption has no noun are kept with has_noun = false
 Held-out caption quality on the evaluation images: per image, BERTScore of the caption
 vs its own COCO references and vs a shuffled image's (seeded derangement), and whether
 the first noun occurs in its own references; bootstrap CIs and the paired test go to
-metrics/captions.json, model names and warnings to data/info/caption.json. A line
-starting "WARNING" is logged when own and shuffled do not differ significantly.
+summary/captions.json (headline: metrics/captions.json), model names and warnings to
+data/info/caption.json. A line starting "WARNING" is logged when own and shuffled do not differ significantly.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main(run: Run) -> None:
     from mmn.captioning import caption_images, caption_report
     from mmn.data.layout import CocoLayout
     from mmn.distributed import distributed, gather_frames
+    from mmn.headline import headline
     from mmn.io import read_json
     from mmn.metrics.bertscore import BertScorer
     from mmn.pipeline import build_prefix_lm
@@ -36,12 +37,14 @@ def main(run: Run) -> None:
         df = gather_frames(part, info)
     if not info.is_main:
         return
+    if info.world > 1:
+        run.log(f"merged {info.world} shards")
     scorer = BertScorer.from_params(m.bert_model, m.bert_layers, device=plm.adapter.device, dtype=plm.adapter.dtype)
     df, metrics, desc, lines = caption_report(df.sort("image_id"), layout.captions, scorer, params.seed,
                                               read_json(run.path("projection") / "meta.json"))
     check_captions(df, with_quality=True)
     run.write_parquet("out", df)
-    run.write_metrics(metrics)
+    run.write_metrics(metrics, headline)
     run.write_info(desc)
     for line in lines:
         run.log(line)

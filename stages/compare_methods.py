@@ -10,8 +10,8 @@ for k in ablate.ks) and its area; bootstrap CIs over images and paired tests bet
 methods. Seconds per image (wall time) go to the info file only, so that the metrics and
 tables are byte-identical on a rerun.
 
-Writes metrics/methods.json (numbers only), data/compare_methods.csv (per method and
-metric: mean, CI, paired tests), data/compare_methods_curve.csv (per method and k),
+Writes summary/methods.json (numbers only; headline: metrics/methods.json), data/compare_methods.csv
+(per method and metric: mean, CI, paired tests), data/compare_methods_curve.csv (per method and k),
 data/compare_methods.parquet (per candidate unit: Δy, Δp and every method's score) and
 data/info/compare_methods.json (settings, definitions, seconds per image).
 """
@@ -26,6 +26,7 @@ def main(run: Run) -> None:
     from mmn.data.layout import CocoLayout
     from mmn.errors import DataError
     from mmn.experiments import compare_methods as C
+    from mmn.headline import headline
     from mmn.pipeline import attributed_layers, build_prefix_lm
     from mmn.quality import check_methods
 
@@ -43,9 +44,9 @@ def main(run: Run) -> None:
     n_images = per["image_id"].n_unique()
     summary, seconds = C.method_summary(per, seed=params.seed), C.timing_summary(per, seed=params.seed)
     run.write_parquet("out", cand)
-    run.write_csv("summary", summary, float_precision=6)
+    run.write_csv("table", summary, float_precision=6)
     run.write_csv("curve", C.method_curves(curve, seed=params.seed), float_precision=6)
-    run.write_metrics(C.methods_metrics(summary, n_images))
+    run.write_metrics(C.methods_metrics(summary, n_images), headline)
     run.write_info(C.methods_info(cp.precision_k, layers, n_images, seconds))
     for line in C.summary_lines(summary, seconds):
         run.log(line)

@@ -7,7 +7,8 @@ CI over images), the layer histogram counts (image, unit) pairs.
 
 Writes data/interpretable.parquet (every decoded unit with n_words and the
 interpretable flag), data/layer_distribution.csv (plot-ready: layer, n_units,
-n_interpretable_units, share), metrics/neurons.json (numbers only) and
+n_interpretable_units, share), summary/neurons.json (numbers only; headline:
+metrics/neurons.json) and
 data/info/filter.json (word list path/hash and the definitions used).
 """
 
@@ -18,6 +19,7 @@ from mmn.runner import Run, stage
 
 @stage("filter")
 def main(run: Run) -> None:
+    from mmn.headline import headline
     from mmn.neurons.filter import apply_filter, filter_info, load_wordlist
     from mmn.neurons.summary import layer_distribution, neuron_metrics
     from mmn.quality import check_interpretable
@@ -30,7 +32,7 @@ def main(run: Run) -> None:
     metrics = neuron_metrics(att, neu, seed=params.seed)
     run.write_parquet("out", neu)
     run.write_csv("layers_out", layer_distribution(att, neu))
-    run.write_metrics(metrics)
+    run.write_metrics(metrics, headline)
     run.write_info(filter_info(run.path("wordlist"), f))
     kf = metrics["kept_fraction"]
     run.log(f"{metrics['n_interpretable']} of {metrics['n_units']} distinct units interpretable; kept fraction "

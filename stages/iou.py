@@ -3,8 +3,9 @@ category selectivity (supplement).
 
 Writes data/iou.parquet (per category, image, kind, draw, unit), data/iou_categories.csv
 (per category: bootstrap CIs over images and the paired test multimodal vs random),
-data/selectivity.parquet, metrics/iou.json (numbers only: overall CIs, paired test,
-image and category counts) and data/info/iou.json (categories used, definitions).
+data/selectivity.parquet, summary/iou.json (numbers only: overall CIs, paired test,
+image and category counts; headline: metrics/iou.json) and data/info/iou.json (categories
+used, definitions).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def main(run: Run) -> None:
     from mmn.distributed import distributed
     from mmn.errors import ParamsError
     from mmn.experiments.iou import iou_activations, iou_results, plan_iou
+    from mmn.headline import headline
     from mmn.pipeline import build_prefix_lm
     from mmn.quality import check_iou
 
@@ -36,6 +38,8 @@ def main(run: Run) -> None:
         rows, grids, means = iou_activations(plan, att, ip, plm, layout.load_image, params.seed, info)
     if not info.is_main:
         return
+    if info.world > 1:
+        run.log(f"merged {info.world} shards")
     if plan.unused:
         run.log(f"no image for {plan.unused} (iou.single={ip.single}, with a caption target): not used")
     df, per_cat, sel, metrics, desc = iou_results(plan, rows, grids, means, coco, ip, cats, plm.encoder.grid)
@@ -43,7 +47,7 @@ def main(run: Run) -> None:
     run.write_parquet("out", df)
     run.write_csv("categories_out", per_cat, float_precision=6)
     run.write_parquet("selectivity_out", sel)
-    run.write_metrics(metrics)
+    run.write_metrics(metrics, headline)
     run.write_info(desc)
     o = metrics["overall"]
     run.log(f"IoU multimodal {o['multimodal']} vs random {o['random']} over {metrics['n_images']} images of "

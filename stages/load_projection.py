@@ -4,7 +4,8 @@ Training reads the training layout data/coco_train/ (stage download_train; its
 split.json says whether it is held out from the evaluation images), holds out a
 seeded validation split of it, and keeps the checkpoint of the lowest validation loss.
 Writes data/projection/ (projection.safetensors + meta.json, and when training
-loss.csv: step, train_loss, val_loss for `dvc plots`) and metrics/projection.json.
+loss.csv: step, train_loss, val_loss for `dvc plots`), summary/projection.json and its
+headline metrics/projection.json.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main(run: Run) -> None:
     from mmn.data.layout import CocoLayout
     from mmn.data.split import read_split_info
     from mmn.errors import ParamsError
+    from mmn.headline import headline
     from mmn.limber import limber_projection
     from mmn.models.projection import save_projection
     from mmn.pipeline import build_encoder, build_lm
@@ -51,7 +53,7 @@ def main(run: Run) -> None:
             (tmp / "loss.csv").write_text(loss_csv(res.history))
             for line in training_lines(res, meta):
                 run.log(line)
-    run.write_metrics(projection_metrics(meta))
+    run.write_metrics(projection_metrics(meta), headline)
     run.log(f"wrote {run.wrote()}")
 
 

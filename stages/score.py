@@ -1,7 +1,8 @@
 """Stage score: Table 1 (decoded units vs images), Table 2 (image prompts) and KS tests.
 
-Writes data/scores.parquet (every scored text), metrics/scores.json (numbers only: per-row
-means with 95% bootstrap CIs over images, paired tests, per-image KS tests) and
+Writes data/scores.parquet (every scored text), summary/scores.json (numbers only: per-row
+means with 95% bootstrap CIs over images, paired tests, per-image KS tests; headline:
+metrics/scores.json) and
 data/info/score.json (models, scales, "not computed" reasons). Without CLIP weights (the
 offline embedded profile) CLIPScore is null in the metrics and the reason is in the info
 file; a configured CLIP model that cannot load fails the stage.
@@ -19,6 +20,7 @@ def main(run: Run) -> None:
     from mmn.data.layout import CocoLayout
     from mmn.errors import DataError
     from mmn.experiments.scores import build_scorers, describe, per_image_scores, score_tables, summarise, table1_line
+    from mmn.headline import headline
     from mmn.pipeline import build_prefix_lm
     from mmn.quality import check_scores
 
@@ -39,7 +41,7 @@ def main(run: Run) -> None:
     metrics = summarise(pi, bert_rescaled=bert.rescaled, clip_w=s.clip_w, clip_computed=clip is not None)
     info = describe(bert, clip, reason, s.clip_w, pi.filter(pl.col("item") == "multimodal_all").height)
     run.write_parquet("out", df)
-    run.write_metrics(metrics)
+    run.write_metrics(metrics, headline)
     run.write_info(info)
     run.log(table1_line(metrics, info["bertscore"]["scale"]))
     run.log(f"wrote {run.wrote()}")

@@ -402,17 +402,21 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
     monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: plm)
     monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
     monkeypatch.setattr(bertscore.BertScorer, "from_params", classmethod(lambda cls, *a, **k: Bert()))
-    out = {n: tmp_path / n for n in ("ablation.parquet", "curve.csv", "ablation.json", "info.json")}
+    out = {n: tmp_path / n for n in ("ablation.parquet", "curve.csv", "ablation.json", "full.json", "info.json")}
     r = CliRunner().invoke(S.main, ["--params", str(tmp_path / "params.yaml"), "--captions",
                                     str(tmp_path / "captions.parquet"), "--out", str(out["ablation.parquet"]),
                                     "--curve", str(out["curve.csv"]), "--metrics", str(out["ablation.json"]),
+                                    "--summary", str(out["full.json"]),
                                     "--info", str(out["info.json"]), "--wordlist", str(tmp_path / "params.yaml"),
                                     "--coco", str(tmp_path), "--projection", str(tmp_path)])
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert seen["stop_at_newline"] is False and seen["max_new_tokens"] == 3
     curve = pl.read_csv(out["curve.csv"])
     assert curve.height == 3 * 4 and set(curve["n"]) == {4}
-    m = json.loads(out["ablation.json"].read_text())
+    from mmn.headline import headline
+
+    m = json.loads(out["full.json"].read_text())
+    assert json.loads(out["ablation.json"].read_text()) == headline("ablation", m)
     assert m["n_images"] == 4 and set(m["unfiltered"]) == {"k100", "k200"}
     leaves = _leaves(m)
     assert len(leaves) <= 40 and all(v is None or isinstance(v, (int, float)) for v in leaves)

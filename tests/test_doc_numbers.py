@@ -1,4 +1,4 @@
-"""scripts/check_doc_numbers.py: the numbers the docs quote from metrics/ equal the files."""
+"""scripts/check_doc_numbers.py: the numbers the docs quote from summary/ and metrics/ equal the files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _check(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def test_the_docs_quote_the_committed_metrics():
-    """README.md and docs/*.md against metrics/ (the committed dvc.lock's outputs)."""
+    """README.md and docs/*.md against summary/ and metrics/ (the committed dvc.lock's outputs)."""
     r = _check()
     assert r.returncode == 0, r.stdout
     n = int(r.stdout.splitlines()[-1].split()[0])
@@ -24,20 +24,25 @@ def test_the_docs_quote_the_committed_metrics():
 
 
 def test_hand_cases(tmp_path):
-    m = tmp_path / "metrics"
-    m.mkdir()
-    (m / "a.json").write_text(json.dumps({"x": {"mean": 0.4095, "lo": -0.0080, "hi": 0.2588, "p": 0.140625},
-                                          "k": 50, "s": "text"}))
+    (tmp_path / "summary").mkdir()
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "summary/a.json").write_text(json.dumps({"x": {"mean": 0.4095, "lo": -0.0080, "hi": 0.2588,
+                                                               "p": 0.140625}, "k": 50, "s": "text"}))
+    (tmp_path / "metrics/a.json").write_text(json.dumps({"x": 0.4095, "x_p": 0.140625}))
     md = tmp_path / "doc.md"
-    md.write_text("ok 0.41 [−0.01, 0.26]<!--m a.json:x.mean-->, p = 0.14<!--m a.json:x.p-->; **0.410**<!--m "
-                  "a.json:x.mean--> and 50<!--m a.json:k-->\n")
-    assert _check("--metrics", str(m), str(md)).returncode == 0
-    for text, says in [("0.42<!--m a.json:x.mean-->", "docs say 0.42, metrics have 0.4095"),
-                       ("0.410 [0.01, 0.26]<!--m a.json:x.mean-->", "docs say lo 0.01"),
-                       ("0.4<!--m a.json:x.nope-->", "no such key"),
-                       ("text<!--m a.json:s-->", "no number right before the marker"),
-                       ("1<!--m a.json:s-->", "metrics have text"),
-                       ("1<!--m b.json:k-->", "no metrics file")]:
+    md.write_text("ok 0.41 [−0.01, 0.26]<!--m summary/a.json:x.mean-->, p = 0.14<!--m summary/a.json:x.p-->; "
+                  "**0.410**<!--m summary/a.json:x.mean--> and 50<!--m summary/a.json:k-->; headline 0.41<!--m "
+                  "metrics/a.json:x-->, p = 0.141<!--m metrics/a.json:x_p-->\n")
+    assert _check("--root", str(tmp_path), str(md)).returncode == 0
+    for text, says in [("0.42<!--m summary/a.json:x.mean-->", "docs say 0.42, file has 0.4095"),
+                       ("0.42<!--m metrics/a.json:x-->", "docs say 0.42, file has 0.4095"),
+                       ("0.410 [0.01, 0.26]<!--m summary/a.json:x.mean-->", "docs say lo 0.01"),
+                       ("0.41 [−0.01, 0.26]<!--m metrics/a.json:x-->", "has no lo beside the key"),
+                       ("0.4<!--m summary/a.json:x.nope-->", "no such key"),
+                       ("text<!--m summary/a.json:s-->", "no number right before the marker"),
+                       ("1<!--m summary/a.json:s-->", "file has text"),
+                       ("1<!--m summary/b.json:k-->", "no file"),
+                       ("50<!--m a.json:k-->", "name the folder: summary/a.json")]:
         md.write_text(f"line one\n{text}\n")
-        r = _check("--metrics", str(m), str(md))
+        r = _check("--root", str(tmp_path), str(md))
         assert r.returncode == 1 and f"{md}:2: " in r.stdout and says in r.stdout, (text, r.stdout)

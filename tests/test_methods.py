@@ -301,19 +301,23 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
     monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
     def run(d):
         d.mkdir(exist_ok=True)
-        out = {n: d / n for n in ("c.parquet", "s.csv", "c.csv", "m.json", "i.json")}
+        out = {n: d / n for n in ("c.parquet", "s.csv", "c.csv", "m.json", "full.json", "i.json")}
         r = CliRunner().invoke(S.main, ["--params", str(tmp_path / "params.yaml"), "--captions",
                                         str(tmp_path / "captions.parquet"), "--out", str(out["c.parquet"]),
-                                        "--summary", str(out["s.csv"]), "--curve", str(out["c.csv"]),
-                                        "--metrics", str(out["m.json"]), "--info", str(out["i.json"]),
+                                        "--table", str(out["s.csv"]), "--curve", str(out["c.csv"]),
+                                        "--metrics", str(out["m.json"]), "--summary", str(out["full.json"]),
+                                        "--info", str(out["i.json"]),
                                         "--coco", str(tmp_path), "--projection", str(tmp_path)])
         assert r.exit_code == 0, r.output + repr(r.exception)
         return out
 
     out, again = run(tmp_path / "a"), run(tmp_path / "b")
-    for name in ("c.parquet", "s.csv", "c.csv", "m.json"):  # a rerun rewrites them byte for byte
+    for name in ("c.parquet", "s.csv", "c.csv", "m.json", "full.json"):  # a rerun rewrites them byte for byte
         assert out[name].read_bytes() == again[name].read_bytes(), name
-    m = json.loads(out["m.json"].read_text())
+    from mmn.headline import headline
+
+    m = json.loads(out["full.json"].read_text())
+    assert json.loads(out["m.json"].read_text()) == headline("methods", m)  # metrics = the headline of the full
     leaves = _leaves(m)
     assert len(leaves) <= 40 and all(v is None or isinstance(v, (int, float)) for v in leaves)
     assert m["n_images"] == 4 and set(METHODS) <= set(m)

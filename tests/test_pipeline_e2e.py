@@ -170,8 +170,9 @@ def test_attribute_layers_restrict_the_stage(pipeline_repo, tmp_path):
         ("caption", {"--out": "data/captions.parquet"}),
         ("attribute", {"--out": "data/attributions.parquet"}),
         ("iou", {"--out": "data/iou.parquet", "--selectivity-out": "data/selectivity.parquet",
-                 "--metrics": "metrics/iou.json"}),
-        ("ablate", {"--out": "data/ablation.parquet", "--metrics": "metrics/ablation.json"}),
+                 "--metrics": "metrics/iou.json", "--summary": "summary/iou.json"}),
+        ("ablate", {"--out": "data/ablation.parquet", "--metrics": "metrics/ablation.json",
+                    "--summary": "summary/ablation.json"}),
     ],
 )
 def test_two_rank_gloo_stage_equals_single_process(pipeline_repo, tmp_path, stage, outs):
@@ -255,7 +256,7 @@ def test_forced_rerun_is_byte_identical(pipeline_repo, tmp_path):
     """Determinism on CPU: `dvc repro --force` rewrites every table and metric byte for byte (a failure
     says whether only float low bits moved, the signature of MKL VML's first-call race, mmn.numerics)."""
     repo, _ = pipeline_repo
-    files = sorted([*repo.glob("data/*.parquet"), *repo.glob("data/*.csv"), *repo.glob("metrics/*.json"),
+    files = sorted([*repo.glob("data/*.parquet"), *repo.glob("data/*.csv"), *repo.glob("metrics/*.json"), *repo.glob("summary/*.json"),
                     repo / "data/projection/projection.safetensors"])
     assert len(files) >= 14
     before = {}
@@ -302,7 +303,7 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
     assert split["mode"] == "coco-train" and split["held_out"] is True
     assert len(split["train_ids"]) == 21 and not set(split["train_ids"]) & eval_ids
     assert json.loads((repo / "data/projection/meta.json").read_text())["held_out"] is True
-    cq = json.loads((repo / "metrics/captions.json").read_text())
+    cq = json.loads((repo / "summary/captions.json").read_text())
     # No direction is asserted: at n = 10 after a few training steps the own-vs-shuffled margin is
     # small (after 40 steps one machine measured own 0.207 vs shuffled 0.199, p = 0.66), so its sign
     # is a coin that a CPU with other float kernels may flip. The 100-image run (scripts/run_coco_mini_dag.py) tests it.
@@ -310,7 +311,7 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
         assert -1 <= cq[key]["mean"] <= 1, cq
     caps = pl.read_parquet(repo / "data/captions.parquet")
     assert caps.height == 10
-    m = {n: json.loads((repo / "metrics" / f"{n}.json").read_text()) for n in ("neurons", "scores", "iou", "ablation")}
+    m = {n: json.loads((repo / "summary" / f"{n}.json").read_text()) for n in ("neurons", "scores", "iou", "ablation")}
     nm = m["neurons"]
     assert 0 <= nm["kept_fraction"]["mean"] <= 1 and nm["kept_fraction"]["n"] == caps["has_noun"].sum()
     assert nm["n_image_units"] == 25 * caps["has_noun"].sum()  # k distinct units per image
@@ -336,8 +337,12 @@ def test_whole_dag_on_coco_mini_mirror(tmp_path):
         assert k0["rel_drop"][0] == pytest.approx(0, abs=1e-4)
         r = m["ablation"][kind]["k10"]["rel_drop"]
         assert r["mean"] <= 1 and r["n"] == m["ablation"]["n_images"]
-    for f in ("neurons", "scores", "iou", "ablation"):  # DVC metrics: numbers or null only
-        _assert_numbers_only(m[f], f)
+    from mmn.headline import HEADLINE, headline
+
+    for f in HEADLINE:  # DVC metrics (metrics/) and the full results (summary/): numbers or null only
+        full = json.loads((repo / "summary" / f"{f}.json").read_text())
+        _assert_numbers_only(full, f)
+        assert json.loads((repo / "metrics" / f"{f}.json").read_text()) == headline(f, full), f"metrics/{f}.json"
     assert (repo / "report" / "index.html").is_file()
 
 
@@ -424,7 +429,8 @@ def test_troubleshooting_missing_word_list(pipeline_repo, tmp_path):
     try:
         out = tmp_path / "interpretable.parquet"
         r = _stage(repo, "filter", "--out", str(out), "--layers-out", str(tmp_path / "l.csv"),
-                   "--metrics", str(tmp_path / "n.json"), "--info", str(tmp_path / "i.json"))
+                   "--metrics", str(tmp_path / "n.json"), "--summary", str(tmp_path / "s.json"),
+                   "--info", str(tmp_path / "i.json"))
     finally:
         shutil.move(moved, wordlist)
     _assert_one_line_error(r, "filter", "american-english", "word list missing")

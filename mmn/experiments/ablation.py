@@ -271,7 +271,7 @@ def ablation_curve(df: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
 
 
 def headline_ks(ks: Sequence[int]) -> list[int]:
-    """The ks reported in metrics/ablation.json: 100 (when run) and the largest k (the paper's 6400)."""
+    """The ks reported in summary/ablation.json (metrics/ablation.json: k_small, k_large): 100 (when run) and the largest k (the paper's 6400)."""
     ks = sorted({int(k) for k in ks if int(k) > 0})
     if not ks:
         return []
@@ -293,7 +293,7 @@ def ablation_metrics(curve: pl.DataFrame, ks: Sequence[int]) -> dict:
 
 
 def ablation_info(ks: Sequence[int], n_interpretable: int, n_units: int, layers: Sequence[int]) -> dict:
-    """The ablate stage's description (data/info/ablate.json; strings allowed): counts and definitions."""
+    """The ablate stage's description (data/info/ablate.json; strings allowed): counts and definitions behind summary/ablation.json."""
     return {
         "headline_ks": headline_ks(ks), "layers": list(layers),
         "interpretable_units": n_interpretable, "units": n_units,

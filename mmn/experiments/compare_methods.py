@@ -224,7 +224,7 @@ def method_curves(curve: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
 
 
 def methods_metrics(summary: pl.DataFrame, n_images: int) -> dict:
-    """Compact numbers-only metrics/methods.json (≤ 40 leaves): per method Spearman and
+    """Compact numbers-only summary/methods.json (≤ 40 leaves; headline: metrics/methods.json): per method Spearman and
     Kendall as ``{"mean","lo","hi","n"}``, precision@k and curve area as means (their CIs:
     data/compare_methods.csv); integrated gradients' completeness error;
     per pair of methods the paired test's p-value on Spearman (differences with CIs: the CSV)."""
@@ -263,7 +263,7 @@ def methods_info(precision_k: int, layers: Sequence[int], n_images: int, seconds
                    "together, k in ablate.ks) with the ks equally spaced, divided by the gaps; mean over images",
             "seconds_per_image": "wall time of the method's per-unit scores for one image in this run (after "
                                  "one untimed warm-up), mean with 95% CI over images; here, not in "
-                                 "metrics/methods.json, because it is not reproducible byte for byte",
+                                 "summary/methods.json, because it is not reproducible byte for byte",
             "a_vs_b_spearman_p": "paired over images: two-sided sign-flip permutation p-value of the mean "
                                  "per-image Spearman difference a - b (diff and CI: the summary table)",
         },

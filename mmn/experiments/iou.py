@@ -315,7 +315,7 @@ def category_table(df: pl.DataFrame, categories: list[str]) -> pl.DataFrame:
 
 
 def iou_summary(df: pl.DataFrame, categories: list[str]) -> dict:
-    """metrics/iou.json (numbers only): ``overall.{multimodal,random}`` = bootstrap CI
+    """summary/iou.json (numbers only; headline: metrics/iou.json, mmn/headline.py): ``overall.{multimodal,random}`` = bootstrap CI
     ``{mean, lo, hi, n}`` over images of the per-image IoU (:func:`per_image_iou`),
     ``multimodal_vs_random`` = paired test over images ``{diff, lo, hi, p, n}``,
     ``n_images``, ``n_categories`` (categories with at least one image) and

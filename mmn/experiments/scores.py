@@ -316,7 +316,7 @@ def metric_block(pi: pl.DataFrame, metric: str) -> dict:
 
 
 def summarise(pi: pl.DataFrame, *, bert_rescaled: bool, clip_w: float, clip_computed: bool) -> dict:
-    """metrics/scores.json: numbers or null only. ``clipscore`` is null when not computed;
+    """summary/scores.json (headline: metrics/scores.json, mmn/headline.py): numbers or null only. ``clipscore`` is null when not computed;
     ``scale`` says which scale the numbers are on (``bertscore_rescaled`` 1/0, ``clip_w``)."""
     return {"bertscore": metric_block(pi, "bertscore"),
             "clipscore": metric_block(pi, "clipscore") if clip_computed else None,

@@ -62,7 +62,7 @@ def _num(x: float | None, nd: int = 6) -> float | None:
 
 
 def neuron_metrics(attributions: pl.DataFrame, neurons: pl.DataFrame, *, seed: int = 0) -> dict:
-    """Numbers only (metrics/neurons.json).
+    """Numbers only (summary/neurons.json; headline: metrics/neurons.json).
 
     * ``kept_fraction``: {"mean","lo","hi","n"}, 95% bootstrap CI over images of each
       image's fraction of interpretable units among its top units (n = images);

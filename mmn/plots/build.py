@@ -223,7 +223,7 @@ def _summary_figures(inp: PlotInputs, s: PlotSettings, curves: pl.DataFrame) -> 
          "Per-image BERTScore (and CLIPScore when computed) of decoded image prompts — mean (left) and max "
          "(right) over an image's patches — vs one set of matched random vectors per image, five COCO nouns "
          "and the model's caption; bars: mean with 95% bootstrap CI over images; KS tests on these per-image "
-         "values are in metrics/scores.json. " + scale_note,
+         "values are in summary/scores.json. " + scale_note,
          F.score_distributions(bert, clip, s.bins, clip_note, scale_note,
                                {"bertscore": T.score_cis(bert), "clipscore": T.score_cis(clip)})),
         ("fig5_iou.png", "Fig. 5 — IoU per category",
@@ -251,7 +251,7 @@ def _summary_figures(inp: PlotInputs, s: PlotSettings, curves: pl.DataFrame) -> 
             "its top-k units are ablated (mean of per-image drops, band: 95% bootstrap CI over images); right, "
             "rank correlation of its per-unit score with the exact effect of ablating that unit alone (over "
             "the union of the methods' top candidates; mean over images, 95% CIs). Precision@k, curve areas "
-            "and paired tests: metrics/methods.json and data/compare_methods.csv; seconds per image: "
+            "and paired tests: summary/methods.json and data/compare_methods.csv; seconds per image: "
             "data/info/compare_methods.json.",
             F.methods_figure(inp.methods_curve, inp.methods_summary)))
     if inp.projection_loss is not None and inp.projection_loss.height:
@@ -343,7 +343,7 @@ def _unit_page(shown: _Shown, pics: _ReportPictures, u: tuple[int, int], att_bes
 
 def caption_quality_box(inp: PlotInputs, loss_figure: str | None) -> QualityBox | None:
     """The report's first-page box: how the projection was trained and whether its captions carry
-    image information (metrics/captions.json, data/info/caption.json); None without those."""
+    image information (summary/captions.json, data/info/caption.json); None without those."""
     m = inp.metrics.get("captions")
     if not m:
         return None

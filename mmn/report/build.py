@@ -201,7 +201,7 @@ def _paper_skeleton(prefix: str) -> dict:
 
 
 def metric_tables(metrics: dict[str, dict]) -> list[Section]:
-    """One section per metrics file (``{"scores": {...}, "iou": {...}}``): its values as
+    """One section per results file (summary/*.json, ``{"scores": {...}, "iou": {...}}``): its values as
     tables, with the paper's value (:data:`mmn.report.paper.PAPER`) beside each entry
     the paper reports."""
     sections = []
@@ -212,7 +212,7 @@ def metric_tables(metrics: dict[str, dict]) -> list[Section]:
             if obj.get("clipscore") is None:  # not computed: keep the paper's CLIPScores on show, ours "—"
                 obj = {**obj, "clipscore": _paper_skeleton("scores.clipscore.")}
         tables = _tables(obj, name, name) if isinstance(obj, dict) else []
-        sections.append(Section(name, f"metrics/{name}.json", note, tables))
+        sections.append(Section(name, f"summary/{name}.json", note, tables))
     return sections
 
 

@@ -1,5 +1,5 @@
 """The paper's published values (Schwettmann et al. 2023; docs/design.md), keyed by the
-dotted path of the matching entry in our metrics JSON (``<file>.<key>.<key>...``).
+dotted path of the matching entry in our full results JSON, summary/*.json (``<file>.<key>.<key>...``).
 
 Numbers are as printed in the paper (CLIPScore on its 0–100 scale, BERTScore F1 on 0–1);
 entries the paper gives only as a figure or in words are strings.
@@ -70,9 +70,9 @@ NOTES: dict[str, str] = {
 
 
 def score_scale_note(scale: dict | None, clip_computed: bool = True) -> str:
-    """The scale line every score table/figure carries, from metrics/scores.json's ``scale``."""
+    """The scale line every score table/figure carries, from summary/scores.json's ``scale``."""
     if not scale:
-        return "Scale unknown (metrics/scores.json has no 'scale')."
+        return "Scale unknown (summary/scores.json has no 'scale')."
     if not clip_computed:
         scale = {**scale, "clip_w": None}
     w = scale.get("clip_w")
