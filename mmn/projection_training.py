@@ -28,6 +28,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from mmn.data.layout import CocoLayout, LayoutError
+from mmn.data.split import seeded_split
 from mmn.models.adapters import LMAdapter
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.models.projection import Projection
@@ -239,18 +240,18 @@ def caption_target_text(caption: str) -> str:
 
 
 def split_train_val(image_ids: Sequence[int], val_fraction: float, val_max: int, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded disjoint ``(fit_ids, val_ids)``, both sorted.
+    """Seeded disjoint ``(fit_ids, val_ids)``, both sorted (:func:`mmn.data.split.seeded_split`;
+    duplicate ids collapse).
 
     ``n_val = min(val_max, max(1, round(val_fraction * n)))`` when ``val_fraction > 0`` and
     at least 2 images exist, else 0; at least one image is always left to fit on.
     """
-    ids = sorted(int(i) for i in image_ids)
+    ids = sorted({int(i) for i in image_ids})
     n_val = 0
     if val_fraction > 0 and len(ids) >= 2:
         n_val = min(val_max, max(1, round(val_fraction * len(ids))), len(ids) - 1)
-    val = sorted(random.Random(seed).sample(ids, n_val))
-    vs = set(val)
-    return [i for i in ids if i not in vs], val
+    part = seeded_split(ids, n_val, seed)
+    return part.train, part.eval
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from mmn.data.split import (
     SplitError,
     n_held_out,
     read_split_info,
+    seeded_split,
     split_ids,
     split_part,
     write_split_info,
@@ -65,6 +66,50 @@ def test_split_is_seeded_and_depends_only_on_the_id_set() -> None:
     assert min(a.eval) < 1050 < max(a.eval)
     # the split's stream is not the subset's: same seed, different draw than select_image_ids
     assert a.eval != select_image_ids(ids, 20, seed=0)
+
+
+@pytest.mark.parametrize("n, n_held, seed", [(7, 1, 0), (7, 3, 5), (100, 20, 1), (2, 1, 9), (5, 0, 0), (5, 5, 2)])
+def test_seeded_split_is_the_python_random_sample_of_the_sorted_ids(n: int, n_held: int, seed: int) -> None:
+    """The one seeded split against an independent computation: Random(seed).sample over the sorted ids."""
+    import random
+
+    ids = [int(i) for i in np.random.default_rng(n).choice(10**6, size=n, replace=False)]
+    held = sorted(random.Random(seed).sample(sorted(ids), n_held))
+    s = seeded_split(list(reversed(ids)) + ids[:2], n_held, seed)  # order and duplicates: no effect
+    assert s.eval == held and s.train == sorted(set(ids) - set(held))
+    assert split_ids(ids, 0.3, seed) == seeded_split(ids, n_held_out(len(ids), 0.3), seed)
+    with pytest.raises(SplitError, match="cannot hold out"):
+        seeded_split(ids, n + 1, seed)
+
+
+def test_the_default_run_splits_exactly_as_before_the_unification() -> None:
+    """params.yaml's default profile trains on the evaluated images (``split_ids`` is never
+    called) and cuts the 7-image sample into fit/validation with ``split_train_val``: the
+    unified :func:`seeded_split` reproduces the ids of that call's former body (inlined here),
+    so data/projection and every downstream result keep their bytes."""
+    import random
+
+    from mmn.projection_training import split_train_val
+
+    params = parse_params(yaml.safe_load((REPO / "params.yaml").read_text()), REPO / "params.yaml")
+    assert params.train_data == "eval"  # download_coco/download_train call split_ids only under `split`
+    tp, ids = params.train_loop, sample_image_ids()
+
+    def before(image_ids, val_fraction, val_max, seed):  # split_train_val up to commit ad262dc
+        ids = sorted(int(i) for i in image_ids)
+        n_val = 0
+        if val_fraction > 0 and len(ids) >= 2:
+            n_val = min(val_max, max(1, round(val_fraction * len(ids))), len(ids) - 1)
+        val = sorted(random.Random(seed).sample(ids, n_val))
+        return [i for i in ids if i not in set(val)], val
+
+    got = split_train_val(ids, tp.val_fraction, tp.val_max_images, params.seed)
+    assert got == before(ids, tp.val_fraction, tp.val_max_images, params.seed)
+    metrics = json.loads((REPO / "metrics" / "projection.json").read_text())
+    assert (len(got[0]), len(got[1])) == (metrics["n_train_images"], metrics["n_val_images"])
+    for seed in range(20):  # and beyond the default seed, on the same ids
+        assert split_train_val(ids, 0.2, 64, seed) == before(ids, 0.2, 64, seed)
+        assert split_train_val(ids, 0.5, 2, seed) == before(ids, 0.5, 2, seed)
 
 
 def test_split_parts_agree_with_the_split() -> None:

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "SplitInfo",
     "n_held_out",
     "read_split_info",
+    "seeded_split",
     "split_ids",
     "split_part",
     "write_split_info",
@@ -50,9 +52,6 @@ __all__ = [
 Mode = Literal["coco-train", "split", "eval"]
 MODES: tuple[str, ...] = get_args(Mode)
 SPLIT_FILE = "split.json"
-#: second word of the split's seed sequence: the split draws its own stream, independent of
-#: the subset choice (:func:`mmn.data.coco.select_image_ids` uses ``default_rng(seed)``)
-_SPLIT_STREAM = 1
 
 
 class SplitError(LayoutError):
@@ -72,21 +71,30 @@ def n_held_out(n: int, holdout: float) -> int:
     return min(max(int(np.floor(holdout * n + 0.5)), 1), n - 1)
 
 
-def split_ids(ids: Iterable[int], holdout: float, seed: int) -> Split:
-    """Seeded disjoint train/eval split of ``ids`` (duplicates collapse).
+def seeded_split(ids: Iterable[int], n_held: int, seed: int) -> Split:
+    """THE seeded id split of the project (:func:`split_ids` and
+    :func:`mmn.projection_training.split_train_val` both cut with it).
 
-    ``numpy.random.default_rng([seed, 1]).permutation`` over the *sorted* ids; its first
-    :func:`n_held_out` entries are evaluated, the rest trained on. The result depends only
-    on the id set, ``holdout`` and ``seed``.
+    ``random.Random(seed).sample`` draws ``n_held`` of the *sorted distinct* ids: they are held
+    out (``eval``), the rest kept (``train``); both parts sorted. The result depends only on
+    the id set, ``n_held`` and ``seed``.
     """
+    pool = sorted({int(i) for i in ids})
+    if not 0 <= n_held <= len(pool):
+        raise SplitError(f"cannot hold out {n_held} of {len(pool)} images")
+    held = set(random.Random(seed).sample(pool, n_held))
+    return Split(train=[i for i in pool if i not in held], eval=sorted(held))
+
+
+def split_ids(ids: Iterable[int], holdout: float, seed: int) -> Split:
+    """Seeded disjoint train/eval split of ``ids`` (duplicates collapse): :func:`seeded_split`
+    holding out :func:`n_held_out` of them (evaluated), the rest trained on."""
     pool = sorted({int(i) for i in ids})
     if not 0 < holdout < 1:
         raise SplitError(f"projection.train.holdout must be in (0, 1), got {holdout}")
     if len(pool) < 2:
         raise SplitError(f"projection.train.data: split needs at least 2 images, the source has {len(pool)}")
-    perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(pool))
-    k = n_held_out(len(pool), holdout)
-    return Split(train=sorted(pool[int(i)] for i in perm[k:]), eval=sorted(pool[int(i)] for i in perm[:k]))
+    return seeded_split(pool, n_held_out(len(pool), holdout), seed)
 
 
 def split_part(part: Literal["train", "eval"], holdout: float, seed: int) -> Callable[[Iterable[int]], list[int]]:

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from mmn.params import PlotParams
 from mmn.plots import figures as F
 from mmn.plots import tables as T
 from mmn.plots.activations import MapProvider, top_activating
@@ -37,17 +38,8 @@ HEAT_SIZE = 160  # report thumbnails
 FIG_SIZE = 224   # pictures inside the figures
 
 
-@dataclass
-class PlotSettings:
-    """The ``plot`` section of params.yaml (see :class:`mmn.params.PlotParams`)."""
-
-    cards: int = 12
-    units_per_image: int = 5
-    images: int = 50
-    top_images: int = 4
-    quantile: float = 0.95
-    bins: int = 20
-    dpi: int = 100
+#: the ``plot`` section of params.yaml: the params model itself, one definition of its fields
+PlotSettings = PlotParams
 
 
 @dataclass
