@@ -64,8 +64,9 @@ def ablate_one(plm, image, text: list[int], target: int, ks: list[int], batched:
     """Rank units by one attribution pass, then p(c) with the top k zeroed, for every k."""
     import torch
 
-    from mmn.neurons.ablation import rank_units, target_probs, unit_masks, unit_scores
+    from mmn.neurons.ablation import rank_units, target_probs, unit_masks
     from mmn.neurons.attribution import attribution_maps
+    from mmn.neurons.scoring import unit_scores
 
     ad = plm.adapter
     with torch.no_grad():

@@ -11,7 +11,8 @@ from conftest import tiny_prefix_setup
 from helpers.fakes import FakeEncoder, captions
 from mmn.hooks import TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM
-from mmn.neurons.ablation import ablated, random_ranking, rank_units, target_probs, unit_masks, unit_scores
+from mmn.neurons.ablation import ablated, random_ranking, rank_units, target_probs, unit_masks
+from mmn.neurons.scoring import unit_scores
 
 N_PATCH, D_ENC = 6, 12
 

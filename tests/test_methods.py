@@ -15,8 +15,9 @@ from conftest import tiny_prefix_setup
 from helpers.fakes import FakeEncoder, captions
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.neurons.ablation import set_effects, single_unit_effects
-from mmn.neurons.attribution import attribute_topk, attribution_maps, method_pass
-from mmn.neurons.methods import METHODS, integrated_gradients_pass, unit_score_map
+from mmn.neurons.attribution import attribute_topk, attribution_maps
+from mmn.neurons.methods import METHODS, integrated_gradients_pass, method_pass, unit_score_map
+from mmn.neurons.scoring import unit_scores
 
 N_PATCH, D_ENC = 6, 12
 
@@ -234,7 +235,6 @@ def test_grad_x_act_method_is_unchanged(tiny_adapters):
     assert torch.equal(torch.stack([x.float() for x in acts], 1), a)
     assert torch.equal(torch.stack([x.float() for x in mult], 1), g)
     _, s, _ = unit_score_map(plm, soft, text, target, "grad_x_act")
-    from mmn.neurons.ablation import unit_scores
     assert torch.equal(s, unit_scores(a[0], g[0]))
 
 

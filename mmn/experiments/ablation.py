@@ -37,9 +37,9 @@ from mmn.neurons.ablation import (
     rank_units,
     target_probs,
     unit_masks,
-    unit_scores,
 )
 from mmn.neurons.attribution import attribution_maps
+from mmn.neurons.scoring import unit_scores
 
 ABLATION_SCHEMA = {
     "image_id": pl.Int64,

@@ -8,7 +8,8 @@ position's logits unchanged in a causal model (tested).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from mmn.hooks import EditFn, TraceDict
 from mmn.models.adapters import LMAdapter
 from mmn.models.vision import PatchEncoder
 
@@ -29,6 +31,27 @@ class PrefixBatch:
     lengths: list[int]  # real length of each row
     n_prefix: int  # BOS + soft tokens + prompt tokens
     image_slice: slice  # positions of the soft tokens
+
+
+@dataclass
+class TargetForward:
+    """What :meth:`ImagePrefixLM.target_forward` read: the logits at the position that predicts
+    each row's target c (graph attached when grad is on) and the retained activations."""
+
+    logits: Tensor  # [rows, vocab incl. any padded head rows], model dtype
+    targets: Tensor  # Long[rows]: c of each row
+    vocab_size: int  # the real vocabulary (padded head rows excluded from p)
+    acts: dict[int, Tensor]  # layer -> A (Z under preactivation) [rows, seq, d_mlp], as the model saw it
+
+    @property
+    def y(self) -> Tensor:
+        """y^c: the target's logit per row (``[rows]``, model dtype)."""
+        return self.logits[torch.arange(self.logits.shape[0], device=self.logits.device), self.targets]
+
+    def probs(self) -> Tensor:
+        """p(c) per row (``[rows]``, fp32): softmax over the real vocabulary."""
+        p = torch.softmax(self.logits[:, : self.vocab_size].float(), -1)
+        return p[torch.arange(p.shape[0], device=p.device), self.targets]
 
 
 @dataclass
@@ -99,6 +122,37 @@ class ImagePrefixLM:
         for i, n in enumerate(lengths):
             mask[i, :n] = 1
         return PrefixBatch(x, mask, lengths, n_prefix, slice(nb, nb + n_patch))
+
+    def target_forward(self, batch: PrefixBatch, targets: Sequence[int], *, embeds: Tensor | None = None,
+                       edits: Mapping[int, EditFn] | None = None, retain: Sequence[int] = (),
+                       preactivation: bool = False) -> TargetForward:
+        """THE forward that reads y^c: run the LM on ``batch`` (or ``embeds`` in place of its
+        input embeddings) and keep the logits only at each row's last real position, the one
+        that predicts ``targets[row]`` (one LM-head row per distinct length).
+
+        Through :class:`mmn.hooks.TraceDict`: ``edits`` (layer -> fn) replace the input of
+        that layer's W_out (the unit activations A) by ``fn(A)`` (ablation, IG's path);
+        ``retain`` keeps those layers' A (or, with ``preactivation``, the pre-nonlinearity Z)
+        attached to the graph in :attr:`TargetForward.acts`. Grad mode is the caller's.
+        """
+        ad = self.adapter
+        dev = batch.inputs_embeds.device
+        keep = sorted({n - 1 for n in batch.lengths})
+        col = torch.tensor([keep.index(n - 1) for n in batch.lengths], device=dev)
+        edits = dict(edits or {})
+        retain = list(retain)
+        act_layers = sorted(set(edits) | (set() if preactivation else set(retain)))
+        with ExitStack() as stack:
+            act = stack.enter_context(TraceDict({str(l): ad.act_module(l) for l in act_layers},
+                                                retain_input=bool(retain) and not preactivation,
+                                                edit_input={str(l): fn for l, fn in edits.items()}))
+            pre = (stack.enter_context(TraceDict({str(l): ad.preact_module(l) for l in retain}, retain_output=True))
+                   if preactivation else {})
+            out = ad.model(inputs_embeds=batch.inputs_embeds if embeds is None else embeds,
+                           attention_mask=batch.attention_mask, logits_to_keep=torch.tensor(keep, device=dev))
+        acts = {l: pre[str(l)].output if preactivation else act[str(l)].input for l in retain}
+        rows = torch.arange(len(batch.lengths), device=dev)
+        return TargetForward(out.logits[rows, col], torch.tensor(list(targets), device=dev), ad.vocab_size, acts)
 
     def logits(self, batch: PrefixBatch) -> Tensor:
         """Full-sequence logits restricted to the real vocabulary: ``[batch, seq, vocab]``."""

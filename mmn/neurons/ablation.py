@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmn.hooks import TraceDict
+from mmn.hooks import EditFn, TraceDict
 from mmn.models.adapters import LMAdapter
 from mmn.models.prefix_lm import ImagePrefixLM
 
@@ -31,15 +31,12 @@ def unit_masks(rows: Sequence[Sequence[tuple[int, int]]], n_layers: int, d_mlp: 
     return m
 
 
-@contextmanager
-def ablated(
-    adapter: LMAdapter, masks: Tensor, image_slice: slice, fill: Tensor | None = None
-) -> Iterator[TraceDict]:
-    """Ablate units while the context is open.
-
-    ``masks``: ``Bool[Tensor, "layers batch d_mlp"]`` from :func:`unit_masks`;
-    ``fill``: ``Float[Tensor, "layers d_mlp"]`` replacement values (None = zero).
-    """
+def ablation_edits(adapter: LMAdapter, masks: Tensor, image_slice: slice, fill: Tensor | None = None
+                   ) -> dict[int, EditFn]:
+    """Per layer that ablates anything, the edit of its unit activations A (the input of W_out):
+    row b's units of ``masks`` (``Bool[Tensor, "layers batch d_mlp"]``, :func:`unit_masks`) set
+    to ``fill`` (``Float[Tensor, "layers d_mlp"]``; None = zero) at the image positions. Steps
+    shorter than the prefix (KV-cache generation) are left as they are."""
     dev = adapter.device
     masks = masks.to(dev)
     edits = {}
@@ -57,9 +54,18 @@ def ablated(
             x[:, image_slice, :] = torch.where(m, f.to(x.dtype), region)
             return x
 
-        edits[str(layer)] = edit
-    mods = {k: adapter.act_module(int(k)) for k in edits}
-    with TraceDict(mods, edit_input=edits) as td:
+        edits[layer] = edit
+    return edits
+
+
+@contextmanager
+def ablated(
+    adapter: LMAdapter, masks: Tensor, image_slice: slice, fill: Tensor | None = None
+) -> Iterator[TraceDict]:
+    """Ablate units (:func:`ablation_edits`) in every forward while the context is open (generation)."""
+    edits = ablation_edits(adapter, masks, image_slice, fill)
+    with TraceDict({str(l): adapter.act_module(l) for l in edits},
+                   edit_input={str(l): fn for l, fn in edits.items()}) as td:
         yield td
 
 
@@ -68,12 +74,10 @@ def target_probs(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
     """p(c) for one image under each row's ablation: ``Float[Tensor, "rows"]``."""
     rows = masks.shape[1]
     batch = plm.build(soft.expand(rows, -1, -1), [text] * rows)
-    with torch.no_grad(), ablated(plm.adapter, masks, batch.image_slice, fill):
-        # all rows have the same length: only the last position's logits are needed
-        out = plm.adapter.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                logits_to_keep=1)
-    logits = out.logits[:, -1, : plm.adapter.vocab_size].float()
-    return torch.softmax(logits, -1)[:, target]
+    with torch.no_grad():
+        fwd = plm.target_forward(batch, [target] * rows,
+                                 edits=ablation_edits(plm.adapter, masks, batch.image_slice, fill))
+    return fwd.probs()
 
 
 def set_effects(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
@@ -87,12 +91,11 @@ def set_effects(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
         chunk = list(sets[start: start + rows])
         masks = unit_masks(chunk, ad.n_layers, ad.d_mlp)
         batch = plm.build(soft.expand(len(chunk), -1, -1), [text] * len(chunk))
-        with torch.no_grad(), ablated(ad, masks, batch.image_slice, fill):
-            out = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                           logits_to_keep=1)
-        logits = out.logits[:, -1, :].float()
-        ys.append(logits[:, target])
-        ps.append(torch.softmax(logits[:, : ad.vocab_size], -1)[:, target])
+        with torch.no_grad():
+            fwd = plm.target_forward(batch, [target] * len(chunk),
+                                     edits=ablation_edits(ad, masks, batch.image_slice, fill))
+        ys.append(fwd.y.float())
+        ps.append(fwd.probs())
     return torch.cat(ys).cpu(), torch.cat(ps).cpu()
 
 
@@ -115,11 +118,6 @@ def ablated_captions(plm: ImagePrefixLM, soft: Tensor, masks: Tensor, max_new_to
     with ablated(plm.adapter, masks, slice(nb, nb + n_patch), fill):
         ids, _ = plm.generate(soft.expand(rows, -1, -1), max_new_tokens, stop_ids)
     return ids
-
-
-def unit_scores(a: Tensor, grad: Tensor) -> Tensor:
-    """Per-unit attribution for ranking: max over image positions of g. ``[L, P, U] -> [L, U]``."""
-    return (a * grad).amax(dim=1)
 
 
 def rank_units(scores: Tensor, allowed: Tensor | None = None, limit: int | None = None) -> list[tuple[int, int]]:

@@ -5,10 +5,11 @@ position p, from ONE forward and ONE backward pass per batch:
 
 * the input embeddings are made to require grad, so the whole graph is recorded
   while no parameter needs (or gets) a gradient;
-* :class:`mmn.hooks.TraceDict` keeps each layer's A (the input of W_out) attached to
-  the graph; ``torch.autograd.grad(Σ_b y_b, [A_0..A_L])`` then gives every layer's
-  gradient at once. Rows of a batch do not interact (causal LM, right padding), so
-  the gradient of the batch sum is each row's own gradient.
+* :meth:`mmn.models.prefix_lm.ImagePrefixLM.target_forward` keeps each layer's A (the
+  input of W_out) attached to the graph; ``torch.autograd.grad(Σ_b y_b, [A_0..A_L])`` then
+  gives every layer's gradient at once (:func:`mmn.neurons.methods.grad_x_act_pass`). Rows
+  of a batch do not interact (causal LM, right padding), so the gradient of the batch sum
+  is each row's own gradient.
 
 Gotcha: y^c is read at the position that *predicts* c, i.e. the last real position of
 the row (prefix + caption tokens before c).
@@ -38,8 +39,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from mmn.hooks import TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM
+from mmn.neurons.methods import grad_x_act_pass, method_pass
+from mmn.neurons.scoring import unit_scores
 
 if TYPE_CHECKING:
     import polars as pl
@@ -67,40 +69,6 @@ class TopK:
     gradient: Tensor  # Float[k]
 
 
-def _one_pass(
-    plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int], preactivation: bool,
-    layers: Sequence[int] | None = None,
-) -> tuple[Tensor, list[Tensor], tuple[Tensor, ...], slice]:
-    """One forward + one backward: ``(y [batch], A per layer, dy/dA per layer, image slice)``.
-
-    Only ``layers`` (default: all) are traced and differentiated; the lists follow
-    their order. Logits are computed only at the positions that predict c (one per
-    distinct row length), so the LM head costs nothing at the other positions.
-    """
-    ad = plm.adapter
-    layers = list(range(ad.n_layers)) if layers is None else list(layers)
-    bad = [x for x in layers if not 0 <= x < ad.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range 0..{ad.n_layers - 1}")
-    batch = plm.build(soft.detach(), texts)
-    embeds = batch.inputs_embeds.detach().requires_grad_(True)
-    if preactivation:
-        mods, kw = {str(l): ad.preact_module(l) for l in layers}, {"retain_output": True}
-    else:
-        mods, kw = {str(l): ad.act_module(l) for l in layers}, {"retain_input": True}
-    dev = embeds.device
-    keep = sorted({n - 1 for n in batch.lengths})
-    col = torch.tensor([keep.index(n - 1) for n in batch.lengths], device=dev)
-    with torch.enable_grad(), TraceDict(mods, **kw) as traces:
-        out = ad.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                       logits_to_keep=torch.tensor(keep, device=dev))
-        rows = torch.arange(len(targets), device=dev)
-        y = out.logits[rows, col, torch.tensor(targets, device=dev)]
-        acts = [(traces[str(l)].output if preactivation else traces[str(l)].input) for l in layers]
-        grads = torch.autograd.grad(y.sum(), acts)
-    return y.detach().float(), acts, grads, batch.image_slice
-
-
 def attribution_maps(
     plm: ImagePrefixLM,
     soft: Tensor,
@@ -118,29 +86,10 @@ def attribution_maps(
     ``preact_module``) replaces A. Materialises every layer: use :func:`attribute_topk`
     for large models.
     """
-    y, acts, grads, sl = _one_pass(plm, soft, texts, targets, preactivation)
+    y, acts, grads, sl = grad_x_act_pass(plm, soft, texts, targets, preactivation)
     a = torch.stack([t[:, sl, :].detach().float() for t in acts], dim=1)
     g = torch.stack([t[:, sl, :].float() for t in grads], dim=1)
     return y, a, g
-
-
-def method_pass(
-    plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int], layers: Sequence[int],
-    method: str = "grad_x_act", *, preactivation: bool = False, ig_steps: int = 16, rows: int | None = None,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """``(y [batch], A per layer, M per layer)`` at the image positions (``[batch, P, U]`` each,
-    model dtype; ``layers`` in order) for ``method`` (:data:`mmn.neurons.methods.METHODS`):
-    g = A·M. ``grad_x_act``: M = ∂y/∂A (one forward + backward); ``rows``: IG path points per
-    forward (default all ``ig_steps``)."""
-    from mmn.neurons.methods import check_method, direct_logit_pass, integrated_gradients_pass
-
-    check_method(method, preactivation)
-    if method == "direct_logit":
-        return direct_logit_pass(plm, soft, texts, targets, layers)
-    if method == "integrated_gradients":
-        return integrated_gradients_pass(plm, soft, texts, targets, layers, ig_steps, rows)
-    y, acts, grads, sl = _one_pass(plm, soft, texts, targets, preactivation, layers)
-    return y, [a[:, sl, :].detach() for a in acts], [g[:, sl, :] for g in grads]
 
 
 def _layer_candidates(a_l: Tensor, g_l: Tensor, k: int, rank_by: RankBy) -> tuple[Tensor, ...]:
@@ -152,17 +101,15 @@ def _layer_candidates(a_l: Tensor, g_l: Tensor, k: int, rank_by: RankBy) -> tupl
     via the index ``argmax_patch * U + unit``, so both modes decode the same way).
     """
     b, n_patch, n_units = a_l.shape
-    prod = a_l * g_l  # [b, P, U]
     # a stable descending sort (not topk) so that ties keep the lowest index, as the merge
     # and the full-map reference do: the last layer's g is exactly 0 at every image position
     # (its MLP there cannot reach the position that predicts c), so ties are real
     if rank_by == "unit":
-        best_patch = prod.argmax(dim=1)  # [b, U]; first maximal patch on ties
-        score = prod.gather(1, best_patch.unsqueeze(1)).squeeze(1)  # [b, U] = max over patches
+        score, best_patch = unit_scores(a_l, g_l, patch=True)  # [b, U] max over patches; first maximal patch
         unit = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
         i = best_patch.gather(1, unit) * n_units + unit  # [b, kk] index into (patch, unit)
     else:
-        i = torch.sort(prod.reshape(b, -1), dim=1, descending=True, stable=True).indices[:, :k]
+        i = torch.sort((a_l * g_l).reshape(b, -1), dim=1, descending=True, stable=True).indices[:, :k]
     a_k = a_l.reshape(b, -1).gather(1, i).float()
     g_k = g_l.reshape(b, -1).gather(1, i).float()
     return a_k * g_k, i, a_k, g_k
@@ -230,14 +177,13 @@ def top_k(a: Tensor, grad: Tensor, k: int, rank_by: RankBy = "triple") -> list[T
     """
     _check_rank_by(rank_by)
     b, n_layers, n_patch, n_units = a.shape
-    g = a * grad
     if rank_by == "unit":
-        best = g.argmax(dim=2, keepdim=True)  # [b, L, 1, U]
-        v = g.gather(2, best).reshape(b, -1)  # [b, L*U]
+        v, best = unit_scores(a, grad, patch=True)  # [b, L, U] each
+        v = v.reshape(b, -1)  # [b, L*U]
         lu = torch.arange(n_layers * n_units).expand(b, -1)
         idx = (lu // n_units) * n_patch * n_units + best.reshape(b, -1) * n_units + lu % n_units
     else:
-        v = g.reshape(b, -1)
+        v = (a * grad).reshape(b, -1)
         idx = torch.arange(v.shape[1]).expand(b, -1)
     av = a.reshape(b, -1).gather(1, idx)
     gv = grad.reshape(b, -1).gather(1, idx)

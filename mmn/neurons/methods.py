@@ -21,14 +21,13 @@ g (max over image positions, top k distinct units; :mod:`mmn.neurons.attribution
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mmn.hooks import TraceDict
 from mmn.models.adapters import LMAdapter
-from mmn.models.prefix_lm import ImagePrefixLM, PrefixBatch
+from mmn.models.prefix_lm import ImagePrefixLM
+from mmn.neurons.scoring import unit_scores
 
 from mmn.neurons.names import METHODS, Method  # noqa: E402,F401 - re-exported: the one list of methods
 
@@ -41,29 +40,42 @@ def check_method(method: str, preactivation: bool = False) -> None:
         raise ValueError(f"attribute.preactivation is defined for grad_x_act only, not {method!r}")
 
 
-def target_logit(adapter: LMAdapter, batch: PrefixBatch, targets: Sequence[int], embeds: Tensor | None = None
-                 ) -> Tensor:
-    """y^c of every row (``[batch]``, model dtype, attached to the graph if any) at the position
-    that predicts c (the row's last real position); logits only at those positions."""
-    dev = batch.inputs_embeds.device
-    keep = sorted({n - 1 for n in batch.lengths})
-    col = torch.tensor([keep.index(n - 1) for n in batch.lengths], device=dev)
-    out = adapter.model(inputs_embeds=batch.inputs_embeds if embeds is None else embeds,
-                        attention_mask=batch.attention_mask, logits_to_keep=torch.tensor(keep, device=dev))
-    rows = torch.arange(len(targets), device=dev)
-    return out.logits[rows, col, torch.tensor(list(targets), device=dev)]
+def grad_x_act_pass(
+    plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int], preactivation: bool,
+    layers: Sequence[int] | None = None,
+) -> tuple[Tensor, list[Tensor], tuple[Tensor, ...], slice]:
+    """One forward + one backward: ``(y [batch], A per layer, dy/dA per layer, image slice)``.
+
+    The input embeddings are made to require grad, so the whole graph is recorded while no
+    parameter needs (or gets) a gradient; each layer's A stays attached to the graph
+    (:meth:`ImagePrefixLM.target_forward`'s ``retain``) and ``torch.autograd.grad(Σ_b y_b,
+    [A_0..A_L])`` gives every layer's gradient at once (rows do not interact: causal LM,
+    right padding). Only ``layers`` (default: all) are traced and differentiated; the lists
+    follow their order.
+    """
+    ad = plm.adapter
+    layers = list(range(ad.n_layers)) if layers is None else list(layers)
+    bad = [x for x in layers if not 0 <= x < ad.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range 0..{ad.n_layers - 1}")
+    batch = plm.build(soft.detach(), texts)
+    embeds = batch.inputs_embeds.detach().requires_grad_(True)
+    with torch.enable_grad():
+        fwd = plm.target_forward(batch, targets, embeds=embeds, retain=layers, preactivation=preactivation)
+        acts = [fwd.acts[l] for l in layers]
+        y = fwd.y
+        grads = torch.autograd.grad(y.sum(), acts)
+    return y.detach().float(), acts, grads, batch.image_slice
 
 
 def _clean_acts(plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int],
                 layers: Sequence[int]) -> tuple[Tensor, list[Tensor], slice]:
     """One forward, no graph: ``(y [b] fp32, A at the image positions per layer [b, P, U], slice)``."""
-    ad = plm.adapter
     batch = plm.build(soft.detach(), texts)
     sl = batch.image_slice
-    with torch.no_grad(), TraceDict({str(l): ad.act_module(l) for l in layers}, retain_input=True,
-                                    detach=True) as tr:
-        y = target_logit(ad, batch, targets)
-    return y.float(), [tr[str(l)].input[:, sl, :] for l in layers], sl
+    with torch.no_grad():
+        fwd = plm.target_forward(batch, targets, retain=layers)
+    return fwd.y.float(), [fwd.acts[l][:, sl, :] for l in layers], sl
 
 
 def direct_logit_weights(adapter: LMAdapter, targets: Sequence[int], layers: Sequence[int]) -> list[Tensor]:
@@ -103,9 +115,9 @@ def ig_path_logits(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: in
     sl = batch.image_slice
     a = alphas.to(ad.device, torch.float32)[:, None, None]
     leaves = [(a * x.float()[None]).to(x.dtype).requires_grad_(grad) for x in acts]
-    edits = {str(l): _replace_image(z, sl) for l, z in zip(layers, leaves)}
-    with torch.set_grad_enabled(grad), TraceDict({str(l): ad.act_module(l) for l in layers}, edit_input=edits):
-        y = target_logit(ad, batch, [target] * n)
+    edits = {l: _replace_image(z, sl) for l, z in zip(layers, leaves)}
+    with torch.set_grad_enabled(grad):
+        y = plm.target_forward(batch, [target] * n, edits=edits).y
         grads = torch.autograd.grad(y.sum(), leaves) if grad else None
     return y.detach().float(), None if grads is None else [g.float() for g in grads]
 
@@ -130,6 +142,23 @@ def integrated_gradients_pass(plm: ImagePrefixLM, soft: Tensor, texts: list[list
     return y, acts, [(m / steps).to(a.dtype) for m, a in zip(mult, acts)]
 
 
+def method_pass(
+    plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int], layers: Sequence[int],
+    method: str = "grad_x_act", *, preactivation: bool = False, ig_steps: int = 16, rows: int | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``(y [batch], A per layer, M per layer)`` at the image positions (``[batch, P, U]`` each,
+    model dtype; ``layers`` in order) for ``method`` (:data:`METHODS`): g = A·M.
+    ``grad_x_act``: M = ∂y/∂A (:func:`grad_x_act_pass`); ``rows``: IG path points per
+    forward (default all ``ig_steps``)."""
+    check_method(method, preactivation)
+    if method == "direct_logit":
+        return direct_logit_pass(plm, soft, texts, targets, layers)
+    if method == "integrated_gradients":
+        return integrated_gradients_pass(plm, soft, texts, targets, layers, ig_steps, rows)
+    y, acts, grads, sl = grad_x_act_pass(plm, soft, texts, targets, preactivation, layers)
+    return y, [a[:, sl, :].detach() for a in acts], [g[:, sl, :] for g in grads]
+
+
 def unit_score_map(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int, method: str, *,
                    layers: Sequence[int] | None = None, ig_steps: int = 16, rows: int | None = None
                    ) -> tuple[float, Tensor, float]:
@@ -139,10 +168,8 @@ def unit_score_map(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: in
     the others: their linear estimate of it).
 
     Layers outside ``layers`` (default: all) score -inf. For ``grad_x_act`` the scores are
-    :func:`mmn.neurons.ablation.unit_scores` of the full maps.
+    :func:`mmn.neurons.scoring.unit_scores` of the full maps.
     """
-    from mmn.neurons.attribution import method_pass
-
     ad = plm.adapter
     layers = list(range(ad.n_layers)) if layers is None else sorted(set(layers))
     y, acts, mult = method_pass(plm, soft, [list(text)], [int(target)], layers, method, ig_steps=ig_steps,
@@ -150,7 +177,7 @@ def unit_score_map(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: in
     out = torch.full((ad.n_layers, ad.d_mlp), float("-inf"))
     total = 0.0
     for l, a, m in zip(layers, acts, mult):
-        g = a[0].detach().float() * m[0].detach().float()  # [P, U]
-        out[l] = g.amax(dim=0).cpu()
-        total += float(g.double().sum())
+        a0, m0 = a[0].detach().float(), m[0].detach().float()  # [P, U]
+        out[l] = unit_scores(a0, m0).cpu()
+        total += float((a0 * m0).double().sum())
     return float(y[0]), out, total

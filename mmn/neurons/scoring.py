@@ -1,0 +1,41 @@
+"""Per-unit scores from per-position attributions: THE "max over image positions of A·M".
+
+Every method (:mod:`mmn.neurons.methods`) gives, at each image position p, an activation A
+and a multiplier M (∂y^c/∂A for the paper's gradient × activation); the paper scores a
+unit by g_k = max_p A_{p,k}·M_{p,k} (§3.1, Eq. 2). Attribution's top k, the ablation
+ranking and the method comparison all score units with :func:`unit_scores`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, overload
+
+from torch import Tensor
+
+Aggregate = Literal["max", "sum"]
+AGGREGATES: tuple[str, ...] = ("max", "sum")
+
+
+@overload
+def unit_scores(a: Tensor, m: Tensor, aggregate: Aggregate = "max", *, patch: Literal[False] = False) -> Tensor: ...
+@overload
+def unit_scores(a: Tensor, m: Tensor, aggregate: Aggregate = "max", *, patch: Literal[True]) -> tuple[Tensor, Tensor]: ...
+def unit_scores(a: Tensor, m: Tensor, aggregate: Aggregate = "max", *, patch: bool = False):
+    """Per-unit score of ``g = a · m`` over the image positions: ``[..., P, U] -> [..., U]``
+    (positions are the second-to-last axis), in ``g``'s dtype.
+
+    ``aggregate="max"``: max over positions (the paper's g_k); ``"sum"``: Σ_p a·m.
+    ``patch=True`` (``max`` only) also returns the first maximal position per unit
+    (``Long[..., U]``), the score then being ``g`` read there.
+    """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    g = a * m
+    if aggregate == "sum":
+        if patch:
+            raise ValueError("patch=True needs aggregate='max' (a sum has no arg-max position)")
+        return g.sum(dim=-2)
+    if not patch:
+        return g.amax(dim=-2)
+    best = g.argmax(dim=-2, keepdim=True)  # first maximal position on ties
+    return g.gather(-2, best).squeeze(-2), best.squeeze(-2)
