@@ -105,7 +105,7 @@ def test_the_default_run_splits_exactly_as_before_the_unification() -> None:
 
     got = split_train_val(ids, tp.val_fraction, tp.val_max_images, params.seed)
     assert got == before(ids, tp.val_fraction, tp.val_max_images, params.seed)
-    metrics = json.loads((REPO / "metrics" / "projection.json").read_text())
+    metrics = json.loads((REPO / "summary" / "projection.json").read_text())  # the committed full results
     assert (len(got[0]), len(got[1])) == (metrics["n_train_images"], metrics["n_val_images"])
     for seed in range(20):  # and beyond the default seed, on the same ids
         assert split_train_val(ids, 0.2, 64, seed) == before(ids, 0.2, 64, seed)
