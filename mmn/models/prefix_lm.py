@@ -10,9 +10,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from PIL import Image
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -24,8 +25,8 @@ from mmn.models.vision import PatchEncoder
 class PrefixBatch:
     """A right-padded batch of prefix + text sequences."""
 
-    inputs_embeds: Tensor  # Float[Tensor, "batch seq d_model"]
-    attention_mask: Tensor  # Long[Tensor, "batch seq"]
+    inputs_embeds: Float[Tensor, "batch seq d_model"]
+    attention_mask: Int[Tensor, "batch seq"]
     lengths: list[int]  # real length of each row
     n_prefix: int  # BOS + soft tokens + prompt tokens
     image_slice: slice  # positions of the soft tokens
@@ -59,20 +60,20 @@ class ImagePrefixLM:
     def n_prefix(self, n_patches: int) -> int:
         return len(self.bos_ids) + n_patches + len(self._prompt_ids)
 
-    def soft_tokens(self, features: Tensor) -> Tensor:
-        """``Float[Tensor, "batch P d_enc"]`` → ``Float[Tensor, "batch P d_model"]``."""
+    def soft_tokens(self, features: Float[Tensor, "batch patches d_enc"]) -> Float[Tensor, "batch patches d_model"]:
+        """Project encoder patch features to soft tokens (the LM's dtype)."""
         p = self.projection.weight
         return self.projection(features.to(p.device, p.dtype)).to(self.adapter.dtype)
 
     @torch.no_grad()
-    def image_soft_tokens(self, images: Sequence[Image.Image]) -> Tensor:
-        """Encode ``images`` in ONE encoder call and project: ``Float[Tensor, "batch P d_model"]``
+    def image_soft_tokens(self, images: Sequence[Any]) -> Float[Tensor, "batch patches d_model"]:
+        """Encode ``images`` (PIL images, or whatever ``encoder.encode`` takes) in ONE encoder call and project them to soft tokens
         (no autograd graph; attribution differentiates from the soft tokens onwards)."""
         if self.encoder is None:
             raise ValueError("this ImagePrefixLM has no image encoder: construct it with encoder=...")
         return self.soft_tokens(self.encoder.encode(images))
 
-    def build(self, soft: Tensor, texts: list[list[int]] | None = None) -> PrefixBatch:
+    def build(self, soft: Float[Tensor, "batch patches d_model"], texts: list[list[int]] | None = None) -> PrefixBatch:
         """Embed ``[BOS] + soft + prompt + text`` per row, right-padded to the longest row."""
         b, n_patch, _ = soft.shape
         texts = texts if texts is not None else [[] for _ in range(b)]
@@ -100,12 +101,12 @@ class ImagePrefixLM:
             mask[i, :n] = 1
         return PrefixBatch(x, mask, lengths, n_prefix, slice(nb, nb + n_patch))
 
-    def logits(self, batch: PrefixBatch) -> Tensor:
-        """Full-sequence logits restricted to the real vocabulary: ``[batch, seq, vocab]``."""
+    def logits(self, batch: PrefixBatch) -> Float[Tensor, "batch seq vocab"]:
+        """Full-sequence logits restricted to the generation vocabulary (``adapter.vocab_size``)."""
         out = self.adapter.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
         return out.logits[..., : self.adapter.vocab_size]
 
-    def caption_loss(self, soft: Tensor, captions: list[list[int]]) -> Tensor:
+    def caption_loss(self, soft: Float[Tensor, "batch patches d_model"], captions: list[list[int]]) -> Float[Tensor, ""]:
         """Mean cross-entropy of ``caption + EOS`` after the prompt (LiMBeR's objective)."""
         eos = self.tokenizer.eos_token_id
         texts = [list(c) + ([eos] if eos is not None else []) for c in captions]
@@ -120,7 +121,7 @@ class ImagePrefixLM:
 
     @torch.no_grad()
     def generate(
-        self, soft: Tensor, max_new_tokens: int, stop_ids: set[int]
+        self, soft: Float[Tensor, "batch patches d_model"], max_new_tokens: int, stop_ids: set[int]
     ) -> tuple[list[list[int]], list[list[float]]]:
         """Batched greedy decoding with a KV cache.
 

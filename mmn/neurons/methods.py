@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mmn.hooks import TraceDict
@@ -41,8 +42,8 @@ def check_method(method: str, preactivation: bool = False) -> None:
         raise ValueError(f"attribute.preactivation is defined for grad_x_act only, not {method!r}")
 
 
-def target_logit(adapter: LMAdapter, batch: PrefixBatch, targets: Sequence[int], embeds: Tensor | None = None
-                 ) -> Tensor:
+def target_logit(adapter: LMAdapter, batch: PrefixBatch, targets: Sequence[int],
+                 embeds: Float[Tensor, "batch seq d_model"] | None = None) -> Float[Tensor, "batch"]:
     """y^c of every row (``[batch]``, model dtype, attached to the graph if any) at the position
     that predicts c (the row's last real position); logits only at those positions."""
     dev = batch.inputs_embeds.device
@@ -66,14 +67,17 @@ def _clean_acts(plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], target
     return y.float(), [tr[str(l)].input[:, sl, :] for l in layers], sl
 
 
-def direct_logit_weights(adapter: LMAdapter, targets: Sequence[int], layers: Sequence[int]) -> list[Tensor]:
+def direct_logit_weights(adapter: LMAdapter, targets: Sequence[int], layers: Sequence[int]
+                         ) -> list[Float[Tensor, "batch d_mlp"]]:
     """W_U[c] · W_out^k for every unit of each layer: one ``Float[Tensor, "batch d_mlp"]`` (fp32) per layer."""
     w_u = adapter.unembed_weight()[torch.tensor(list(targets), device=adapter.device)].float()  # [b, d_model]
     return [w_u @ adapter.w_out(l).float() for l in layers]
 
 
-def direct_logit_pass(plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int],
-                      layers: Sequence[int]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def direct_logit_pass(plm: ImagePrefixLM, soft: Float[Tensor, "batch patches d_model"], texts: list[list[int]],
+                      targets: list[int], layers: Sequence[int]
+                      ) -> tuple[Float[Tensor, "batch"], list[Float[Tensor, "batch patches d_mlp"]],
+                                 list[Float[Tensor, "batch patches d_mlp"]]]:
     """``(y, A, M)`` with M = W_U[c]·W_out^k broadcast over the image positions (``[b, P, U]``
     views, A's dtype); one forward, no backward."""
     y, acts, _ = _clean_acts(plm, soft, texts, targets, layers)
@@ -90,8 +94,10 @@ def _replace_image(leaf: Tensor, sl: slice):
     return edit
 
 
-def ig_path_logits(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int, acts: Sequence[Tensor],
-                   layers: Sequence[int], alphas: Tensor, grad: bool = True) -> tuple[Tensor, list[Tensor] | None]:
+def ig_path_logits(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
+                   acts: Sequence[Float[Tensor, "patches d_mlp"]], layers: Sequence[int], alphas: Float[Tensor, "rows"],
+                   grad: bool = True
+                   ) -> tuple[Float[Tensor, "rows"], list[Float[Tensor, "rows patches d_mlp"]] | None]:
     """y^c with every listed layer's image-position A replaced by α·A (one row per α).
 
     ``soft``: ``[1, P, d_model]``; ``acts[j]``: ``[P, U]`` clean A of ``layers[j]``; ``alphas``:
@@ -110,9 +116,11 @@ def ig_path_logits(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: in
     return y.detach().float(), None if grads is None else [g.float() for g in grads]
 
 
-def integrated_gradients_pass(plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int],
-                              layers: Sequence[int], steps: int, rows: int | None = None
-                              ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def integrated_gradients_pass(plm: ImagePrefixLM, soft: Float[Tensor, "batch patches d_model"],
+                              texts: list[list[int]], targets: list[int], layers: Sequence[int], steps: int,
+                              rows: int | None = None
+                              ) -> tuple[Float[Tensor, "batch"], list[Float[Tensor, "batch patches d_mlp"]],
+                                         list[Float[Tensor, "batch patches d_mlp"]]]:
     """``(y, A, M)`` with M the path-averaged gradient (midpoint rule, ``steps`` points, all
     layers scaled together; see the module docstring). ``rows``: path points per forward
     (default: all ``steps`` of an image in one forward + backward)."""
@@ -130,9 +138,9 @@ def integrated_gradients_pass(plm: ImagePrefixLM, soft: Tensor, texts: list[list
     return y, acts, [(m / steps).to(a.dtype) for m, a in zip(mult, acts)]
 
 
-def unit_score_map(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int, method: str, *,
-                   layers: Sequence[int] | None = None, ig_steps: int = 16, rows: int | None = None
-                   ) -> tuple[float, Tensor, float]:
+def unit_score_map(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
+                   method: str, *, layers: Sequence[int] | None = None, ig_steps: int = 16, rows: int | None = None
+                   ) -> tuple[float, Float[Tensor, "layers d_mlp"], float]:
     """One image's per-unit score, max over image positions of A·M:
     ``(y, Float[Tensor, "L d_mlp"], total)`` with ``total`` = Σ A·M over every attributed
     layer, image position and unit (integrated gradients: ≈ y(A) − y(0) by completeness;
