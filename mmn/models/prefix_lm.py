@@ -60,15 +60,17 @@ class ImagePrefixLM:
     def n_prefix(self, n_patches: int) -> int:
         return len(self.bos_ids) + n_patches + len(self._prompt_ids)
 
-    def soft_tokens(self, features: Float[Tensor, "batch patches d_enc"]) -> Float[Tensor, "batch patches d_model"]:
+    def soft_tokens(self, features: Float[Tensor, "batch patches d_enc"]
+                    ) -> Float[Tensor, "batch patches d_model"]:
         """Project encoder patch features to soft tokens (the LM's dtype)."""
         p = self.projection.weight
         return self.projection(features.to(p.device, p.dtype)).to(self.adapter.dtype)
 
     @torch.no_grad()
     def image_soft_tokens(self, images: Sequence[Any]) -> Float[Tensor, "batch patches d_model"]:
-        """Encode ``images`` (PIL images, or whatever ``encoder.encode`` takes) in ONE encoder call and project them to soft tokens
-        (no autograd graph; attribution differentiates from the soft tokens onwards)."""
+        """Encode ``images`` (PIL images, or whatever ``encoder.encode`` takes) in ONE encoder call
+        and project them to soft tokens (no autograd graph; attribution differentiates from the
+        soft tokens onwards)."""
         if self.encoder is None:
             raise ValueError("this ImagePrefixLM has no image encoder: construct it with encoder=...")
         return self.soft_tokens(self.encoder.encode(images))
@@ -106,7 +108,8 @@ class ImagePrefixLM:
         out = self.adapter.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
         return out.logits[..., : self.adapter.vocab_size]
 
-    def caption_loss(self, soft: Float[Tensor, "batch patches d_model"], captions: list[list[int]]) -> Float[Tensor, ""]:
+    def caption_loss(self, soft: Float[Tensor, "batch patches d_model"], captions: list[list[int]]
+                     ) -> Float[Tensor, ""]:
         """Mean cross-entropy of ``caption + EOS`` after the prompt (LiMBeR's objective)."""
         eos = self.tokenizer.eos_token_id
         texts = [list(c) + ([eos] if eos is not None else []) for c in captions]

@@ -22,7 +22,8 @@ from mmn.models.adapters import LMAdapter
 from mmn.models.prefix_lm import ImagePrefixLM
 
 
-def unit_masks(rows: Sequence[Sequence[tuple[int, int]]], n_layers: int, d_mlp: int) -> Bool[Tensor, "layers batch d_mlp"]:
+def unit_masks(rows: Sequence[Sequence[tuple[int, int]]], n_layers: int, d_mlp: int
+               ) -> Bool[Tensor, "layers batch d_mlp"]:
     """``Bool[Tensor, "layers batch d_mlp"]``: True where row b ablates (layer, unit)."""
     m = torch.zeros(n_layers, len(rows), d_mlp, dtype=torch.bool)
     for b, units in enumerate(rows):
@@ -110,7 +111,8 @@ def single_unit_effects(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_mod
     return {"y_clean": float(y[0]), "p_clean": float(p[0]), "dy": y[0] - y[1:], "dp": p[0] - p[1:]}
 
 
-def ablated_captions(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], masks: Bool[Tensor, "layers rows d_mlp"],
+def ablated_captions(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"],
+                     masks: Bool[Tensor, "layers rows d_mlp"],
                      max_new_tokens: int, stop_ids: set[int], fill: Float[Tensor, "layers d_mlp"] | None = None
                      ) -> list[list[int]]:
     """Greedy captions of one image under each row's ablation."""

@@ -31,5 +31,6 @@ def image_activations(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model
 
 
 def activations_of_image(plm: ImagePrefixLM, image: Any) -> Float[Tensor, "layers patches d_mlp"]:
-    """:func:`image_activations` of one image (PIL, or what ``plm.encoder`` takes) through the prefix LM's encoder: ``[layers, P, d_mlp]``."""
+    """:func:`image_activations` of one image (PIL, or what ``plm.encoder`` takes) through the
+    prefix LM's encoder."""
     return image_activations(plm, plm.image_soft_tokens([image]))
