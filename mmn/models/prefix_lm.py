@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from mmn.models.adapters import LMAdapter
-from mmn.models.vision import PatchEncoder
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """What :class:`ImagePrefixLM` needs of its encoder (a :class:`mmn.models.vision.PatchEncoder` or a stand-in)."""
+
+    def encode(self, images: Sequence[Any]) -> Float[Tensor, "batch patches d_enc"]: ...
 
 
 @dataclass
@@ -41,7 +47,7 @@ class ImagePrefixLM:
     tokenizer: PreTrainedTokenizerBase
     projection: nn.Linear
     prompt: str = "A picture of"
-    encoder: PatchEncoder | None = None  # features for image_soft_tokens (soft_tokens takes features)
+    encoder: ImageEncoder | None = None  # features for image_soft_tokens (soft_tokens takes features)
     _prompt_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
