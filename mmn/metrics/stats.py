@@ -115,8 +115,8 @@ def random_like_embeddings(emb: Float[Tensor, "vocab d_model"], n: int, seed: in
     return (z * std + mean).to(dtype=emb.dtype, device=emb.device)
 
 
-@torch.no_grad()
 # ``_d_model``: documented, not checked by jaxtyping: a mismatch is this function's own ValueError
+@torch.no_grad()
 def nearest_tokens(vectors: Float[Tensor, "n _d_model"], emb: Float[Tensor, "vocab _d_model"], k: int = 5,
                    batch_size: int = 1024) -> tuple[Int[Tensor, "n k"], Float[Tensor, "n k"]]:
     """The ``k`` rows of ``emb`` [vocab, d] with the highest cosine to each of ``vectors`` [n, d].
