@@ -135,3 +135,15 @@ def tiny_prefix_setup(tiny_adapters, family: str, n_patch: int = 6, d_enc: int =
     plm = ImagePrefixLM(ad, tok, nn.Linear(d_enc, ad.d_model))
     soft = plm.soft_tokens(torch.randn(1, n_patch, d_enc) * 2).detach()
     return plm, soft, tok(" a cat on the").input_ids, tok(" mat").input_ids[0]
+
+
+@pytest.fixture
+def unchecked_signatures():
+    """Turn off the jaxtyping/beartype signature checks (pyproject.toml's --jaxtyping-packages) for
+    one test that passes duck-typed stubs (SimpleNamespace) where a signature names a HF class."""
+    from jaxtyping import config
+
+    old = config.jaxtyping_disable
+    config.update("jaxtyping_disable", True)
+    yield
+    config.update("jaxtyping_disable", old)

@@ -75,7 +75,7 @@ def test_family_table_reaches_the_hf_modules(tiny_adapters, family):
     assert ad.family == family and ad.prepend_bos == (family == "llama")
 
 
-def test_unsupported_family_is_a_model_error_listing_the_supported_ones():
+def test_unsupported_family_is_a_model_error_listing_the_supported_ones(unchecked_signatures):
     from types import SimpleNamespace
 
     from mmn.errors import ModelError
@@ -127,7 +127,7 @@ def test_real_token_ids_exclude_added_tokens(added_token_lm):
     assert tok.eos_token_id in set(real.tolist())
 
 
-def test_real_token_ids_slow_and_missing_tokenizer():
+def test_real_token_ids_slow_and_missing_tokenizer(unchecked_signatures):
     from types import SimpleNamespace
 
     from mmn.models.adapters import real_token_ids

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from jaxtyping import Float
 from torch import Tensor
 
 from mmn.errors import ModelError
@@ -228,8 +229,8 @@ class ClipScorer:
                    batch_size=batch_size, description=source)
 
     @torch.no_grad()
-    def image_embeddings(self, images: Sequence[Image.Image]) -> Tensor:
-        """``Float[Tensor, "n d"]`` L2-normalised image embeddings (float32, on CPU)."""
+    def image_embeddings(self, images: Sequence[Image.Image]) -> Float[Tensor, "n d_emb"]:
+        """L2-normalised image embeddings (float32, on CPU)."""
         out = []
         for i in range(0, len(images), self.batch_size):
             x = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i:i + self.batch_size]])
@@ -239,8 +240,8 @@ class ClipScorer:
         return F.normalize(torch.cat(out), dim=-1)
 
     @torch.no_grad()
-    def text_embeddings(self, texts: Sequence[str]) -> Tensor:
-        """``Float[Tensor, "n d"]`` L2-normalised text embeddings (float32, on CPU)."""
+    def text_embeddings(self, texts: Sequence[str]) -> Float[Tensor, "n d_emb"]:
+        """L2-normalised text embeddings (float32, on CPU)."""
         out = []
         for i in range(0, len(texts), self.batch_size):
             toks = self.tokenizer([self.text_prefix + t for t in texts[i:i + self.batch_size]])
@@ -256,13 +257,13 @@ class ClipScorer:
             return int(proj.shape[-1])
         return int(getattr(self.model, "embed_dim", 0) or 0)
 
-    def pair_scores(self, img_emb: Tensor, txt_emb: Tensor) -> np.ndarray:
+    def pair_scores(self, img_emb: Float[Tensor, "n d_emb"], txt_emb: Float[Tensor, "n d_emb"]) -> np.ndarray:
         """``[n]`` CLIPScores of aligned pairs (row i with row i): the diagonal of
         :meth:`score_matrix` in O(n) memory (Table 2 has ~200 prompts per image)."""
         cos = (F.normalize(img_emb.float(), dim=-1) * F.normalize(txt_emb.float(), dim=-1)).sum(-1)
         return (100.0 * self.w * cos.clamp(min=0)).numpy().astype(np.float64)
 
-    def score_matrix(self, img_emb: Tensor, txt_emb: Tensor) -> np.ndarray:
+    def score_matrix(self, img_emb: Float[Tensor, "n_img d_emb"], txt_emb: Float[Tensor, "n_txt d_emb"]) -> np.ndarray:
         """``[n_img, n_txt]`` CLIPScores ``100 · w · max(cos, 0)`` of every image-text pair.
 
         Inputs are re-normalised, so raw (unnormalised) embeddings work too.

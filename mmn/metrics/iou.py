@@ -24,11 +24,12 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from PIL import Image
 
 
 def receptive_field(
-    acts: torch.Tensor | np.ndarray,
+    acts: Float[torch.Tensor, "patches"] | Float[torch.Tensor, "gh gw"] | np.ndarray,
     size: tuple[int, int] = (224, 224),
     grid: tuple[int, int] | None = None,
 ) -> np.ndarray:
@@ -173,7 +174,7 @@ def category_images(coco, category_names: list[str], single: str = "only_object"
     raise ValueError(f"single must be one of {SINGLE_MODES}, got {single!r}")
 
 
-def dataset_threshold(acts: np.ndarray | torch.Tensor, quantile: float = 0.95) -> float:
+def dataset_threshold(acts: np.ndarray | Float[torch.Tensor, "..."], quantile: float = 0.95) -> float:
     """NetDissect's per-unit threshold (Bau et al. 2017; ``iou.threshold: dataset``): the
     ``quantile`` (numpy linear interpolation) of ALL of one unit's raw activations, every
     position of every evaluated image (``acts``: any shape, e.g. ``[n_images, P]``).

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -99,8 +100,8 @@ def paired_test(
     return out
 
 
-def random_like_embeddings(emb: Tensor, n: int, seed: int) -> Tensor:
-    """``Float[Tensor, "n d"]`` Gaussian vectors with ``emb``'s per-dimension mean and std.
+def random_like_embeddings(emb: Float[Tensor, "vocab d_model"], n: int, seed: int) -> Float[Tensor, "n d_model"]:
+    """``n`` Gaussian vectors with ``emb``'s per-dimension mean and std.
 
     ``emb`` is ``[vocab, d]``; the result has its dtype and device. Sampled in float32 on
     CPU with ``torch.Generator().manual_seed(seed)``, so it is reproducible across devices.
@@ -114,8 +115,10 @@ def random_like_embeddings(emb: Tensor, n: int, seed: int) -> Tensor:
     return (z * std + mean).to(dtype=emb.dtype, device=emb.device)
 
 
+# ``_d_model``: documented, not checked by jaxtyping: a mismatch is this function's own ValueError
 @torch.no_grad()
-def nearest_tokens(vectors: Tensor, emb: Tensor, k: int = 5, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+def nearest_tokens(vectors: Float[Tensor, "n _d_model"], emb: Float[Tensor, "vocab _d_model"], k: int = 5,
+                   batch_size: int = 1024) -> tuple[Int[Tensor, "n k"], Float[Tensor, "n k"]]:
     """The ``k`` rows of ``emb`` [vocab, d] with the highest cosine to each of ``vectors`` [n, d].
 
     Returns ``(ids Long[Tensor, "n k"], cos Float[Tensor, "n k"])``, best first, on ``emb``'s

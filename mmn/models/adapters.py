@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -68,8 +69,8 @@ class LMAdapter:
 
     model: PreTrainedModel
     vocab_size: int
-    #: ``Long[Tensor, "n_real"]`` sorted ids of real (base-vocabulary) tokens; see :func:`real_token_ids`
-    real_token_ids: Tensor = field(default=None)  # type: ignore[assignment]
+    #: sorted ids of real (base-vocabulary) tokens (default: every id); see :func:`real_token_ids`
+    real_token_ids: Int[Tensor, "n_real"] = field(default=None)  # type: ignore[assignment]
     #: the ``model_type`` key of :data:`FAMILIES` (default: the model's own)
     family: str = ""
 
@@ -136,8 +137,8 @@ class LMAdapter:
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def w_out(self, layer: int) -> Tensor:
-        """W_out of ``layer`` as ``Float[Tensor, "d_model d_mlp"]`` (column k = unit k's value)."""
+    def w_out(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+        """W_out of ``layer`` (column k = unit k's value)."""
         w = self.act_module(layer).weight
         return w.T if self.spec.w_out_transposed else w
 
@@ -147,18 +148,18 @@ class LMAdapter:
     def preact_modules(self) -> dict[str, nn.Module]:
         return {str(l): self.preact_module(l) for l in range(self.n_layers)}
 
-    def unembed_weight(self) -> Tensor:
-        """``Float[Tensor, "vocab_size d_model"]``: the generation rows (``< vocab_size``, added
+    def unembed_weight(self) -> Float[Tensor, "vocab d_model"]:
+        """The generation rows (``< vocab_size``, added
         tokens included); decoding and nearest-token search index ``real_token_ids`` instead."""
         return self.unembed.weight[: self.vocab_size]
 
-    def unembed_bias(self) -> Tensor | None:
+    def unembed_bias(self) -> Float[Tensor, "vocab"] | None:
         b = getattr(self.unembed, "bias", None)
         return None if b is None else b[: self.vocab_size]
 
 
-def real_token_ids(tokenizer: PreTrainedTokenizerBase | None, n_rows: int) -> Tensor:
-    """``Long[Tensor, "n_real"]``: sorted ids of the tokenizer's base vocabulary that have a head row.
+def real_token_ids(tokenizer: PreTrainedTokenizerBase | None, n_rows: int) -> Int[Tensor, "n_real"]:
+    """Sorted ids of the tokenizer's base vocabulary that have a head row.
 
     Tokens *added* on top of the base vocabulary (``tokenizer.add_tokens``; GPT-J's 143
     ``<|extratoken_n|>`` fillers at 50257..50399) are excluded, as are ids ``>= n_rows``.

@@ -11,23 +11,30 @@ import inspect
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from PIL import Image
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from mmn.hooks import EditFn, TraceDict
 from mmn.models.adapters import LMAdapter
-from mmn.models.vision import PatchEncoder
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """What :class:`ImagePrefixLM` needs of its encoder (a :class:`mmn.models.vision.PatchEncoder` or a stand-in)."""
+
+    def encode(self, images: Sequence[Any]) -> Float[Tensor, "batch patches d_enc"]: ...
 
 
 @dataclass
 class PrefixBatch:
     """A right-padded batch of prefix + text sequences."""
 
-    inputs_embeds: Tensor  # Float[Tensor, "batch seq d_model"]
-    attention_mask: Tensor  # Long[Tensor, "batch seq"]
+    inputs_embeds: Float[Tensor, "batch seq d_model"]
+    attention_mask: Int[Tensor, "batch seq"]
     lengths: list[int]  # real length of each row
     n_prefix: int  # BOS + soft tokens + prompt tokens
     image_slice: slice  # positions of the soft tokens
@@ -63,7 +70,7 @@ class ImagePrefixLM:
     tokenizer: PreTrainedTokenizerBase
     projection: nn.Linear
     prompt: str = "A picture of"
-    encoder: PatchEncoder | None = None  # features for image_soft_tokens (soft_tokens takes features)
+    encoder: ImageEncoder | None = None  # features for image_soft_tokens (soft_tokens takes features)
     _prompt_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,20 +89,22 @@ class ImagePrefixLM:
     def n_prefix(self, n_patches: int) -> int:
         return len(self.bos_ids) + n_patches + len(self._prompt_ids)
 
-    def soft_tokens(self, features: Tensor) -> Tensor:
-        """``Float[Tensor, "batch P d_enc"]`` → ``Float[Tensor, "batch P d_model"]``."""
+    def soft_tokens(self, features: Float[Tensor, "batch patches d_enc"]
+                    ) -> Float[Tensor, "batch patches d_model"]:
+        """Project encoder patch features to soft tokens (the LM's dtype)."""
         p = self.projection.weight
         return self.projection(features.to(p.device, p.dtype)).to(self.adapter.dtype)
 
     @torch.no_grad()
-    def image_soft_tokens(self, images: Sequence[Image.Image]) -> Tensor:
-        """Encode ``images`` in ONE encoder call and project: ``Float[Tensor, "batch P d_model"]``
-        (no autograd graph; attribution differentiates from the soft tokens onwards)."""
+    def image_soft_tokens(self, images: Sequence[Any]) -> Float[Tensor, "batch patches d_model"]:
+        """Encode ``images`` (PIL images, or whatever ``encoder.encode`` takes) in ONE encoder call
+        and project them to soft tokens (no autograd graph; attribution differentiates from the
+        soft tokens onwards)."""
         if self.encoder is None:
             raise ValueError("this ImagePrefixLM has no image encoder: construct it with encoder=...")
         return self.soft_tokens(self.encoder.encode(images))
 
-    def build(self, soft: Tensor, texts: list[list[int]] | None = None) -> PrefixBatch:
+    def build(self, soft: Float[Tensor, "batch patches d_model"], texts: list[list[int]] | None = None) -> PrefixBatch:
         """Embed ``[BOS] + soft + prompt + text`` per row, right-padded to the longest row."""
         b, n_patch, _ = soft.shape
         texts = texts if texts is not None else [[] for _ in range(b)]
@@ -154,12 +163,13 @@ class ImagePrefixLM:
         rows = torch.arange(len(batch.lengths), device=dev)
         return TargetForward(out.logits[rows, col], torch.tensor(list(targets), device=dev), ad.vocab_size, acts)
 
-    def logits(self, batch: PrefixBatch) -> Tensor:
-        """Full-sequence logits restricted to the real vocabulary: ``[batch, seq, vocab]``."""
+    def logits(self, batch: PrefixBatch) -> Float[Tensor, "batch seq vocab"]:
+        """Full-sequence logits restricted to the generation vocabulary (``adapter.vocab_size``)."""
         out = self.adapter.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
         return out.logits[..., : self.adapter.vocab_size]
 
-    def caption_loss(self, soft: Tensor, captions: list[list[int]]) -> Tensor:
+    def caption_loss(self, soft: Float[Tensor, "batch patches d_model"], captions: list[list[int]]
+                     ) -> Float[Tensor, ""]:
         """Mean cross-entropy of ``caption + EOS`` after the prompt (LiMBeR's objective)."""
         eos = self.tokenizer.eos_token_id
         texts = [list(c) + ([eos] if eos is not None else []) for c in captions]
@@ -174,7 +184,7 @@ class ImagePrefixLM:
 
     @torch.no_grad()
     def generate(
-        self, soft: Tensor, max_new_tokens: int, stop_ids: set[int]
+        self, soft: Float[Tensor, "batch patches d_model"], max_new_tokens: int, stop_ids: set[int]
     ) -> tuple[list[list[int]], list[list[float]]]:
         """Batched greedy decoding with a KV cache.
 

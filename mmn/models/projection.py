@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from mmn.errors import ModelError
@@ -70,8 +71,8 @@ class Projection(nn.Module):
     (via :meth:`mmn.models.prefix_lm.ImagePrefixLM.soft_tokens`).
     """
 
-    def __init__(self, d_in: int, d_out: int, mean: Tensor | None = None, std: Tensor | None = None,
-                 bias: bool = True) -> None:
+    def __init__(self, d_in: int, d_out: int, mean: Float[Tensor, "d_in"] | None = None,
+                 std: Float[Tensor, "d_in"] | None = None, bias: bool = True) -> None:
         super().__init__()
         self.linear = nn.Linear(d_in, d_out, bias=bias)
         mean = torch.zeros(d_in) if mean is None else mean.detach().float().cpu().clone()
@@ -84,18 +85,19 @@ class Projection(nn.Module):
         self.register_buffer("feature_std", std)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, mean: Tensor | None = None, std: Tensor | None = None) -> Projection:
+    def from_linear(cls, lin: nn.Linear, mean: Float[Tensor, "d_in"] | None = None,
+                    std: Float[Tensor, "d_in"] | None = None) -> Projection:
         """Wrap an existing Linear (its parameters are copied)."""
         out = cls(lin.in_features, lin.out_features, mean, std, bias=lin.bias is not None)
         out.linear.load_state_dict(lin.state_dict())
         return out.to(lin.weight.device)
 
     @property
-    def weight(self) -> Tensor:
+    def weight(self) -> Float[Tensor, "d_out d_in"]:
         return self.linear.weight
 
     @property
-    def bias(self) -> Tensor | None:
+    def bias(self) -> Float[Tensor, "d_out"] | None:
         return self.linear.bias
 
     @property
@@ -106,13 +108,13 @@ class Projection(nn.Module):
     def out_features(self) -> int:
         return self.linear.out_features
 
-    def standardise(self, features: Tensor) -> Tensor:
+    def standardise(self, features: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_in"]:
         """``(features - mean) / std`` in the features' dtype and device."""
         m = self.feature_mean.to(features.device, features.dtype)
         s = self.feature_std.to(features.device, features.dtype)
         return (features - m) / s
 
-    def forward(self, features: Tensor) -> Tensor:
+    def forward(self, features: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
         return self.linear(self.standardise(features))
 
 

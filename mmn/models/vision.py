@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from mmn.errors import ModelError, ParamsError
@@ -31,8 +32,8 @@ class PatchEncoder(nn.Module):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def preprocess(self, images: list[Image.Image]) -> Tensor:
-        """PIL images → ``Float[Tensor, "batch 3 image_size image_size"]``."""
+    def preprocess(self, images: list[Image.Image]) -> Float[Tensor, "batch 3 image_size image_size"]:
+        """PIL images → normalised pixels."""
         arrs = []
         for im in images:
             im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
@@ -47,8 +48,8 @@ class PatchEncoder(nn.Module):
         return self.grid * self.grid
 
     @torch.no_grad()
-    def encode(self, images: list[Image.Image]) -> Tensor:
-        """Preprocess and encode on the module's device: ``[batch, grid*grid, dim]``."""
+    def encode(self, images: list[Image.Image]) -> Float[Tensor, "batch patches d_enc"]:
+        """Preprocess and encode on the module's device (patches = grid*grid, d_enc = ``dim``)."""
         p = next(self.parameters())
         return self.forward(self.preprocess(images).to(p.device, p.dtype))
 
@@ -70,7 +71,7 @@ class EfficientNetLiteEncoder(PatchEncoder):
         self.mean = self.std = (0.5, 0.5, 0.5)
         self.dim = 1280 if grid == 7 else 112
 
-    def forward(self, pixels: Tensor) -> Tensor:
+    def forward(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch patches d_enc"]:
         stage = self._STAGE_FOR_GRID[self.grid]
         if stage is None:
             fmap = self.net.forward_features(pixels)
@@ -98,7 +99,7 @@ class HFPatchEncoder(PatchEncoder):
         self.grid, self.image_size, self.dim = grid, image_size, cfg.hidden_size
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def forward(self, pixels: Tensor) -> Tensor:
+    def forward(self, pixels: Float[Tensor, "batch 3 height width"]) -> Float[Tensor, "batch patches d_enc"]:
         h = self.model(pixel_values=pixels).last_hidden_state
         return h[:, 1:, :]  # drop CLS
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mmn.hooks import EditFn, TraceDict
@@ -21,7 +22,8 @@ from mmn.models.adapters import LMAdapter
 from mmn.models.prefix_lm import ImagePrefixLM
 
 
-def unit_masks(rows: Sequence[Sequence[tuple[int, int]]], n_layers: int, d_mlp: int) -> Tensor:
+def unit_masks(rows: Sequence[Sequence[tuple[int, int]]], n_layers: int, d_mlp: int
+               ) -> Bool[Tensor, "layers batch d_mlp"]:
     """``Bool[Tensor, "layers batch d_mlp"]``: True where row b ablates (layer, unit)."""
     m = torch.zeros(n_layers, len(rows), d_mlp, dtype=torch.bool)
     for b, units in enumerate(rows):
@@ -69,8 +71,9 @@ def ablated(
         yield td
 
 
-def target_probs(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int, masks: Tensor,
-                 fill: Tensor | None = None) -> Tensor:
+def target_probs(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
+                 masks: Bool[Tensor, "layers rows d_mlp"], fill: Float[Tensor, "layers d_mlp"] | None = None
+                 ) -> Float[Tensor, "rows"]:
     """p(c) for one image under each row's ablation: ``Float[Tensor, "rows"]``."""
     rows = masks.shape[1]
     batch = plm.build(soft.expand(rows, -1, -1), [text] * rows)
@@ -80,9 +83,10 @@ def target_probs(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
     return fwd.probs()
 
 
-def set_effects(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
+def set_effects(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
                 sets: Sequence[Sequence[tuple[int, int]]], rows: int = 64,
-                fill: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                fill: Float[Tensor, "layers d_mlp"] | None = None
+                ) -> tuple[Float[Tensor, "sets"], Float[Tensor, "sets"]]:
     """y^c (logit) and p(c) for one image with each unit set ablated at the image positions:
     ``(Float[Tensor, "sets"], Float[Tensor, "sets"])``, ``rows`` sets per batched forward."""
     ad = plm.adapter
@@ -99,7 +103,7 @@ def set_effects(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
     return torch.cat(ys).cpu(), torch.cat(ps).cpu()
 
 
-def single_unit_effects(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int,
+def single_unit_effects(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
                         units: Sequence[tuple[int, int]], rows: int = 64) -> dict[str, Tensor | float]:
     """Exact effect of ablating each unit ALONE at the image positions (activation patching
     to zero): ``dy = y_clean - y_ablated`` and ``dp = p_clean - p_ablated`` (``[n_units]``,
@@ -109,8 +113,10 @@ def single_unit_effects(plm: ImagePrefixLM, soft: Tensor, text: list[int], targe
     return {"y_clean": float(y[0]), "p_clean": float(p[0]), "dy": y[0] - y[1:], "dp": p[0] - p[1:]}
 
 
-def ablated_captions(plm: ImagePrefixLM, soft: Tensor, masks: Tensor, max_new_tokens: int, stop_ids: set[int],
-                     fill: Tensor | None = None) -> list[list[int]]:
+def ablated_captions(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"],
+                     masks: Bool[Tensor, "layers rows d_mlp"],
+                     max_new_tokens: int, stop_ids: set[int], fill: Float[Tensor, "layers d_mlp"] | None = None
+                     ) -> list[list[int]]:
     """Greedy captions of one image under each row's ablation."""
     rows = masks.shape[1]
     n_patch = soft.shape[1]
@@ -120,7 +126,8 @@ def ablated_captions(plm: ImagePrefixLM, soft: Tensor, masks: Tensor, max_new_to
     return ids
 
 
-def rank_units(scores: Tensor, allowed: Tensor | None = None, limit: int | None = None) -> list[tuple[int, int]]:
+def rank_units(scores: Float[Tensor, "layers d_mlp"], allowed: Bool[Tensor, "layers d_mlp"] | None = None,
+               limit: int | None = None) -> list[tuple[int, int]]:
     """(layer, unit) sorted by score descending, ties by (layer, unit); optionally only
     ``allowed`` (``Bool[Tensor, "layers d_mlp"]``) and only the first ``limit``."""
     n_layers, n_units = scores.shape

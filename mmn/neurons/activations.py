@@ -7,8 +7,10 @@ plot stage's activation maps.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from PIL import Image
+from jaxtyping import Float
 from torch import Tensor
 
 from mmn.hooks import TraceDict
@@ -16,7 +18,8 @@ from mmn.models.prefix_lm import ImagePrefixLM
 
 
 @torch.no_grad()
-def image_activations(plm: ImagePrefixLM, soft: Tensor) -> Tensor:
+def image_activations(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"]
+                      ) -> Float[Tensor, "layers patches d_mlp"]:
     """A of every unit of every layer at the image positions: ``Float[Tensor, "layers P d_mlp"]``
     (fp32, CPU) for ``soft`` = ``Float[Tensor, "1 P d_model"]``."""
     ad = plm.adapter
@@ -27,6 +30,7 @@ def image_activations(plm: ImagePrefixLM, soft: Tensor) -> Tensor:
     return torch.stack([tr[str(l)].input[0, sl].float().cpu() for l in range(ad.n_layers)])
 
 
-def activations_of_image(plm: ImagePrefixLM, image: Image.Image) -> Tensor:
-    """:func:`image_activations` of one image through the prefix LM's encoder: ``[layers, P, d_mlp]``."""
+def activations_of_image(plm: ImagePrefixLM, image: Any) -> Float[Tensor, "layers patches d_mlp"]:
+    """:func:`image_activations` of one image (PIL, or what ``plm.encoder`` takes) through the
+    prefix LM's encoder."""
     return image_activations(plm, plm.image_soft_tokens([image]))

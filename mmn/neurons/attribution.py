@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
@@ -61,22 +62,23 @@ class TopK:
     """Top k of one image sorted by g descending: distinct units (``rank_by="unit"``,
     ``patch`` = the arg-max patch) or (layer, unit, patch) triples."""
 
-    layer: Tensor  # Long[k]
-    unit: Tensor  # Long[k]
-    patch: Tensor  # Long[k]
-    g: Tensor  # Float[k]
-    activation: Tensor  # Float[k]
-    gradient: Tensor  # Float[k]
+    layer: Int[Tensor, "k"]
+    unit: Int[Tensor, "k"]
+    patch: Int[Tensor, "k"]
+    g: Float[Tensor, "k"]
+    activation: Float[Tensor, "k"]
+    gradient: Float[Tensor, "k"]
 
 
 def attribution_maps(
     plm: ImagePrefixLM,
-    soft: Tensor,
+    soft: Float[Tensor, "batch patches d_model"],
     texts: list[list[int]],
     targets: list[int],
     *,
     preactivation: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Float[Tensor, "batch"], Float[Tensor, "batch layers patches d_mlp"],
+           Float[Tensor, "batch layers patches d_mlp"]]:
     """Return ``(y, A, dy/dA)`` at the image positions.
 
     ``soft``: ``Float[Tensor, "batch P d_model"]`` soft tokens; ``texts[b]`` = caption
@@ -134,17 +136,17 @@ def _merge(v: Tensor, idx: Tensor, av: Tensor, gv: Tensor, k: int, n_patch: int,
 
 def attribute_topk(
     plm: ImagePrefixLM,
-    soft: Tensor,
+    soft: Float[Tensor, "batch patches d_model"],
     texts: list[list[int]],
     targets: list[int],
     k: int,
     *,
     preactivation: bool = False,
     layers: Sequence[int] | None = None,
-    rank_by: RankBy = "unit",
+    rank_by: str = "unit",  # one of RANK_BY (a ValueError otherwise)
     method: str = "grad_x_act",
     ig_steps: int = 16,
-) -> tuple[Tensor, list[TopK]]:
+) -> tuple[Float[Tensor, "batch"], list[TopK]]:
     """Top-k units (or triples) per image without materialising all layers' maps at once.
 
     Same forward/backward as :func:`attribution_maps`, but each layer's g is reduced on the
@@ -168,7 +170,8 @@ def attribute_topk(
     return y, _merge(v, idx, av, gv, k, n_patch, n_units, rank_by)
 
 
-def top_k(a: Tensor, grad: Tensor, k: int, rank_by: RankBy = "triple") -> list[TopK]:
+def top_k(a: Float[Tensor, "batch layers patches d_mlp"], grad: Float[Tensor, "batch layers patches d_mlp"], k: int,
+          rank_by: str = "triple") -> list[TopK]:
     """Reference top ``k`` from full maps ``a``/``grad`` (``[batch, L, P, U]``) per image.
 
     ``rank_by="triple"``: top k of g = a·grad over (layer, patch, unit), ties by flat index
@@ -210,7 +213,7 @@ def attribute_captions(
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
     layers: Sequence[int] | None = None,
-    rank_by: RankBy = "unit",
+    rank_by: str = "unit",  # one of RANK_BY (a ValueError otherwise)
     method: str = "grad_x_act",
     ig_steps: int = 16,
 ) -> "pl.DataFrame":

@@ -23,6 +23,7 @@ from typing import Literal
 
 import polars as pl
 import torch
+from jaxtyping import Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
@@ -98,7 +99,7 @@ def decode_units(
 @torch.no_grad()
 def top_token_ids_all_units(
     adapter: LMAdapter, top_n: int = 10, lens: Lens = "unembed", chunk: int = 4096
-) -> Tensor:
+) -> Int[Tensor, "layers d_mlp top_n"]:
     """``Long[Tensor, "layers d_mlp top_n"]``: top decoded token ids of every unit (chunked
     fp32 matmuls on the adapter's device), the same decoding as :func:`decode_units`."""
     dec = _Decoder(adapter, lens)

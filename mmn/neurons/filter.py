@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
+import torch
+from jaxtyping import Bool
+from torch import Tensor
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
     from mmn.models.adapters import LMAdapter
@@ -75,10 +77,8 @@ def apply_filter(
     )
 
 
-def vocab_word_mask(tokenizer, vocab_size: int, words: frozenset[str], min_letters: int = 3) -> "torch.Tensor":
-    """``Bool[Tensor, "vocab"]``: token id decodes (stripped) to a dictionary word."""
-    import torch
-
+def vocab_word_mask(tokenizer, vocab_size: int, words: frozenset[str], min_letters: int = 3) -> Bool[Tensor, "vocab"]:
+    """True where the token id decodes (stripped) to a dictionary word."""
     return torch.tensor([is_word(tokenizer.decode([i]), words, min_letters) for i in range(vocab_size)])
 
 
@@ -88,8 +88,8 @@ def interpretable_units(
     words: frozenset[str],
     decode: "DecodeParams",
     filt: "FilterParams",
-) -> "torch.Tensor":
-    """``Bool[Tensor, "layers d_mlp"]`` (CPU): the interpretability of EVERY unit, decided
+) -> Bool[Tensor, "layers d_mlp"]:
+    """CPU: the interpretability of EVERY unit, decided
     exactly as the decode + filter stages decide it for the attributed units.
 
     decode: the top ``decode.top_n`` real tokens of decoder(W_out[:, k]) with ``decode.lens``

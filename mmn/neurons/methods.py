@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from mmn.models.adapters import LMAdapter
@@ -78,14 +79,17 @@ def _clean_acts(plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], target
     return fwd.y.float(), [fwd.acts[l][:, sl, :] for l in layers], sl
 
 
-def direct_logit_weights(adapter: LMAdapter, targets: Sequence[int], layers: Sequence[int]) -> list[Tensor]:
+def direct_logit_weights(adapter: LMAdapter, targets: Sequence[int], layers: Sequence[int]
+                         ) -> list[Float[Tensor, "batch d_mlp"]]:
     """W_U[c] · W_out^k for every unit of each layer: one ``Float[Tensor, "batch d_mlp"]`` (fp32) per layer."""
     w_u = adapter.unembed_weight()[torch.tensor(list(targets), device=adapter.device)].float()  # [b, d_model]
     return [w_u @ adapter.w_out(l).float() for l in layers]
 
 
-def direct_logit_pass(plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int],
-                      layers: Sequence[int]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def direct_logit_pass(plm: ImagePrefixLM, soft: Float[Tensor, "batch patches d_model"], texts: list[list[int]],
+                      targets: list[int], layers: Sequence[int]
+                      ) -> tuple[Float[Tensor, "batch"], list[Float[Tensor, "batch patches d_mlp"]],
+                                 list[Float[Tensor, "batch patches d_mlp"]]]:
     """``(y, A, M)`` with M = W_U[c]·W_out^k broadcast over the image positions (``[b, P, U]``
     views, A's dtype); one forward, no backward."""
     y, acts, _ = _clean_acts(plm, soft, texts, targets, layers)
@@ -102,8 +106,10 @@ def _replace_image(leaf: Tensor, sl: slice):
     return edit
 
 
-def ig_path_logits(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int, acts: Sequence[Tensor],
-                   layers: Sequence[int], alphas: Tensor, grad: bool = True) -> tuple[Tensor, list[Tensor] | None]:
+def ig_path_logits(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
+                   acts: Sequence[Float[Tensor, "patches d_mlp"]], layers: Sequence[int], alphas: Float[Tensor, "rows"],
+                   grad: bool = True
+                   ) -> tuple[Float[Tensor, "rows"], list[Float[Tensor, "rows patches d_mlp"]] | None]:
     """y^c with every listed layer's image-position A replaced by α·A (one row per α).
 
     ``soft``: ``[1, P, d_model]``; ``acts[j]``: ``[P, U]`` clean A of ``layers[j]``; ``alphas``:
@@ -122,9 +128,11 @@ def ig_path_logits(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: in
     return y.detach().float(), None if grads is None else [g.float() for g in grads]
 
 
-def integrated_gradients_pass(plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int],
-                              layers: Sequence[int], steps: int, rows: int | None = None
-                              ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def integrated_gradients_pass(plm: ImagePrefixLM, soft: Float[Tensor, "batch patches d_model"],
+                              texts: list[list[int]], targets: list[int], layers: Sequence[int], steps: int,
+                              rows: int | None = None
+                              ) -> tuple[Float[Tensor, "batch"], list[Float[Tensor, "batch patches d_mlp"]],
+                                         list[Float[Tensor, "batch patches d_mlp"]]]:
     """``(y, A, M)`` with M the path-averaged gradient (midpoint rule, ``steps`` points, all
     layers scaled together; see the module docstring). ``rows``: path points per forward
     (default: all ``steps`` of an image in one forward + backward)."""
@@ -159,9 +167,9 @@ def method_pass(
     return y, [a[:, sl, :].detach() for a in acts], [g[:, sl, :] for g in grads]
 
 
-def unit_score_map(plm: ImagePrefixLM, soft: Tensor, text: list[int], target: int, method: str, *,
-                   layers: Sequence[int] | None = None, ig_steps: int = 16, rows: int | None = None
-                   ) -> tuple[float, Tensor, float]:
+def unit_score_map(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
+                   method: str, *, layers: Sequence[int] | None = None, ig_steps: int = 16, rows: int | None = None
+                   ) -> tuple[float, Float[Tensor, "layers d_mlp"], float]:
     """One image's per-unit score, max over image positions of A·M:
     ``(y, Float[Tensor, "L d_mlp"], total)`` with ``total`` = Σ A·M over every attributed
     layer, image position and unit (integrated gradients: ≈ y(A) − y(0) by completeness;
