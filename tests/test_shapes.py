@@ -31,21 +31,21 @@ def checked(pytestconfig):
 
 
 def test_a_consistent_call_passes(checked):
-    from mmn.neurons.ablation import unit_scores
+    from mmn.neurons.ablation import rank_units
 
-    a, g = torch.rand(2, 3, 4), torch.rand(2, 3, 4)
-    assert unit_scores(a, g).shape == (2, 4)
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.0], [0.5, 0.2, 0.8, 0.4]])
+    assert rank_units(scores, allowed=torch.ones(2, 4, dtype=torch.bool), limit=2) == [(0, 1), (1, 2)]
 
 
 def test_a_wrong_shape_names_the_mismatched_dimension(checked):
-    """Without the check this call broadcasts silently ([2, 3, 4] * [1, 3, 4])."""
+    """A mask of another width names the parameter and the sizes bound by the first argument."""
     from jaxtyping import TypeCheckError
 
-    from mmn.neurons.ablation import rank_units, unit_scores
+    from mmn.neurons.ablation import rank_units
 
-    with pytest.raises(TypeCheckError, match="grad") as err:
-        unit_scores(torch.rand(2, 3, 4), torch.rand(1, 3, 4))
-    assert "layers=2" in str(err.value)  # the dimension sizes bound by the first argument
+    with pytest.raises(TypeCheckError, match="allowed") as err:
+        rank_units(torch.rand(2, 4), allowed=torch.ones(2, 5, dtype=torch.bool))
+    assert "d_mlp=4" in str(err.value)
     with pytest.raises(TypeCheckError, match="allowed"):
         rank_units(torch.rand(2, 4), allowed=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(TypeCheckError, match="allowed"):  # dtype too: a mask must be Bool
@@ -65,8 +65,9 @@ def test_return_values_and_dataclasses_are_checked(checked):
 
 def test_production_imports_are_unchecked():
     """A plain interpreter (as a DVC stage runs) gets the undecorated functions: no check, no cost."""
-    code = ("import torch\nfrom mmn.neurons.ablation import unit_scores\n"
-            "print(tuple(unit_scores(torch.rand(2, 3, 4), torch.rand(1, 3, 4)).shape))\n")
+    code = ("import torch\nfrom mmn.neurons.attribution import TopK\n"
+            "i, f = torch.arange(3), torch.rand(3)\n"
+            "print(tuple(TopK(i, i, i, f, f, torch.rand(4)).gradient.shape))\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "(2, 4)"
+    assert res.stdout.strip() == "(4,)"  # built without a check (k differs between fields)

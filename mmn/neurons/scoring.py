@@ -20,7 +20,7 @@ AGGREGATES: tuple[str, ...] = ("max", "sum")
 def unit_scores(a: Tensor, m: Tensor, aggregate: Aggregate = "max", *, patch: Literal[False] = False) -> Tensor: ...
 @overload
 def unit_scores(a: Tensor, m: Tensor, aggregate: Aggregate = "max", *, patch: Literal[True]) -> tuple[Tensor, Tensor]: ...
-def unit_scores(a: Tensor, m: Tensor, aggregate: Aggregate = "max", *, patch: bool = False):
+def unit_scores(a: Tensor, m: Tensor, aggregate: str = "max", *, patch: bool = False):  # str: a bad value raises ValueError below
     """Per-unit score of ``g = a · m`` over the image positions: ``[..., P, U] -> [..., U]``
     (positions are the second-to-last axis), in ``g``'s dtype.
 
