@@ -15,6 +15,7 @@ per mismatch (``file:line: key: docs say X, file has Y``) and exits 1 when there
 tests/test_doc_numbers.py runs it on the repository.
 
     python scripts/check_doc_numbers.py [--root .] [FILE.md ...]   # default: README.md docs/*.md
+    python scripts/check_doc_numbers.py --fix   # after a dvc repro: rewrite them (same decimals), then reread
 """
 
 from __future__ import annotations
@@ -96,12 +97,63 @@ def check_file(md: Path, root: Path) -> list[str]:
     return problems
 
 
+def _format(actual: float, like: str) -> str:
+    """``actual`` printed as ``like`` is: same decimals, ``−`` (U+2212) or ``-``, a ``+`` kept."""
+    _, decimals = _number(like)
+    text = f"{float(actual):.{decimals}f}"
+    if text.startswith("-"):
+        return ("−" if "−" in like or not like.startswith("-") else "-") + text[1:]
+    return ("+" if like.startswith("+") else "") + text
+
+
+def fix_file(md: Path, root: Path) -> int:
+    """Rewrite every marked number (and its quoted ``[lo, hi]``) of ``md`` to the file's value,
+    keeping the decimals shown; returns how many numbers changed. Markers whose key or file
+    is missing are left for :func:`check_file` to report."""
+    changed, out = 0, []
+    cache: dict[str, dict] = {}
+    for line in md.read_text().split("\n"):
+        edits: list[tuple[int, int, str]] = []
+        start = 0
+        for m in MARKER.finditer(line):
+            seg_start, before, start = start, line[start: m.start()], m.end()
+            v = VALUE.search(before)
+            fname = m.group(1)
+            if not v or not (root / fname).is_file():
+                continue
+            cache.setdefault(fname, json.loads((root / fname).read_text()))
+            parent = m.group(2).rsplit(".", 1)[0] if "." in m.group(2) else ""
+            for group, key in (("v", m.group(2)), ("lo", f"{parent}.lo" if parent else "lo"),
+                               ("hi", f"{parent}.hi" if parent else "hi")):
+                if v.group(group) is None:
+                    continue
+                try:
+                    actual = _lookup(cache[fname], key)
+                except KeyError:
+                    continue
+                if isinstance(actual, (int, float)) and not isinstance(actual, bool) and not _matches(
+                        v.group(group), actual):
+                    edits.append((seg_start + v.start(group), seg_start + v.end(group),
+                                  _format(actual, v.group(group))))
+        for a, b, text in sorted(edits, reverse=True):
+            line = line[:a] + text + line[b:]
+        changed += len(edits)
+        out.append(line)
+    md.write_text("\n".join(out))
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="*", type=Path)
     ap.add_argument("--root", type=Path, default=Path("."), help="where summary/ and metrics/ are")
+    ap.add_argument("--fix", action="store_true", help="rewrite the marked numbers to the files' values first "
+                    "(same decimals); the prose around them is yours to reread")
     args = ap.parse_args(argv)
     files = args.files or [Path("README.md"), *sorted(Path("docs").glob("*.md"))]
+    if args.fix:
+        for f in files:
+            print(f"{f}: {fix_file(f, args.root)} number(s) rewritten")
     problems, n = [], 0
     for f in files:
         n += len(MARKER.findall(f.read_text()))

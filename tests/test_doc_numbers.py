@@ -46,3 +46,16 @@ def test_hand_cases(tmp_path):
         md.write_text(f"line one\n{text}\n")
         r = _check("--root", str(tmp_path), str(md))
         assert r.returncode == 1 and f"{md}:2: " in r.stdout and says in r.stdout, (text, r.stdout)
+
+
+def test_fix_rewrites_marked_numbers_keeping_decimals_and_signs(tmp_path):
+    (tmp_path / "summary").mkdir()
+    (tmp_path / "summary/a.json").write_text(json.dumps({"x": {"mean": -0.0456, "lo": -0.0912, "hi": 0.0014},
+                                                         "d": {"diff": 0.1646}, "k": 60}))
+    md = tmp_path / "doc.md"
+    md.write_text("kept **0.046 [0.041, 0.051]**<!--m summary/a.json:x.mean--> and +0.133<!--m summary/a.json:"
+                  "d.diff--> at step 50<!--m summary/a.json:k--> of 60\nuntouched 0.5\n")
+    r = _check("--root", str(tmp_path), "--fix", str(md))
+    assert r.returncode == 0, r.stdout
+    assert md.read_text() == ("kept **−0.046 [−0.091, 0.001]**<!--m summary/a.json:x.mean--> and +0.165<!--m "
+                              "summary/a.json:d.diff--> at step 60<!--m summary/a.json:k--> of 60\nuntouched 0.5\n")
