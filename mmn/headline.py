@@ -2,8 +2,8 @@
 
 Each stage that reports numbers computes one full nested dict (means with their CI bounds and
 ``n``, per-k and per-category detail, every p-value). The full dict goes to
-``summary/<name>.json`` (git-tracked, not a DVC metric; the report, the docs and
-scripts/compare_runs.py read it); ``metrics/<name>.json`` holds only the headline numbers
+``data/results/<name>.json`` (DVC-cached; the ``summary`` stage copies it to git-tracked
+``summary/<name>.json``, which the docs and scripts/compare_runs.py read); ``metrics/<name>.json`` holds only the headline numbers
 selected here, one column each: means, differences, p-values and one ``n`` per file.
 
 :data:`HEADLINE` is the one declaration: for each metrics file, headline key -> dotted path in
@@ -133,11 +133,11 @@ def headline(name: str, full: dict) -> dict:
     return out
 
 
-def write_metrics(name: str, full: dict, metrics_path: Path | str, summary_path: Path | str) -> dict:
-    """Write ``full`` to ``summary_path`` and its headline to ``metrics_path`` (each atomically,
+def write_metrics(name: str, full: dict, metrics_path: Path | str, results_path: Path | str) -> dict:
+    """Write ``full`` to ``results_path`` and its headline to ``metrics_path`` (each atomically,
     :func:`mmn.io.write_json`). The headline is built first, so a bad path writes neither file.
     Returns the headline dict."""
     head = headline(name, full)
-    write_json(full, summary_path)
+    write_json(full, results_path)
     write_json(head, metrics_path)
     return head

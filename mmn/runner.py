@@ -35,7 +35,7 @@ import click
 from mmn import io
 from mmn.errors import DataError, MMNError
 from mmn.stage_params import reset_active_stage, set_active_stage
-from mmn.stage_specs import ACTIVE_PROFILE, STAGES, StageSpec
+from mmn.stage_specs import ACTIVE_PROFILE, MISSING_HINTS, STAGES, StageSpec
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -127,13 +127,13 @@ class Run:
         io.write_json(obj, self._wrote(name))
 
     def write_metrics(self, full: dict, headline: Callable[[str, dict], dict]) -> None:
-        """The stage's numbers: ``full`` (numbers or null; CIs, n, per-k detail) to the ``summary``
+        """The stage's numbers: ``full`` (numbers or null; CIs, n, per-k detail) to the ``results``
         output and ``headline(name, full)`` (:func:`mmn.headline.headline`, ``name`` = the declared
         metrics file's stem) to the ``metrics`` output. The headline is built first: a path that
         ``full`` lacks writes neither. (The stage passes ``headline`` so that only the stages that
         write metrics depend on mmn/headline.py.)"""
         head = headline(Path(self.spec.outputs["metrics"]).stem, full)
-        self.write_json("summary", full)
+        self.write_json("results", full)
         self.write_json("metrics", head)
 
     def write_info(self, description: dict) -> None:
@@ -163,6 +163,9 @@ def _check_inputs(spec: StageSpec, paths: dict[str, Path]) -> None:
     if missing:
         k = missing[0]
         more = f"; {len(missing) - 1} more input(s) missing" if len(missing) > 1 else ""
+        hint = MISSING_HINTS.get(spec.inputs[k])
+        if hint:
+            raise DataError(f"{paths[k]}: {hint} (input '{k}' of stage {spec.name}){more}")
         raise DataError(f"{paths[k]}: input does not exist (input '{k}' of stage {spec.name}; `dvc repro "
                         f"{spec.name}` runs the stages that produce it){more}")
 

@@ -51,7 +51,19 @@ PROPERTY_READS: dict[str, tuple[str, ...]] = {
 COCO, TRAIN, PROJECTION = "data/coco", "data/coco_train", "data/projection"
 CAPTIONS, ATTRIBUTIONS = "data/captions.parquet", "data/attributions.parquet"
 NEURONS, INTERPRETABLE = "data/neurons.parquet", "data/interpretable.parquet"
+#: the full results of each stage that writes metrics, by the metrics file's stem: DVC-cached
+#: (``results``); the ``summary`` stage copies them into git-tracked ``summary/<stem>.json``
+RESULT_STEMS = ("projection", "captions", "neurons", "scores", "iou", "ablation", "methods")
+
+
+def results(stem: str) -> str:
+    return f"data/results/{stem}.json"
+
+
 WORDLIST = "data/wordlist/american-english"  # SCOWL-derived Debian wamerican (DVC-tracked; scripts/setup.sh)
+#: inputs that no stage produces (DVC-tracked files): what to do when one is missing
+MISSING_HINTS = {WORDLIST: "word list missing; run scripts/setup.sh (fetches Debian wamerican) or "
+                           f"`dvc pull {WORDLIST}.dvc` from a remote"}
 COCO_CACHE = ".cache/coco"  # resumable download cache: not a DVC output
 
 
@@ -60,7 +72,8 @@ class StageSpec:
     """One stage: ``inputs``/``outputs`` map a name (the ``--name`` option, ``_`` as ``-``) to its
     default path; ``metrics`` names the outputs that dvc.yaml lists under ``metrics:``, and
     ``plots`` those under ``plots:``; a stage with ``metrics`` also writes its full results to
-    the ``summary`` output (:mod:`mmn.headline`); ``options`` are extra path options that DVC
+    the ``results`` output (:mod:`mmn.headline`; DVC-cached, copied to git-tracked ``summary/`` by
+    the ``summary`` stage); ``options`` are extra path options that DVC
     does not track (caches). ``seeded``: the runner calls :func:`mmn.numerics.seed_everything` first
     (the model stages; the downloads and filter draw nothing from the global RNGs)."""
 
@@ -104,12 +117,12 @@ STAGES: dict[str, StageSpec] = dict([
           (*_profile(*_LM, *_ENCODER, "projection", "limber_url", *_TRAIN_OVERRIDES), "seed", *_TRAIN_LOOP,
            "caption.prompt"),
           inputs={"coco": COCO, "train": TRAIN},
-          outputs={"out": PROJECTION, "metrics": "metrics/projection.json", "summary": "summary/projection.json"},
+          outputs={"out": PROJECTION, "metrics": "metrics/projection.json", "results": results("projection")},
           metrics=("metrics",)),
     _spec("caption", (*_profile(*_PREFIX_LM, *_BERT), "seed", "caption"),
           inputs=_MODEL_IN,
           outputs={"out": CAPTIONS, "info": "data/info/caption.json", "metrics": "metrics/captions.json",
-                   "summary": "summary/captions.json"},
+                   "results": results("captions")},
           metrics=("metrics",), hash_seed=True),
     _spec("attribute", (*_profile(*_PREFIX_LM), "seed", "caption.prompt", "attribute"),
           inputs={**_MODEL_IN, "captions": CAPTIONS}, outputs={"out": ATTRIBUTIONS}),
@@ -119,18 +132,18 @@ STAGES: dict[str, StageSpec] = dict([
           inputs={"attributions": ATTRIBUTIONS, "neurons": NEURONS, "wordlist": WORDLIST},
           outputs={"out": INTERPRETABLE, "layers_out": "data/layer_distribution.csv",
                    "info": "data/info/filter.json", "metrics": "metrics/neurons.json",
-                   "summary": "summary/neurons.json"},
+                   "results": results("neurons")},
           metrics=("metrics",), seeded=False),
     _spec("score", (*_profile(*_PREFIX_LM, *_BERT, "bert_rescale", *_CLIP), "seed", "caption.prompt", "score"),
           inputs={**_MODEL_IN, "captions": CAPTIONS, "attributions": ATTRIBUTIONS, "neurons": INTERPRETABLE},
           outputs={"out": "data/scores.parquet", "info": "data/info/score.json", "metrics": "metrics/scores.json",
-                   "summary": "summary/scores.json"},
+                   "results": results("scores")},
           metrics=("metrics",), hash_seed=True),
     _spec("iou", (*_profile(*_PREFIX_LM, "iou_categories"), "seed", "caption.prompt", "iou"),
           inputs={**_MODEL_IN, "captions": CAPTIONS, "attributions": ATTRIBUTIONS, "neurons": INTERPRETABLE},
           outputs={"out": "data/iou.parquet", "categories_out": "data/iou_categories.csv",
                    "selectivity_out": "data/selectivity.parquet", "info": "data/info/iou.json",
-                   "metrics": "metrics/iou.json", "summary": "summary/iou.json"},
+                   "metrics": "metrics/iou.json", "results": results("iou")},
           metrics=("metrics",)),
     _spec("ablate",
           (*_profile(*_PREFIX_LM, *_BERT), "seed", "caption.prompt", "caption.max_new_tokens",
@@ -138,7 +151,7 @@ STAGES: dict[str, StageSpec] = dict([
           inputs={**_MODEL_IN, "captions": CAPTIONS, "wordlist": WORDLIST},
           outputs={"out": "data/ablation.parquet", "curve": "data/ablation_curve.csv",
                    "info": "data/info/ablate.json", "metrics": "metrics/ablation.json",
-                   "summary": "summary/ablation.json"},
+                   "results": results("ablation")},
           metrics=("metrics",), hash_seed=True),
     _spec("compare_methods",
           (*_profile(*_PREFIX_LM), "seed", "caption.prompt", "attribute.ig_steps", "attribute.layers", "ablate.ks",
@@ -146,7 +159,7 @@ STAGES: dict[str, StageSpec] = dict([
           inputs={**_MODEL_IN, "captions": CAPTIONS},
           outputs={"out": "data/compare_methods.parquet", "table": "data/compare_methods.csv",
                    "curve": "data/compare_methods_curve.csv", "info": "data/info/compare_methods.json",
-                   "metrics": "metrics/methods.json", "summary": "summary/methods.json"},
+                   "metrics": "metrics/methods.json", "results": results("methods")},
           metrics=("metrics",)),
     _spec("plot",
           (*_profile(*_PREFIX_LM, "projection", "iou_categories", "bert_model"), "seed", "caption.prompt", "plot"),
@@ -154,11 +167,13 @@ STAGES: dict[str, StageSpec] = dict([
                   "layers": "data/layer_distribution.csv", "scores": "data/scores.parquet", "iou": "data/iou.parquet",
                   "selectivity": "data/selectivity.parquet", "ablation": "data/ablation.parquet",
                   "methods_table": "data/compare_methods.csv", "methods_curve": "data/compare_methods_curve.csv",
-                  "methods_summary": "summary/methods.json", "captions_summary": "summary/captions.json",
-                  "projection_summary": "summary/projection.json", "scores_summary": "summary/scores.json",
-                  "iou_summary": "summary/iou.json", "ablation_summary": "summary/ablation.json",
-                  "neurons_summary": "summary/neurons.json"},
+                  **{f"{stem}_results": results(stem) for stem in RESULT_STEMS}},
           outputs={"plots_out": "plots", "report_out": "report"}),
+    # git-tracked copies of the full results (cache: false outs, so DVC's run cache skips this
+    # stage, which costs a second; every other stage keeps its run cache)
+    _spec("summary", (),
+          inputs={stem: results(stem) for stem in RESULT_STEMS},
+          outputs={f"{stem}_summary": f"summary/{stem}.json" for stem in RESULT_STEMS}, seeded=False),
 ])
 
 #: stage -> the params keys it reads (the table :class:`mmn.stage_params.ParamsView` enforces).

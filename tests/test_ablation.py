@@ -407,7 +407,7 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
     r = CliRunner().invoke(S.main, ["--params", str(tmp_path / "params.yaml"), "--captions",
                                     str(tmp_path / "captions.parquet"), "--out", str(out["ablation.parquet"]),
                                     "--curve", str(out["curve.csv"]), "--metrics", str(out["ablation.json"]),
-                                    "--summary", str(out["full.json"]),
+                                    "--results", str(out["full.json"]),
                                     "--info", str(out["info.json"]), "--wordlist", str(tmp_path / "params.yaml"),
                                     "--coco", str(tmp_path), "--projection", str(tmp_path)])
     assert r.exit_code == 0, r.output + repr(r.exception)

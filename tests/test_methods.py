@@ -305,7 +305,7 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
         r = CliRunner().invoke(S.main, ["--params", str(tmp_path / "params.yaml"), "--captions",
                                         str(tmp_path / "captions.parquet"), "--out", str(out["c.parquet"]),
                                         "--table", str(out["s.csv"]), "--curve", str(out["c.csv"]),
-                                        "--metrics", str(out["m.json"]), "--summary", str(out["full.json"]),
+                                        "--metrics", str(out["m.json"]), "--results", str(out["full.json"]),
                                         "--info", str(out["i.json"]),
                                         "--coco", str(tmp_path), "--projection", str(tmp_path)])
         assert r.exit_code == 0, r.output + repr(r.exception)

@@ -73,15 +73,18 @@ def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipel
     r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stderr
     # exactly the stages that read filter.* or its outputs (ablate filters all units itself)
-    assert ran(r.stdout) == {"filter", "score", "iou", "ablate", "plot"}
+    assert ran(r.stdout) == {"filter", "score", "iou", "ablate", "plot", "summary"}
     assert (repo / "data/attributions.parquet").read_bytes() == before
-    # back to the old value: DVC's run cache restores filter's outputs without running it
+    # back to the old value: DVC's run cache restores the outputs without running the stages;
+    # only `summary` (cache: false outputs: no run cache) runs, a copy of the restored results
     small_params(repo, **{"filter.min_words": 7})
     r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stderr
-    assert ran(r.stdout) == set()
+    assert ran(r.stdout) == {"summary"}
     cached = {s for s in STAGES if f"Stage '{s}' is cached" in r.stdout}
     assert cached == {"filter", "score", "iou", "ablate", "plot"}
+    for p in (repo / "summary").glob("*.json"):  # the git copy equals DVC's restored results
+        assert p.read_bytes() == (repo / "data/results" / p.name).read_bytes(), p.name
 
 
 def test_coco_source_stage_from_local_mirror(tmp_path):
@@ -170,9 +173,9 @@ def test_attribute_layers_restrict_the_stage(pipeline_repo, tmp_path):
         ("caption", {"--out": "data/captions.parquet"}),
         ("attribute", {"--out": "data/attributions.parquet"}),
         ("iou", {"--out": "data/iou.parquet", "--selectivity-out": "data/selectivity.parquet",
-                 "--metrics": "metrics/iou.json", "--summary": "summary/iou.json"}),
+                 "--metrics": "metrics/iou.json", "--results": "data/results/iou.json"}),
         ("ablate", {"--out": "data/ablation.parquet", "--metrics": "metrics/ablation.json",
-                    "--summary": "summary/ablation.json"}),
+                    "--results": "data/results/ablation.json"}),
     ],
 )
 def test_two_rank_gloo_stage_equals_single_process(pipeline_repo, tmp_path, stage, outs):
@@ -184,12 +187,14 @@ def test_two_rank_gloo_stage_equals_single_process(pipeline_repo, tmp_path, stag
     # this pytest process, which another test may have changed)
     threads = run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], repo).stdout.strip()
     run_env = {**env(), "OMP_NUM_THREADS": threads}
-    args = [a for opt, rel in outs.items() for a in (opt, str(tmp_path / Path(rel).name))]
+    for rel in outs.values():  # metrics/iou.json and data/results/iou.json share a name: keep the folders
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    args = [a for opt, rel in outs.items() for a in (opt, str(tmp_path / rel))]
     r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", f"stages.{stage}", *args],
                        cwd=repo, env=run_env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "merged 2 shards" in r.stderr
-    assert_byte_identical({rel: (tmp_path / Path(rel).name, repo / rel) for rel in outs.values()})
+    assert_byte_identical({rel: (tmp_path / rel, repo / rel) for rel in outs.values()})
 
 
 def _stage(repo: Path, stage: str, *args: str) -> subprocess.CompletedProcess:
@@ -257,7 +262,7 @@ def test_forced_rerun_is_byte_identical(pipeline_repo, tmp_path):
     says whether only float low bits moved, the signature of MKL VML's first-call race, mmn.numerics)."""
     repo, _ = pipeline_repo
     files = sorted([*repo.glob("data/*.parquet"), *repo.glob("data/*.csv"), *repo.glob("metrics/*.json"), *repo.glob("summary/*.json"),
-                    repo / "data/projection/projection.safetensors"])
+                    *repo.glob("data/results/*.json"), repo / "data/projection/projection.safetensors"])
     assert len(files) >= 14
     before = {}
     for f in files:
@@ -429,7 +434,7 @@ def test_troubleshooting_missing_word_list(pipeline_repo, tmp_path):
     try:
         out = tmp_path / "interpretable.parquet"
         r = _stage(repo, "filter", "--out", str(out), "--layers-out", str(tmp_path / "l.csv"),
-                   "--metrics", str(tmp_path / "n.json"), "--summary", str(tmp_path / "s.json"),
+                   "--metrics", str(tmp_path / "n.json"), "--results", str(tmp_path / "s.json"),
                    "--info", str(tmp_path / "i.json"))
     finally:
         shutil.move(moved, wordlist)

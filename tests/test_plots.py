@@ -229,8 +229,8 @@ def test_plot_stage_is_declared_with_its_tables_and_params():
     assert st["cmd"] == "python -m stages.plot"
     for dep in ("data/captions.parquet", "data/attributions.parquet", "data/interpretable.parquet",
                 "data/scores.parquet", "data/iou.parquet", "data/selectivity.parquet", "data/ablation.parquet",
-                "data/layer_distribution.csv", "summary/scores.json", "summary/iou.json", "summary/ablation.json",
-                "summary/neurons.json", "mmn/plots", "mmn/report", "stages/plot.py"):
+                "data/layer_distribution.csv", "data/results/scores.json", "data/results/iou.json",
+                "data/results/ablation.json", "data/results/neurons.json", "mmn/plots", "mmn/report", "stages/plot.py"):
         assert dep in st["deps"], dep
     assert "plot" in st["params"] and set(st["outs"]) == {"plots", "report"}
     from mmn.params import load_params
@@ -259,9 +259,9 @@ def _write_stage_inputs(repo: Path) -> None:
     inp.layers.write_csv(d / "layer_distribution.csv")
     inp.methods_curve.write_csv(d / "compare_methods_curve.csv")
     inp.methods_summary.write_csv(d / "compare_methods.csv")
-    (repo / "summary").mkdir(exist_ok=True)
+    (d / "results").mkdir(exist_ok=True)
     for k, v in inp.metrics.items():
-        (repo / "summary" / f"{k}.json").write_text(json.dumps(v))
+        (d / "results" / f"{k}.json").write_text(json.dumps(v))
     build_synthetic(repo)
 
 

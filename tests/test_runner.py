@@ -65,6 +65,14 @@ def test_missing_input_names_file_and_stage_before_the_body_runs(tmp_path):
     assert r.output.startswith(f"[filter] error: {tmp_path}/nope.parquet: input does not exist (input "
                                f"'attributions' of stage filter;")
     assert "2 more input(s) missing" in r.output  # neurons and wordlist are not there either
+    # an input no stage produces (DVC-tracked) gets its own remedy, not `dvc repro`
+    for name in ("attributions", "neurons"):
+        (tmp_path / f"{name}.parquet").write_bytes(b"")
+    r = _invoke(body, "--attributions", str(tmp_path / "attributions.parquet"),
+                "--neurons", str(tmp_path / "neurons.parquet"), "--wordlist", str(tmp_path / "words"))
+    assert r.exit_code == 1 and not ran
+    assert r.output.startswith(f"[filter] error: {tmp_path}/words: word list missing; run scripts/setup.sh")
+    assert "(input 'wordlist' of stage filter)" in r.output and "dvc repro" not in r.output
 
 
 def test_corrupt_input_is_one_line_and_no_output_is_half_written(tmp_path):
@@ -134,3 +142,28 @@ def test_model_load_error_is_one_line_in_a_stage(tmp_path):
     r = _invoke(body, "--attributions", str(att))
     assert r.exit_code == 1
     assert r.output == "[decode] error: language model 'x' is not in the Hugging Face cache\n"
+
+
+def test_summary_stage_copies_every_result_or_writes_nothing(tmp_path):
+    """stages.summary: summary/<stem>.json equals data/results/<stem>.json byte for byte; a
+    corrupt input fails naming it, before any summary is written."""
+    from mmn.io import write_json
+    from mmn.stage_specs import RESULT_STEMS
+    from stages.summary import main
+
+    args = []
+    for i, stem in enumerate(RESULT_STEMS):
+        write_json({"n_images": i, "x": {"mean": 0.5 + i, "lo": None}}, tmp_path / "results" / f"{stem}.json")
+        args += [flag(stem), str(tmp_path / "results" / f"{stem}.json"),
+                 flag(f"{stem}_summary"), str(tmp_path / "summary" / f"{stem}.json")]
+    last = tmp_path / "results" / f"{RESULT_STEMS[-1]}.json"
+    good = last.read_bytes()
+    last.write_text('{"n_images": ')
+    r = _invoke(main, *args)
+    assert r.exit_code == 1 and str(last) in r.output and r.output.startswith("[summary] error:")
+    assert not (tmp_path / "summary").exists() or not any((tmp_path / "summary").iterdir())
+    last.write_bytes(good)
+    r = _invoke(main, *args)
+    assert r.exit_code == 0, r.output
+    for stem in RESULT_STEMS:
+        assert (tmp_path / "summary" / f"{stem}.json").read_bytes() == (tmp_path / "results" / f"{stem}.json").read_bytes()

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmn.hooks import EditFn, TraceDict
 from mmn.models.adapters import LMAdapter
+from mmn.models.projection import Projection
 
 
 @runtime_checkable
@@ -68,7 +69,7 @@ class ImagePrefixLM:
 
     adapter: LMAdapter
     tokenizer: PreTrainedTokenizerBase
-    projection: nn.Linear
+    projection: Projection | nn.Linear  # both expose .weight; Projection standardises first
     prompt: str = "A picture of"
     encoder: ImageEncoder | None = None  # features for image_soft_tokens (soft_tokens takes features)
     _prompt_ids: list[int] = field(init=False)
