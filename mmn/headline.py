@@ -3,8 +3,9 @@
 Each stage that reports numbers computes one full nested dict (means with their CI bounds and
 ``n``, per-k and per-category detail, every p-value). The full dict goes to
 ``data/results/<name>.json`` (DVC-cached; the ``summary`` stage copies it to git-tracked
-``summary/<name>.json``, which the docs and scripts/compare_runs.py read); ``metrics/<name>.json`` holds only the headline numbers
-selected here, one column each: means, differences, p-values and one ``n`` per file.
+``summary/<name>.json``, which the docs and scripts/compare_runs.py read);
+``metrics/<name>.json`` holds only the headline numbers selected here, one column each:
+means, differences, p-values and one ``n`` per file.
 
 :data:`HEADLINE` is the one declaration: for each metrics file, headline key -> dotted path in
 the full dict. A dotted headline key (``table1.multimodal_all``) becomes a nested key, which

@@ -22,11 +22,11 @@ def main(run: Run) -> None:
     from mmn.plots.activations import model_maps
     from mmn.plots.build import PlotInputs, PlotSettings, build
     from mmn.report.check import broken_links
+    from mmn.stage_specs import RESULT_STEMS
 
     params, m, proj = run.params, run.params.model, run.path("projection")
     layout = CocoLayout(run.path("coco"))
-    metrics = {k: run.read_json(f"{k}_results") for k in ("captions", "projection", "scores", "iou", "ablation",
-                                                          "neurons", "methods")}
+    metrics = {k: run.read_json(f"{k}_results") for k in RESULT_STEMS}
     loss_csv = proj / "loss.csv"  # caption quality + training curve on the first page
     inp = PlotInputs(
         captions=run.read_parquet("captions"), attributions=run.read_parquet("attributions"),
