@@ -19,6 +19,7 @@ import yaml
 from conftest import COCO_MINI
 from helpers.pipeline import STAGES, copy_repo, copy_reproduced, env, ran, run, set_keys, small_params
 from same_outputs import assert_byte_identical
+from mmn.stage_specs import RESULT_STEMS
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,9 @@ def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipel
     assert ran(r.stdout) == {"summary"}
     cached = {s for s in STAGES if f"Stage '{s}' is cached" in r.stdout}
     assert cached == {"filter", "score", "iou", "ablate", "plot"}
-    for p in (repo / "summary").glob("*.json"):  # the git copy equals DVC's restored results
+    copies = sorted((repo / "summary").glob("*.json"))
+    assert [p.stem for p in copies] == sorted(RESULT_STEMS)
+    for p in copies:  # the git copy equals DVC's restored results
         assert p.read_bytes() == (repo / "data/results" / p.name).read_bytes(), p.name
 
 
