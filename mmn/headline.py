@@ -24,7 +24,6 @@ import re
 from pathlib import Path
 
 from mmn.errors import DataError
-from mmn.io import write_json
 
 HEADLINE: dict[str, dict[str, str]] = {
     "projection": {
@@ -133,12 +132,3 @@ def headline(name: str, full: dict) -> dict:
         node[last] = lookup(name, full, path)
     return out
 
-
-def write_metrics(name: str, full: dict, metrics_path: Path | str, results_path: Path | str) -> dict:
-    """Write ``full`` to ``results_path`` and its headline to ``metrics_path`` (each atomically,
-    :func:`mmn.io.write_json`). The headline is built first, so a bad path writes neither file.
-    Returns the headline dict."""
-    head = headline(name, full)
-    write_json(full, results_path)
-    write_json(head, metrics_path)
-    return head

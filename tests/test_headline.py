@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import REPO
-from mmn.headline import HEADLINE, HeadlineError, headline, write_metrics
+from mmn.headline import HEADLINE, HeadlineError, headline
 
 MAX_LEAVES = 45  # the columns of `dvc metrics show` / `dvc exp show`, all files together
 
@@ -84,14 +84,3 @@ def test_selectors_null_and_missing_paths():
     with pytest.raises(HeadlineError, match="no headline declared"):
         headline("nope", {})
 
-
-def test_write_metrics_writes_both_files(tmp_path):
-    full = json.loads((REPO / "summary/iou.json").read_text())
-    m, s = tmp_path / "metrics/iou.json", tmp_path / "summary/iou.json"
-    head = write_metrics("iou", full, m, s)
-    assert json.loads(s.read_text()) == full and json.loads(m.read_text()) == head == headline("iou", full)
-    assert s.read_bytes() == (REPO / "summary/iou.json").read_bytes()
-    assert m.read_bytes() == (REPO / "metrics/iou.json").read_bytes()
-    with pytest.raises(HeadlineError):  # a bad path writes neither file
-        write_metrics("iou", {"n_images": 1}, tmp_path / "m2.json", tmp_path / "s2.json")
-    assert not (tmp_path / "m2.json").exists() and not (tmp_path / "s2.json").exists()

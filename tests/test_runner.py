@@ -122,6 +122,42 @@ def test_info_json_convention(tmp_path):
                                 "decode": raw["decode"], "filter": raw["filter"]}
 
 
+def test_write_metrics_writes_the_full_results_and_their_headline_or_neither(tmp_path):
+    """Run.write_metrics: ``full`` to the results output, ``headline(stem, full)`` to the metrics
+    output, byte for byte the committed pair (summary/ holds the results' git copy); a path the
+    headline needs that ``full`` lacks writes neither file."""
+    from mmn.headline import HeadlineError, headline
+
+    full = json.loads((REPO / "summary/iou.json").read_text())
+
+    def body_with(numbers: dict):
+        @stage("iou")
+        def body(run: Run) -> None:
+            run.write_metrics(numbers, headline)
+        return body
+
+    def args_in(folder: Path) -> tuple[dict, list[str]]:
+        folder.mkdir()
+        paths = {k: str(folder / k) for k in STAGES["iou"].outputs}
+        for k in STAGES["iou"].inputs:
+            (tmp_path / k).write_text("x")
+        return paths, [a for k, v in paths.items() for a in (flag(k), v)] + [
+            a for k in STAGES["iou"].inputs for a in (flag(k), str(tmp_path / k))]
+
+    paths, args = args_in(tmp_path / "good")
+    r = _invoke(body_with(full), *args)
+    assert r.exit_code == 0, r.output
+    assert Path(paths["results"]).read_bytes() == (REPO / "summary/iou.json").read_bytes()
+    assert Path(paths["metrics"]).read_bytes() == (REPO / "metrics/iou.json").read_bytes()
+    assert json.loads(Path(paths["metrics"]).read_text()) == headline("iou", full)
+    paths, args = args_in(tmp_path / "bad")
+    r = _invoke(body_with({"n_images": 1}), *args)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    with pytest.raises(HeadlineError):
+        headline("iou", {"n_images": 1})
+    assert not Path(paths["results"]).exists() and not Path(paths["metrics"]).exists()
+
+
 def test_settings_resolve_the_active_profile():
     from mmn.params import load_params
 
