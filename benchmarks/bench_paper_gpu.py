@@ -334,7 +334,7 @@ def stage_score(b: Bench, plm, bert, clip, data: Data, n: int, attributions) -> 
     neurons = neurons_table(plm, attributions)
     caps = data.captions(n)
     with b.timed("score (Table 1 + Table 2, BERTScore + CLIP)", n) as box:
-        df = scores.score_tables(caps, attributions, neurons, data.refs, data.load_image, plm, bert, clip,
+        df, _ = scores.score_tables(caps, attributions, neurons, data.refs, data.load_image, plm, bert, clip,
                                  random_draws=5, prompt_neighbours=5, seed=0)
         t1 = int((df["table"] == "table1").sum())
         box["note"] = (f"{t1} Table-1 + {df.height - t1} Table-2 texts x 5 refs; bert {bert.dtype}; "

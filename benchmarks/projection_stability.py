@@ -40,10 +40,10 @@ def worker(args: argparse.Namespace) -> None:
     from mmn.captioning import caption_images, caption_quality
     from mmn.data.layout import CocoLayout
     from mmn.data.sample import materialize_sample
-    from mmn.metrics.bertscore import BertScorer
     from mmn.models.prefix_lm import ImagePrefixLM
     from mmn.params import load_params, parse_params
     from mmn.numerics import seed_everything
+    from mmn.metrics.bertscore import BertScorer
     from mmn.pipeline import build_encoder, build_lm
     from mmn.projection_training import train_from_layout
 
@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         df = caption_images(evaluation, plm, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
                             stop_at_newline=c.stop_at_newline, progress=False)
-    scorer = BertScorer.from_params(params.model.bert_model, params.model.bert_layers)
+    scorer = BertScorer.from_profile(params)
     df, metrics, informative = caption_quality(df, evaluation.captions, scorer, params.seed)
     torch.save(proj.state_dict(), args.result + ".pt")
     Path(args.result).write_text(json.dumps({

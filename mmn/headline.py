@@ -70,10 +70,12 @@ HEADLINE: dict[str, dict[str, str]] = {
         "k_small.filtered": "filtered.{k_small}.rel_drop.mean",
         "k_small.random": "random.{k_small}.rel_drop.mean",
         "k_small.unfiltered_vs_random_p": "unfiltered.{k_small}.vs_random_p",
+        "k_small.filtered_vs_random_p": "filtered.{k_small}.vs_random_p",
         "k_large.unfiltered": "unfiltered.{k_large}.rel_drop.mean",
         "k_large.filtered": "filtered.{k_large}.rel_drop.mean",
         "k_large.random": "random.{k_large}.rel_drop.mean",
         "k_large.unfiltered_vs_random_p": "unfiltered.{k_large}.vs_random_p",
+        "k_large.filtered_vs_random_p": "filtered.{k_large}.vs_random_p",
         "n_images": "n_images",
     },
     "methods": {

@@ -32,7 +32,7 @@ _LM = ("lm", "lm_revision", "device", "dtype")  # mmn.pipeline.build_lm
 _LM_CPU_FP32 = ("lm", "lm_revision")  # build_lm(dtype="float32", device="cpu"): no device/dtype read
 _ENCODER = ("encoder", "encoder_grid", "image_size")  # mmn.pipeline.build_encoder (+ device)
 _PREFIX_LM = (*_LM, *_ENCODER)  # mmn.pipeline.build_prefix_lm
-_BERT = ("bert_model", "bert_layers")
+_BERT = ("bert_model", "bert_layers", "bert_rescale")  # mmn.pipeline.build_bert
 _CLIP = ("clip_pretrained", "clip_checkpoint")
 _TRAIN_OVERRIDES = ("train_max_steps", "train_batch_size", "train_views", "train_dtype")
 _TRAIN_LOOP = tuple(f"projection.train.{k}" for k in (
@@ -134,7 +134,7 @@ STAGES: dict[str, StageSpec] = dict([
                    "info": "data/info/filter.json", "metrics": "metrics/neurons.json",
                    "results": results("neurons")},
           metrics=("metrics",), seeded=False),
-    _spec("score", (*_profile(*_PREFIX_LM, *_BERT, "bert_rescale", *_CLIP), "seed", "caption.prompt", "score"),
+    _spec("score", (*_profile(*_PREFIX_LM, *_BERT, *_CLIP), "seed", "caption.prompt", "score"),
           inputs={**_MODEL_IN, "captions": CAPTIONS, "attributions": ATTRIBUTIONS, "neurons": INTERPRETABLE},
           outputs={"out": "data/scores.parquet", "info": "data/info/score.json", "metrics": "metrics/scores.json",
                    "results": results("scores")},

@@ -50,8 +50,7 @@ def main(run: Run) -> None:
         run.log(f"merged {info.world} shards")
     df = df.sort(["image_id", "kind", "k"])
     if ap.regenerate:
-        bert = BertScorer.from_params(params.model.bert_model, params.model.bert_layers, device=ad.device,
-                                      dtype=ad.dtype)
+        bert = BertScorer.from_profile(params, ad.device, ad.dtype)
         orig = dict(zip(caps["image_id"].to_list(), caps["caption"].to_list()))
         f1 = bert.f1(df["caption"].to_list(), [orig[i] for i in df["image_id"].to_list()])
         df = df.with_columns(pl.Series("bertscore_f1", f1, dtype=pl.Float64))

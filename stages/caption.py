@@ -27,7 +27,7 @@ def main(run: Run) -> None:
     from mmn.pipeline import build_prefix_lm
     from mmn.quality import check_captions
 
-    params, c, m = run.params, run.params.caption, run.params.model
+    params, c = run.params, run.params.caption
     layout = CocoLayout(run.path("coco"))
     with distributed() as info:
         plm = build_prefix_lm(params, run.path("projection"))
@@ -39,7 +39,7 @@ def main(run: Run) -> None:
         return
     if info.world > 1:
         run.log(f"merged {info.world} shards")
-    scorer = BertScorer.from_params(m.bert_model, m.bert_layers, device=plm.adapter.device, dtype=plm.adapter.dtype)
+    scorer = BertScorer.from_profile(params, plm.adapter.device, plm.adapter.dtype)
     df, metrics, desc, lines = caption_report(df.sort("image_id"), layout.captions, scorer, params.seed,
                                               read_json(run.path("projection") / "meta.json"))
     check_captions(df, with_quality=True)

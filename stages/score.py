@@ -31,7 +31,7 @@ def main(run: Run) -> None:
     if reason:
         run.log(f"CLIPScore not computed: {reason}")
     try:
-        df = score_tables(run.read_parquet("captions"), run.read_parquet("attributions"), run.read_parquet("neurons"),
+        df, own_units = score_tables(run.read_parquet("captions"), run.read_parquet("attributions"), run.read_parquet("neurons"),
                           layout.captions, layout.load_image, plm, bert, clip, random_draws=s.random_draws,
                           prompt_neighbours=s.prompt_neighbours, seed=params.seed)
     except ValueError as e:
@@ -39,7 +39,7 @@ def main(run: Run) -> None:
     check_scores(df, clip_computed=clip is not None, bert_min=bert.min_score(), clip_max=100.0 * s.clip_w)
     pi = per_image_scores(df)
     metrics = summarise(pi, bert_rescaled=bert.rescaled, clip_w=s.clip_w, clip_computed=clip is not None)
-    info = describe(bert, clip, reason, s.clip_w, pi.filter(pl.col("item") == "multimodal_all").height)
+    info = describe(bert, clip, reason, s.clip_w, pi.filter(pl.col("item") == "multimodal_all").height, own_units)
     run.write_parquet("out", df)
     run.write_metrics(metrics, headline)
     run.write_info(info)

@@ -108,6 +108,82 @@ def test_random_ranking_is_nested_with_the_layer_mix_of_every_prefix():
         random_ranking([(1, u) for u in range(9)], 8, np.random.default_rng(0))
 
 
+def test_random_ranking_never_draws_excluded_units_and_marks_a_layer_that_runs_out():
+    """``exclude`` (an image's own top units) is never drawn; the layer mix of every prefix is
+    kept; when a layer's non-excluded units run out the entry is None (a smaller set, not units
+    of other layers); the same seed without ``exclude`` is the same permutation, unfiltered."""
+    order = [(0, 0), (0, 1), (0, 2), (1, 0), (0, 3), (0, 4), (0, 5)]  # 6 top units in layer 0 of 8
+    top = set(order)
+    rnd = random_ranking(order, 8, np.random.default_rng(5), exclude=top)
+    drawn = [u for u in rnd if u is not None]
+    assert not set(drawn) & top and len(set(drawn)) == len(drawn)
+    assert [u is None for u in rnd] == [False, False, True, False, True, True, True]  # layer 0: 8 - 5 = 3 free
+    assert [l for l, _ in drawn] == [0, 0, 1]
+    plain = random_ranking(order, 8, np.random.default_rng(5))
+    assert set(plain) & top  # the overlap the exclusion removes
+    free = [u for u in plain if u not in top and u[0] == 0]  # the same permutation, top units skipped
+    assert free == [u for u in drawn if u[0] == 0][: len(free)]
+
+
+def test_random_sets_avoid_the_top_units_and_match_their_partner(tiny_adapters):
+    """unit_sets: ``random`` has the unfiltered ranking's layer mix, ``random_filtered`` the
+    interpretable ranking's (and its k_effective), neither holds a top unit of either ranking,
+    and ``overlap_if_not_excluded`` is the share of top units in the unexcluded draw."""
+    from collections import Counter
+
+    from mmn.experiments.ablation import KINDS, _ImageAblation
+
+    plm, _ = _plm(tiny_adapters)
+    d = plm.adapter.d_mlp
+    order_all = [(0, u) for u in range(d - 4)] + [(1, 0), (1, 1)]  # layer 0 nearly all top
+    order_int = [(1, 0), (2, 5), (2, 6)]
+    allowed = torch.ones(plm.adapter.n_layers, d, dtype=torch.bool)
+    run = _ImageAblation(plm, allowed, allowed, [0, 3, len(order_all)], KINDS, set(), 4, False, 0)
+    sets, meta = run.unit_sets(7, order_all, order_int)
+    by = {(kind, k): (units, k_eff, ov) for units, (kind, k, k_eff, ov) in zip(sets[1:], meta)}
+    top = set(order_all) | set(order_int)
+    for (kind, k), (units, k_eff, ov) in by.items():
+        assert len(units) == k_eff == len(set(units))
+        if kind.startswith("random"):
+            assert not set(units) & top, (kind, k)
+    k_all = len(order_all)
+    units, k_eff, ov = by[("random", k_all)]
+    # layer 0 has 4 non-top units for d - 4 top ones: the random set is smaller, never topped up elsewhere
+    assert Counter(l for l, _ in units) == {0: 4, 1: 2} and k_eff == 6 < k_all
+    assert by[("random", 3)][0] and Counter(l for l, _ in by[("random", 3)][0]) == {0: 3}
+    assert ov is not None and 0.9 < ov <= 1  # without exclusion: 60 of layer 0's 64 units, nearly all top
+    rf = by[("random_filtered", 3)][0]
+    assert Counter(l for l, _ in rf) == Counter(l for l, _ in order_int) and by[("random_filtered", 3)][1] == 3
+    assert by[("filtered", 0)][1] == 0 and by[("unfiltered", 3)][2] is None
+
+
+def test_filtered_kind_is_tested_against_its_own_random_control_on_equal_sizes():
+    """vs_random_*: filtered against random_filtered, unfiltered against random, over the images
+    whose two sets have the same size (vs_random_n); an image where the random set came out
+    smaller is left out of the test, and no image left gives null."""
+    import polars as pl
+
+    from mmn.experiments.ablation import ablation_curve
+
+    rows = []
+    for img, (u, f, r, rf, keff_r) in enumerate([(0.9, 0.5, 0.1, 0.4, 10), (0.8, 0.6, 0.0, 0.5, 10),
+                                                 (0.7, 0.4, 0.2, 0.1, 10), (0.95, 0.3, 0.3, 0.3, 4)]):
+        for kind, drop, keff in (("unfiltered", u, 10), ("random", r, keff_r), ("filtered", f, 10),
+                                 ("random_filtered", rf, 10)):
+            rows.append({"image_id": img, "kind": kind, "k": 10, "k_effective": keff, "p_target": 1 - drop,
+                         "p_clean": 1.0, "rel_drop": drop})
+    c = {r["kind"]: r for r in ablation_curve(pl.DataFrame(rows)).iter_rows(named=True)}
+    assert c["unfiltered"]["vs_random_n"] == 3  # image 3's random set holds 4 units, not 10
+    assert c["unfiltered"]["vs_random_diff"] == pytest.approx(np.mean([0.8, 0.8, 0.5]))
+    assert c["filtered"]["vs_random_n"] == 4
+    assert c["filtered"]["vs_random_diff"] == pytest.approx(np.mean([0.1, 0.1, 0.3, 0.0]))
+    assert c["random"]["vs_random_p"] is None and c["random_filtered"]["vs_random_n"] is None
+    none_left = pl.DataFrame(rows).with_columns(
+        pl.when(pl.col("kind") == "random").then(3).otherwise(pl.col("k_effective")).alias("k_effective"))
+    u = ablation_curve(none_left).filter(pl.col("kind") == "unfiltered").row(0, named=True)
+    assert u["vs_random_n"] == 0 and u["vs_random_p"] is None
+
+
 def test_ablate_images_shards_merge_to_the_single_run_and_layers_cap_k(tiny_adapters):
     """Two shards (every 2nd image) concatenate to the one-process table; with
     ``layers=[last]`` a huge k is capped at that layer's d_mlp units (k_effective)."""
@@ -130,8 +206,10 @@ def test_ablate_images_shards_merge_to_the_single_run_and_layers_cap_k(tiny_adap
     last = ad.n_layers - 1
     only = ablate_images(caps, lambda i: i, plm, interp, layers=[last], **kw)
     big = only.filter(pl.col("k") == 10_000)
-    assert set(big.filter(pl.col("kind") != "filtered")["k_effective"]) == {ad.d_mlp}
-    assert set(big.filter(pl.col("kind") == "filtered")["k_effective"]) == {int(interp[last].sum())}
+    keff = {kind: set(g["k_effective"]) for (kind,), g in big.group_by(["kind"])}
+    assert keff["unfiltered"] == {ad.d_mlp} and keff["filtered"] == {int(interp[last].sum())}
+    # every unit of that layer is a top unit: no unit is left to draw a random set from
+    assert keff["random"] == keff["random_filtered"] == {0}
     assert set(full.filter(pl.col("k") == 10_000, pl.col("kind") == "unfiltered")["k_effective"]) == {
         ad.n_layers * ad.d_mlp}
     # p_clean is p with nothing ablated: equal to the k = 0 rows
@@ -247,7 +325,7 @@ def test_ablation_metrics_are_compact_numbers_for_headline_ks():
     assert curve.height == len(KINDS) * len(ks)
     m = ablation_metrics(curve, ks)
     leaves = _leaves(m)
-    assert len(leaves) <= 40
+    assert len(leaves) <= 64  # the full results (data/results/); metrics/ablation.json takes 11 of them
     assert all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in leaves)
     assert set(m["filtered"]) == {"k100", "k6400"}
 
@@ -413,14 +491,14 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert seen["stop_at_newline"] is False and seen["max_new_tokens"] == 3
     curve = pl.read_csv(out["curve.csv"])
-    assert curve.height == 3 * 4 and set(curve["n"]) == {4}
+    assert curve.height == len(A.KINDS) * 4 and set(curve["n"]) == {4}
     from mmn.headline import headline
 
     m = json.loads(out["full.json"].read_text())
     assert json.loads(out["ablation.json"].read_text()) == headline("ablation", m)
     assert m["n_images"] == 4 and set(m["unfiltered"]) == {"k100", "k200"}
     leaves = _leaves(m)
-    assert len(leaves) <= 40 and all(v is None or isinstance(v, (int, float)) for v in leaves)
+    assert len(leaves) <= 64 and all(v is None or isinstance(v, (int, float)) for v in leaves)
     u = curve.filter(pl.col("kind") == "unfiltered", pl.col("k") == 100).row(0, named=True)
     assert m["unfiltered"]["k100"]["rel_drop"]["mean"] == pytest.approx(u["rel_drop"], abs=1e-6)
     info = json.loads(out["info.json"].read_text())

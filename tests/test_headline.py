@@ -64,7 +64,8 @@ def test_committed_headline_equals_its_path_in_summary(name):
 def test_selectors_null_and_missing_paths():
     full = {"unfiltered": {"k10": {"rel_drop": {"mean": 0.1}, "vs_random_p": 0.5},
                            "k6400": {"rel_drop": {"mean": 0.9}, "vs_random_p": 0.01}},
-            "filtered": {"k10": {"rel_drop": {"mean": 0.2}}, "k6400": {"rel_drop": {"mean": None}}},
+            "filtered": {"k10": {"rel_drop": {"mean": 0.2}, "vs_random_p": 0.3},
+                         "k6400": {"rel_drop": {"mean": None}, "vs_random_p": None}},
             "random": {"k10": {"rel_drop": {"mean": 0.0}}, "k6400": {"rel_drop": {"mean": 0.3}}},
             "n_images": 4}
     h = headline("ablation", full)

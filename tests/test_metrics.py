@@ -18,7 +18,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from conftest import COCO_MINI  # noqa: E402
+from conftest import COCO_MINI, REPO  # noqa: E402
 
 # ----------------------------------------------------------------------------- CLIPScore
 
@@ -592,3 +592,35 @@ def test_nearest_tokens():
     torch.testing.assert_close(cos, full.topk(5, dim=1).values)
     with pytest.raises(ValueError):
         nearest_tokens(torch.zeros(2, 15), emb)
+
+
+def test_every_bertscore_is_built_from_the_profile(monkeypatch):
+    """caption quality, Table 1/2 (score) and the ablated captions (ablate) build BERTScore only
+    through ``BertScorer.from_profile`` (an AST scan of stages/ and mmn/ finds no other
+    construction), and under the paper profile's settings it passes the profile's model, layer
+    and rescale (a stand-in records them): caption and ablate scores are on Table 1's scale."""
+    import ast
+
+    import yaml
+
+    from mmn.metrics.bertscore import BertScorer
+    from mmn.params import parse_params
+
+    others, users = [], set()
+    for f in [*REPO.glob("stages/*.py"), *REPO.glob("mmn/**/*.py")]:
+        if f.name == "bertscore.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "BertScorer":
+                (users.add(f.stem) if node.attr == "from_profile" else others.append(f"{f.name}: .{node.attr}"))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "BertScorer":
+                others.append(f"{f.name}: BertScorer(...)")
+    assert not others and {"caption", "ablate", "scores"} <= users, (others, users)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    seen: dict = {}
+    monkeypatch.setattr(BertScorer, "from_params", classmethod(lambda cls, *a, **k: seen.update(args=a, **k) or "bert"))
+    for profile, rescale in (("paper", True), ("embedded", False)):
+        params = parse_params({**raw, "profile": profile})
+        assert BertScorer.from_profile(params, "cpu") == "bert"
+        m = params.model
+        assert seen["args"] == (m.bert_model, m.bert_layers) and seen["rescale"] is rescale is m.bert_rescale

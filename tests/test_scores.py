@@ -39,7 +39,8 @@ def test_image_units_distinct_in_rank_order_and_missing_decoding_named():
 
 def test_table1_plan_all_units_derangements_and_matched_interpretable_baseline():
     units = _units()
-    plan = S.table1_plan(units, random_draws=3, seed=0)
+    plan, touched = S.table1_plan(units, random_draws=3, seed=0)
+    assert touched == dict.fromkeys(touched, 0)  # no unit shared between images here
     own = {i: set(units.filter(pl.col("image_id") == i).select("layer", "unit").rows()) for i in range(100, 105)}
     by_layer = {next(iter(v))[0]: i for i, v in own.items()}  # layer encodes the source image
     mm = plan.filter(pl.col("item") == "multimodal_all")
@@ -60,8 +61,45 @@ def test_table1_plan_all_units_derangements_and_matched_interpretable_baseline()
         assert g.height == 2  # count-matched to the image's 2 interpretable units
         assert all(u % 2 == 0 for u in g["unit"].to_list())  # drawn from interpretable units
         assert all(by_layer[x] != img for x in g["layer"].to_list())  # of other images
-    assert plan.equals(S.table1_plan(units, random_draws=3, seed=0))
-    assert not plan.equals(S.table1_plan(units, random_draws=3, seed=1))
+    assert plan.equals(S.table1_plan(units, random_draws=3, seed=0)[0])
+    assert not plan.equals(S.table1_plan(units, random_draws=3, seed=1)[0])
+
+
+def test_random_pairing_never_scores_an_image_with_its_own_units():
+    """Units shared between images' top lists: every baseline set of an image holds none of its
+    own units; random_pairing keeps the partner's count (a shared unit replaced by another
+    image's unit); the matched interpretable baseline keeps m; the touched draws are counted."""
+    units = _units(n_images=4, k=4)
+    shared = (0, 0)  # image 100's unit (layer 0, unit 0), an interpretable one, also in every other top list
+    extra = pl.DataFrame([(100 + i, 4, *shared, "tok0_0", True) for i in range(1, 4)], schema=units.schema,
+                         orient="row")
+    units = pl.concat([units, extra]).sort("image_id", "order")
+    own = {i: set(units.filter(pl.col("image_id") == i).select("layer", "unit").rows()) for i in range(100, 104)}
+    plan, touched = S.table1_plan(units, random_draws=4, seed=0)
+    for item in ("random_pairing", "random_pairing_interpretable"):
+        for (img, d), g in plan.filter(pl.col("item") == item).group_by("image_id", "draw"):
+            got = g.select("layer", "unit").rows()
+            assert not set(got) & own[img] and len(set(got)) == len(got), (item, img, d)
+            m = int(units.filter(pl.col("image_id") == img)["interpretable"].sum())
+            if item == "random_pairing_interpretable":
+                assert len(got) == m
+    rp = plan.filter(pl.col("item") == "random_pairing")
+    sizes = {i: len(v) for i, v in own.items()}
+    # every image's partner set keeps its size: 4 for image 100, 5 for the others
+    assert sorted(rp.group_by("image_id", "draw").len()["len"].to_list()) == sorted(
+        sizes[p] for d in range(4) for p in _partners(rp, d, own))
+    # the shared unit is in every image's list: every draw of every image touched it once
+    assert touched["random_pairing_draws"] == touched["random_pairing_units"] == 4 * 4
+    assert touched["random_pairing_interpretable_draws"] == 4 * 4
+
+
+def _partners(rp: pl.DataFrame, draw: int, own: dict) -> list[int]:
+    """The partner image of each image in one draw: the image whose own units its set mostly holds."""
+    out = []
+    for img, g in rp.filter(pl.col("draw") == draw).group_by("image_id"):
+        got = set(g.select("layer", "unit").rows())
+        out.append(max((i for i in own if i != img[0]), key=lambda i: len(got & own[i])))
+    return out
 
 
 def _long(values: dict[tuple[str, int, int, int], float]) -> pl.DataFrame:
@@ -193,7 +231,7 @@ def test_score_tables_tiny_lm_real_vocab_and_ks_n(tiny_adapters, monkeypatch):
     caps = pl.DataFrame({"image_id": images, "caption": ["a cat", "a dog on grass", "two buses"]})
     refs = {i: ["a cat sits on a mat", "a dog runs in the park", "a red bus"] for i in images}
     _FakeBert.calls = 0
-    df = S.score_tables(caps, att, neu, refs, lambda i: i, plm, _FakeBert(), None,
+    df, _ = S.score_tables(caps, att, neu, refs, lambda i: i, plm, _FakeBert(), None,
                         random_draws=2, prompt_neighbours=3, seed=0)
     assert set(df.columns) == set(S.SCORE_SCHEMA)
     n_rows = df.height

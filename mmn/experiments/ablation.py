@@ -5,13 +5,19 @@ change in the probability of token c ... for multimodal neurons (filtered and un
 for interpretability), and randomly selected units in the same layers."
 
 Per image with a target c: one attribution pass ranks units by max-over-patches g;
-three kinds of unit sets are ablated at the image positions for every k:
-``unfiltered`` (top k), ``filtered`` (top k among interpretable units) and ``random``
-(the first k of ONE random ranking per image that has the unfiltered ranking's layer
-mix, :func:`mmn.neurons.ablation.random_ranking`: random sets are nested across k and
-hold as many units per layer as the top k). All rows of an image (plus one clean row
-giving p_clean) are one batched forward pass and one batched generation. k is capped at
-the number of units available for that kind (``k_effective``).
+four kinds of unit sets are ablated at the image positions for every k:
+``unfiltered`` (top k), ``filtered`` (top k among interpretable units), ``random`` and
+``random_filtered``. Each random kind is the first k of ONE random ranking per image
+(:func:`mmn.neurons.ablation.random_ranking`: nested across k) with the layer mix of the
+ranking it is compared with: ``random`` that of the unfiltered top units, ``random_filtered``
+that of the interpretable top units (so also their k_effective). Random units are never the
+image's own top units (unfiltered or interpretable, up to max(ks)): per-layer draws in the
+few early layers that hold the top units would otherwise largely coincide with them at large
+k. ``overlap_if_not_excluded`` records, per random row, the share of the same draw without
+that exclusion that were top units. All rows of an image (plus one clean row giving p_clean)
+are one batched forward pass and one batched generation. k is capped at the number of units
+available for that kind (``k_effective``); a random set whose layers run out of non-top
+units is smaller than its partner's, and the paired test leaves such images out.
 
 Two summaries of the drop of p(c) (:func:`ablation_curve`): the mean over images of the
 per-image relative drop ``1 - p_k/p_clean`` (it can swing negative when ablation raises
@@ -51,9 +57,11 @@ ABLATION_SCHEMA = {
     "rel_drop": pl.Float64,
     "caption": pl.Utf8,
     "caption_changed": pl.Boolean,
+    "overlap_if_not_excluded": pl.Float64,
 }
 
-KINDS = ("unfiltered", "filtered", "random")
+KINDS = ("unfiltered", "filtered", "random", "random_filtered")
+PARTNER = {"unfiltered": "random", "filtered": "random_filtered"}  # each top kind's random control
 
 
 Unit = tuple[int, int]  # (layer, unit)
@@ -86,19 +94,27 @@ class _ImageAblation:
                 rank_units(scores, self.allowed & self.interpretable, limit=top), a[0].mean(dim=1))
 
     def unit_sets(self, image_id: int, order_all: list[Unit], order_int: list[Unit]
-                  ) -> tuple[list[list[Unit]], list[tuple[str, int, int]]]:
-        """Row 0 ablates nothing (p_clean), then one row per (kind, k): ``(sets, [(kind, k, k_eff)])``.
-        The random kind is ONE random ranking per image (seeded by it) with the top units'
-        layer mix, so its sets are nested in k."""
-        order_rnd = random_ranking(order_all, self.plm.adapter.d_mlp, np.random.default_rng([self.seed, image_id]))
-        ranking = {"unfiltered": order_all, "filtered": order_int, "random": order_rnd}
+                  ) -> tuple[list[list[Unit]], list[tuple[str, int, int, float | None]]]:
+        """Row 0 ablates nothing (p_clean), then one row per (kind, k):
+        ``(sets, [(kind, k, k_eff, overlap_if_not_excluded)])``. Each random kind is ONE random
+        ranking per image (seeded by image and kind) with its partner's layer mix, drawn outside
+        the image's top units, so its sets are nested in k."""
+        top = set(order_all) | set(order_int)
+        ranking: dict[str, list] = {"unfiltered": order_all, "filtered": order_int}
+        unexcluded: dict[str, list] = {}
+        for i, (kind, partner) in enumerate((("random", order_all), ("random_filtered", order_int))):
+            seed = [self.seed, image_id] if i == 0 else [self.seed, image_id, i]
+            ranking[kind] = random_ranking(partner, self.plm.adapter.d_mlp, np.random.default_rng(seed), top)
+            unexcluded[kind] = random_ranking(partner, self.plm.adapter.d_mlp, np.random.default_rng(seed))
         sets: list[list[Unit]] = [[]]
         meta = []
         for kind in self.kinds:
             for k in self.ks:
-                units = ranking[kind][:k]
+                units = [u for u in ranking[kind][:k] if u is not None]
                 sets.append(units)
-                meta.append((kind, k, len(units)))
+                drawn = unexcluded.get(kind, [])[:k]
+                overlap = len(set(drawn) & top) / len(drawn) if drawn else None
+                meta.append((kind, k, len(units), overlap))
         return sets, meta
 
     def rows(self, r: dict, soft: torch.Tensor, order_all: list[Unit], order_int: list[Unit],
@@ -117,7 +133,8 @@ class _ImageAblation:
             "p_clean": p_clean, "rel_drop": (p_clean - pk) / p_clean if p_clean > 0 else 0.0,
             "caption": None if cap is None else plm.tokenizer.decode(cap).strip(),
             "caption_changed": None if cap is None else cap != clean,
-        } for (kind, k, k_eff), pk, cap in zip(meta, p, caps)]
+            "overlap_if_not_excluded": overlap,
+        } for (kind, k, k_eff, overlap), pk, cap in zip(meta, p, caps)]
 
 
 def ablate_images(
@@ -208,6 +225,8 @@ CURVE_SCHEMA = {
     "vs_random_lo": pl.Float64,
     "vs_random_hi": pl.Float64,
     "vs_random_p": pl.Float64,
+    "vs_random_n": pl.Int64,
+    "overlap_if_not_excluded": pl.Float64,
     "bertscore_f1": pl.Float64,
     "bertscore_lo": pl.Float64,
     "bertscore_hi": pl.Float64,
@@ -233,8 +252,12 @@ def ablation_curve(df: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
     ``rel_drop`` is the mean over images of the per-image relative drop with its 95%
     bootstrap CI over images (``rel_drop_lo/hi``); ``drop_of_mean`` is
     :func:`drop_of_mean`; ``vs_random_*`` is the paired test over images of this kind's
-    per-image relative drop against the random units' at the same k
-    (:func:`mmn.metrics.stats.paired_test`; null for ``random``); ``bertscore_*`` the
+    per-image relative drop against its random control's (:data:`PARTNER`) at the same k
+    (:func:`mmn.metrics.stats.paired_test`; null for the random kinds), over the
+    ``vs_random_n`` images where both sets have the same size (a random set whose layers ran
+    out of non-top units is smaller; null when no image is left); ``overlap_if_not_excluded``
+    the random kinds' mean share of top units in the same draw without the exclusion;
+    ``bertscore_*`` the
     regenerated captions' BERTScore F1 with its CI (null without regeneration). ``seed``
     seeds the resampling only; keep the default so the plot stage's recomputation from
     data/ablation.parquet equals the stage's data/ablation_curve.csv.
@@ -245,18 +268,22 @@ def ablation_curve(df: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
         if c not in df.columns:
             raise ValueError(f"ablation table has no column {c!r}")
     has_b = "bertscore_f1" in df.columns and df["bertscore_f1"].null_count() < df.height
-    rnd = {k: g.sort("image_id") for (k,), g in df.filter(pl.col("kind") == "random").group_by(["k"])}
+    groups = {key: g.sort("image_id") for key, g in df.group_by(["kind", "k"])}
     rows = []
-    for (kind, k), g in sorted(df.group_by(["kind", "k"]), key=lambda t: (t[0][0], t[0][1])):
-        g = g.sort("image_id")
+    for (kind, k), g in sorted(groups.items()):
         ci = bootstrap_ci(g["rel_drop"].to_numpy(), seed=seed)
         row = {"kind": kind, "k": k, "n": ci["n"], "k_effective": float(g["k_effective"].mean()),
                "p_clean": float(g["p_clean"].mean()), "p": float(g["p_target"].mean()),
                "drop_of_mean": drop_of_mean(g["p_target"].to_numpy(), g["p_clean"].to_numpy()),
                "rel_drop": ci["mean"], "rel_drop_lo": ci["lo"], "rel_drop_hi": ci["hi"]}
-        if kind != "random" and k in rnd:
-            pair = g.select("image_id", "rel_drop").join(rnd[k].select("image_id", pl.col("rel_drop").alias("r")),
-                                                         on="image_id", how="inner")
+        if "overlap_if_not_excluded" in g.columns and g["overlap_if_not_excluded"].null_count() < g.height:
+            row["overlap_if_not_excluded"] = float(g["overlap_if_not_excluded"].mean())
+        control = groups.get((PARTNER.get(kind), k))
+        if control is not None:
+            pair = g.select("image_id", "rel_drop", "k_effective").join(
+                control.select("image_id", pl.col("rel_drop").alias("r"), pl.col("k_effective").alias("k_r")),
+                on="image_id", how="inner").filter(pl.col("k_effective") == pl.col("k_r"))
+            row["vs_random_n"] = pair.height
             if pair.height:
                 t = paired_test(pair["rel_drop"].to_numpy(), pair["r"].to_numpy(), seed=seed)
                 row |= {"vs_random_diff": t["diff"], "vs_random_lo": t["lo"], "vs_random_hi": t["hi"],
@@ -281,13 +308,17 @@ def headline_ks(ks: Sequence[int]) -> list[int]:
 def ablation_metrics(curve: pl.DataFrame, ks: Sequence[int]) -> dict:
     """Compact, numbers-only metrics: per kind and headline k (:func:`headline_ks`) the mean
     per-image relative drop with its CI ``{"mean","lo","hi","n"}``, the relative drop of the
-    mean p(c) and (top kinds) the paired p-value against random units at that k."""
+    mean p(c), the mean k_effective, and for the top kinds the paired test against their random
+    control at that k (p, images paired; the difference and its CI are in the curve table); for the random kinds the overlap their
+    draws would have had with the top units without the exclusion."""
     out: dict = {"n_images": int(curve["n"].max()) if curve.height else 0}
     for r in curve.filter(pl.col("k").is_in(headline_ks(ks))).iter_rows(named=True):
         v = {"rel_drop": {"mean": r["rel_drop"], "lo": r["rel_drop_lo"], "hi": r["rel_drop_hi"], "n": r["n"]},
-             "drop_of_mean": r["drop_of_mean"]}
-        if r["kind"] != "random":
-            v["vs_random_p"] = r["vs_random_p"]
+             "drop_of_mean": r["drop_of_mean"], "k_effective": r["k_effective"]}
+        if r["kind"] in PARTNER:
+            v |= {"vs_random_p": r["vs_random_p"], "vs_random_n": r["vs_random_n"]}
+        else:
+            v["overlap_if_not_excluded"] = r["overlap_if_not_excluded"]
         out.setdefault(r["kind"], {})[f"k{r['k']}"] = v
     return out
 
@@ -304,8 +335,15 @@ def ablation_info(ks: Sequence[int], n_interpretable: int, n_units: int, layers:
             "drop_of_mean": "relative drop of the mean: 1 - mean_images p_k(c) / mean_images p_clean(c)",
             "vs_random_p": "two-sided paired sign-flip permutation test over images of the per-image "
                            "relative drop, this kind vs random units at the same k",
-            "random": "per image one random ranking of units with the unfiltered ranking's layer mix; "
-                      "the random set for k is its first k units (nested across k)",
+            "random": "per image one random ranking of units with the unfiltered ranking's layer mix, drawn "
+                      "outside the image's top units (unfiltered and interpretable, up to max(ks)); the random "
+                      "set for k is its first k units (nested across k); a layer out of non-top units adds none",
+            "random_filtered": "as random, with the interpretable (filtered) ranking's layer mix and k_effective: "
+                               "the control of the filtered kind",
+            "vs_random_p_pairs": "filtered is tested against random_filtered, unfiltered against random, over the "
+                                 "images whose two sets have the same size",
+            "overlap_if_not_excluded": "per random row, the share of the same draw without the exclusion that "
+                                       "were the image's top units (the overlap the exclusion removes)",
         },
     }
 

@@ -114,16 +114,31 @@ def image_units(attributions: pl.DataFrame, neurons: pl.DataFrame) -> pl.DataFra
     return top
 
 
-def table1_plan(units: pl.DataFrame, random_draws: int, seed: int) -> pl.DataFrame:
-    """Which unit texts each image is scored with (no scores yet): ``item, image_id, draw,
-    index, layer, unit, text`` for the unit rows and the two random-pairing baselines."""
+def table1_plan(units: pl.DataFrame, random_draws: int, seed: int) -> tuple[pl.DataFrame, dict]:
+    """Which unit texts each image is scored with (no scores yet): ``(plan, own_units)``.
+
+    ``plan``: ``item, image_id, draw, index, layer, unit, text`` for the unit rows and the two
+    random-pairing baselines. A baseline never scores an image with one of its OWN top units
+    (a unit can be in the top list of several images): in ``random_pairing`` such a unit of the
+    partner image is replaced by a unit drawn from all the images' top units that are neither the
+    image's own nor already in the set (the count stays the partner's); the matched interpretable
+    baseline draws from a pool without them. ``own_units`` counts what that touched (info JSON):
+    ``random_pairing_draws`` (image, draw) sets and ``random_pairing_units`` units replaced,
+    ``random_pairing_interpretable_draws`` draws whose pool held own units."""
     images = sorted(set(units["image_id"].to_list()))
     by = {i: units.filter(pl.col("image_id") == i) for i in images}
+    own = {i: set(by[i].select("layer", "unit").rows()) for i in images}
+    everyone = units.unique(subset=["layer", "unit"], keep="first", maintain_order=True)
     rows: list[tuple] = []
+    touched = {"random_pairing_draws": 0, "random_pairing_units": 0, "random_pairing_interpretable_draws": 0}
 
     def add(item: str, image: int, draw: int, u: pl.DataFrame) -> None:
         for j, (layer, unit, text) in enumerate(u.select("layer", "unit", "decoded").iter_rows()):
             rows.append((item, image, draw, j, layer, unit, text))
+
+    def not_own(df: pl.DataFrame, image: int, also: set = frozenset()) -> pl.Series:
+        return pl.Series([(lu not in own[image] and lu not in also) for lu in df.select("layer", "unit").rows()],
+                         dtype=pl.Boolean)
 
     for i in images:
         add("multimodal_all", i, 0, by[i])
@@ -134,17 +149,29 @@ def table1_plan(units: pl.DataFrame, random_draws: int, seed: int) -> pl.DataFra
         for d in range(random_draws):
             perm = derangement(len(images), rng)
             for a, b in zip(images, perm):
-                add("random_pairing", a, d, by[images[b]])
+                partner = by[images[b]]
+                keep = not_own(partner, a)
+                n_own = partner.height - int(keep.sum())
+                if n_own:
+                    kept = partner.filter(keep)
+                    pool = everyone.filter(not_own(everyone, a, set(kept.select("layer", "unit").rows())))
+                    pick = rng.choice(pool.height, size=min(n_own, pool.height), replace=False)
+                    partner = pl.concat([kept, pool[np.sort(pick).tolist()]], how="vertical")
+                    touched["random_pairing_draws"] += 1
+                    touched["random_pairing_units"] += n_own
+                add("random_pairing", a, d, partner)
             for a in images:
                 m = int(by[a]["interpretable"].sum())
-                pool = (interp.filter(pl.col("image_id") != a)
-                        .unique(subset=["layer", "unit"], keep="first", maintain_order=True))
+                others = (interp.filter(pl.col("image_id") != a)
+                          .unique(subset=["layer", "unit"], keep="first", maintain_order=True))
+                pool = others.filter(not_own(others, a))
+                touched["random_pairing_interpretable_draws"] += int(m > 0 and pool.height < others.height)
                 if m == 0 or pool.height == 0:
                     continue
                 pick = rng.choice(pool.height, size=min(m, pool.height), replace=False)
                 add("random_pairing_interpretable", a, d, pool[np.sort(pick).tolist()])
     schema = {k: SCORE_SCHEMA[k] for k in ("item", "image_id", "draw", "index", "layer", "unit", "text")}
-    return pl.DataFrame(rows, schema=schema, orient="row")
+    return pl.DataFrame(rows, schema=schema, orient="row"), touched
 
 
 class _Scorer:
@@ -191,8 +218,9 @@ def score_tables(
     prompt_neighbours: int,
     seed: int,
     n_nouns: int = N_NOUNS,
-) -> pl.DataFrame:
-    """Long table of every scored text (schema :data:`SCORE_SCHEMA`)."""
+) -> tuple[pl.DataFrame, dict]:
+    """``(table, own_units)``: the long table of every scored text (schema :data:`SCORE_SCHEMA`)
+    and :func:`table1_plan`'s count of the own units its random baselines left out."""
     units = image_units(attributions, neurons)
     images = sorted(set(units["image_id"].to_list()))
     no_refs = [i for i in images if not refs.get(i)]
@@ -206,14 +234,15 @@ def score_tables(
         parts.append(plan.with_columns(pl.lit(table).alias("table"), pl.Series("bertscore", b, pl.Float64),
                                        pl.Series("clipscore", c, pl.Float64).fill_nan(None)))
 
-    add("table1", table1_plan(units, random_draws, seed))
+    plan, own_units = table1_plan(units, random_draws, seed)
+    add("table1", plan)
     caps = captions.filter(pl.col("image_id").is_in(images)).sort("image_id")
     add("table1", _single_plan("captions", caps["image_id"].to_list(), caps["caption"].to_list()))
     add("table1", _single_plan("coco_nouns", images, [sample_nouns(refs[i], n_nouns, seed, i) for i in images]))
 
     for plan in prompt_plans(plm, images, load_image, prompt_neighbours, seed):
         add("table2", plan)
-    return pl.concat(parts, how="diagonal").select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA)
+    return pl.concat(parts, how="diagonal").select(list(SCORE_SCHEMA)).cast(SCORE_SCHEMA), own_units
 
 
 def _single_plan(item: str, ids: list[int], texts: list[str], index: list[int] | None = None) -> pl.DataFrame:
@@ -329,14 +358,8 @@ def build_scorers(params, device: torch.device, dtype: torch.dtype | None) -> tu
     ``(bert, clip, reason)``; ``clip`` is None, with the ``reason``, when the profile configures
     no CLIP weights (none ship in any PyPI package). A configured CLIP model that cannot load
     raises; so does a ``bert_rescale`` without a baseline (ParamsError naming the key)."""
-    from mmn.errors import ParamsError
-
     m, s = params.model, params.score
-    try:
-        bert = BertScorer.from_params(m.bert_model, m.bert_layers, device=device, rescale=m.bert_rescale,
-                                      batch_size=s.batch_size, dtype=dtype)
-    except ValueError as e:
-        raise ParamsError(f"profiles.{params.profile}.bert_rescale: {e}") from e
+    bert = BertScorer.from_profile(params, device, dtype, batch_size=s.batch_size)
     if m.clip_pretrained is None and m.clip_checkpoint is None:
         return bert, None, (f"no CLIP weights configured for profile '{params.profile}' (none ship in any PyPI "
                             "package; set profiles.<name>.clip_pretrained or clip_checkpoint)")
@@ -353,7 +376,7 @@ def table1_line(metrics: dict, scale: str) -> str:
 
 
 def describe(bert: BertScorer, clip: ClipScorer | None, clip_reason: str | None, clip_w: float,
-             n_images: int) -> dict:
+             n_images: int, own_units: dict) -> dict:
     """data/info/score.json: the strings that go with the numbers (models, scales, reasons)."""
     if bert.rescaled:
         bscale = (f"baseline-rescaled F1, (F - b)/(1 - b) with bert_score's baseline b = {bert.baseline:.4f} "
@@ -367,13 +390,16 @@ def describe(bert: BertScorer, clip: ClipScorer | None, clip_reason: str | None,
         "clipscore": {"model": None if clip is None else clip.description, "scale": scale_description(clip_w),
                       "not_computed": None if clip is not None else f"CLIPScore not computed: {clip_reason}"},
         "n_images": n_images,
+        "own_units_left_out": own_units,
         "definitions": {
             "table1": "per image: max over all its top units' decoded token lists (comma-joined); mean over images "
                       "with a 95% bootstrap CI over images",
-            "random_pairing": "image scored with another image's top units (seeded derangements); per-draw max, "
-                              "mean over draws",
+            "random_pairing": "image scored with another image's top units (seeded derangements); a partner unit "
+                              "that is also one of the image's own top units is replaced by a unit drawn from all "
+                              "images' top units that are not its own; per-draw max, mean over draws",
             "random_pairing_interpretable": "image with m interpretable units scored with m interpretable units "
-                                            "drawn from the other images' top units; per-draw max, mean over draws",
+                                            "drawn from the other images' top units, never its own; per-draw max, "
+                                            "mean over draws",
             "coco_nouns": f"{N_NOUNS} nouns sampled (seeded) per image from its human captions",
             "table2": "per image: mean (and max) over patches of the scores of each soft token's nearest "
                       "real-vocabulary tokens; random: one set of matched random vectors per image",

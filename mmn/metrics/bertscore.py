@@ -163,6 +163,22 @@ class BertScorer:
         return next(self.model.parameters()).device
 
     @classmethod
+    def from_profile(cls, params, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                     batch_size: int = 64) -> BertScorer:
+        """The profile's scorer (``profiles.<name>.bert_model``, ``bert_layers``, ``bert_rescale``):
+        the ONE way every stage that scores with BERTScore builds it (caption quality, Table 1/2,
+        the ablated captions), so one setting governs all of them. ``batch_size`` does not change
+        the scores. A ``bert_rescale`` without a baseline raises ParamsError naming the key."""
+        from mmn.errors import ParamsError
+
+        m = params.model
+        try:
+            return cls.from_params(m.bert_model, m.bert_layers, device=device, rescale=m.bert_rescale,
+                                   batch_size=batch_size, dtype=dtype)
+        except ValueError as e:
+            raise ParamsError(f"profiles.{params.profile}.bert_rescale: {e}") from e
+
+    @classmethod
     def from_params(
         cls,
         model_type: str,

@@ -9,7 +9,7 @@ untouched, as the image positions were already ablated in the cached prefix.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -140,24 +140,34 @@ def rank_units(scores: Float[Tensor, "layers d_mlp"], allowed: Bool[Tensor, "lay
     return [(int(i) // n_units, int(i) % n_units) for i in order.tolist()]
 
 
-def random_ranking(order: Sequence[tuple[int, int]], n_units: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+def random_ranking(order: Sequence[tuple[int, int]], n_units: int, rng: np.random.Generator,
+                   exclude: Collection[tuple[int, int]] = ()) -> list[tuple[int, int] | None]:
     """One random ranking of units with ``order``'s layer mix, for nested random sets.
 
-    Each layer gets one random permutation of its ``n_units`` units; the i-th entry of the
-    result is the next unused unit of that permutation in the layer of ``order[i]``. So for
-    every k the first k entries hold as many units per layer as ``order[:k]`` does (the
-    random units come "from the same layers" as the top k, as in the paper's Fig. 6), and
-    the random set of a smaller k is a prefix of that of a larger one (nested across k).
+    Each layer gets one random permutation of its ``n_units`` units, less the units in
+    ``exclude`` (an image's own top units: a random set must not contain the set it is compared
+    with); the i-th entry of the result is the next unused unit of that permutation in the layer
+    of ``order[i]``. So for every k the first k entries hold as many units per layer as
+    ``order[:k]`` does (the random units come "from the same layers" as the top k, as in the
+    paper's Fig. 6), and the random set of a smaller k is a prefix of that of a larger one.
+
+    Gotcha: when a layer's non-excluded units run out (large k with the top units crowded in a
+    few layers), that entry is ``None``: the set for k is then smaller than k (its
+    ``k_effective`` says so), never filled from other layers.
     """
-    perms: dict[int, np.ndarray] = {}
+    excluded: dict[int, set[int]] = {}
+    for layer, unit in exclude:
+        excluded.setdefault(layer, set()).add(unit)
+    perms: dict[int, list[int]] = {}
     used: dict[int, int] = {}
-    out = []
+    out: list[tuple[int, int] | None] = []
     for layer in sorted({layer for layer, _ in order}):
-        perms[layer] = rng.permutation(n_units)  # drawn in layer order: reproducible
+        drop = excluded.get(layer, set())  # drawn in layer order: reproducible
+        perms[layer] = [int(u) for u in rng.permutation(n_units) if int(u) not in drop]
     for layer, _ in order:
         j = used.get(layer, 0)
         if j >= n_units:
             raise ValueError(f"order has more than n_units={n_units} units in layer {layer}")
-        out.append((layer, int(perms[layer][j])))
+        out.append((layer, perms[layer][j]) if j < len(perms[layer]) else None)
         used[layer] = j + 1
     return out

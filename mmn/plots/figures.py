@@ -28,7 +28,7 @@ from mmn.plots.tables import ABLATION_KINDS, unit_key  # noqa: E402
 
 RC = {"font.size": 9, "axes.titlesize": 10, "axes.spines.top": False,
       "axes.spines.right": False, "svg.hashsalt": "mmn"}
-KIND_COLORS = {"unfiltered": "#d62728", "filtered": "#1f77b4", "random": "#7f7f7f",
+KIND_COLORS = {"unfiltered": "#d62728", "filtered": "#1f77b4", "random": "#7f7f7f", "random_filtered": "#9ecae1",
                "multimodal": "#d62728", "prompts": "#1f77b4", "random_prompts": "#7f7f7f",
                "coco_nouns": "#2ca02c", "captions": "#ff7f0e"}
 

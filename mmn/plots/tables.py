@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-ABLATION_KINDS = ("unfiltered", "filtered", "random")
+ABLATION_KINDS = ("unfiltered", "filtered", "random", "random_filtered")  # mmn.experiments.ablation.KINDS
 SCORE_SERIES = (  # Fig. 3: (item, per-image stat, label) — see mmn.experiments.scores.per_image_scores
     ("prompts", "mean", "prompts"),
     ("random_prompts", "mean", "random_prompts"),

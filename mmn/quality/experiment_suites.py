@@ -76,7 +76,7 @@ def ablation_suite() -> list[dict]:
         expect("expect_column_values_to_be_between", column="p_target", min_value=0.0, max_value=1.0),
         expect("expect_column_values_to_be_between", column="p_clean", min_value=0.0, max_value=1.0),
         expect("expect_column_values_to_not_be_null", column="p_target"),
-        expect("expect_column_values_to_be_in_set", column="kind", value_set=["unfiltered", "filtered", "random"]),
+        expect("expect_column_values_to_be_in_set", column="kind", value_set=["unfiltered", "filtered", "random", "random_filtered"]),
         expect("expect_compound_columns_to_be_unique", column_list=["image_id", "kind", "k"]),
         expect("expect_column_values_to_be_in_set", column="k0_unchanged", value_set=[True],
                description="with k = 0 nothing is ablated, so p(c) must equal the clean p(c)"),
