@@ -299,6 +299,13 @@ class Params(_Strict):
             raise ValueError(f"profile {self.profile!r} is not defined under 'profiles' (have {sorted(self.profiles)})")
         return self
 
+    @model_validator(mode="after")
+    def _mean_fill_is_a_mean_of_a(self) -> "Params":
+        if self.attribute.preactivation and self.ablate.mode == "mean":
+            raise ValueError("ablate.mode: mean fills A with its mean, but attribute.preactivation: true ranks units "
+                             "by Z; use ablate.mode: zero or attribute.preactivation: false")
+        return self
+
     @property
     def model(self) -> ModelProfile:
         """The resolved model settings of the active profile."""

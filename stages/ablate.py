@@ -41,7 +41,8 @@ def main(run: Run) -> None:
         part = A.ablate_images(caps, layout.load_image, plm, interpretable, ks=ap.ks, mode=ap.mode,
                                max_new_tokens=params.caption.max_new_tokens,
                                stop_at_newline=params.caption.stop_at_newline, regenerate=ap.regenerate,
-                               seed=params.seed, layers=layers, progress=info.is_main, shard=info.shard,
+                               seed=params.seed, layers=layers, preactivation=params.attribute.preactivation,
+                               progress=info.is_main, shard=info.shard,
                                reduce_sum=lambda t: all_reduce_sum(t, info))
         df = gather_frames(part, info)
     if not info.is_main:

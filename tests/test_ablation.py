@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_prefix_setup
+from conftest import REPO, tiny_prefix_setup
 from helpers.fakes import FakeEncoder, captions
 from mmn.hooks import TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM
@@ -182,6 +182,47 @@ def test_filtered_kind_is_tested_against_its_own_random_control_on_equal_sizes()
         pl.when(pl.col("kind") == "random").then(3).otherwise(pl.col("k_effective")).alias("k_effective"))
     u = ablation_curve(none_left).filter(pl.col("kind") == "unfiltered").row(0, named=True)
     assert u["vs_random_n"] == 0 and u["vs_random_p"] is None
+
+
+def test_ablate_ranks_by_preactivation_when_attribute_does(tiny_adapters, monkeypatch):
+    """attribute.preactivation: ablate's top units are the top units of max-over-patches Z·dy/dZ
+    (computed here independently from attribution_maps), not of A·dy/dA; the mean fill, a mean
+    of A, is refused with it (in the library and in the params)."""
+    import yaml
+
+    import mmn.experiments.ablation as A
+    from mmn.neurons.attribution import attribution_maps
+    from mmn.neurons.scoring import unit_scores
+    from mmn.params import ParamsError, parse_params
+
+    plm, tok = _plm(tiny_adapters, "llama")  # SiLU-gated: Z and A rank differently
+    caps = captions(tok).head(2)
+    interp = torch.ones(plm.adapter.n_layers, plm.adapter.d_mlp, dtype=torch.bool)
+    seen = {}
+    orig = A._ImageAblation.rows
+
+    def spy(self, r, soft, order_all, order_int, fill):
+        seen[r["image_id"]] = (order_all, soft)
+        return orig(self, r, soft, order_all, order_int, fill)
+
+    monkeypatch.setattr(A._ImageAblation, "rows", spy)
+    for pre in (True, False):
+        A.ablate_images(caps, lambda i: i, plm, interp, ks=[0, 5], regenerate=False, progress=False,
+                        preactivation=pre)
+        for r in caps.iter_rows(named=True):
+            order, soft = seen[r["image_id"]]
+            _, z, dz = attribution_maps(plm, soft, [list(r["caption_token_ids"][: r["target_pos"]])],
+                                        [int(r["target_token_id"])], preactivation=pre)
+            assert order == rank_units(unit_scores(z[0], dz[0]), limit=5), (pre, r["image_id"])
+        if pre:
+            pre_orders = {i: o for i, (o, _) in seen.items()}
+    assert any(pre_orders[i] != seen[i][0] for i in seen)  # the setting changes the ranking
+    with pytest.raises(ValueError, match="ablate.mode: mean"):
+        A.ablate_images(caps, lambda i: i, plm, interp, ks=[0, 5], mode="mean", preactivation=True, progress=False)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["attribute"]["preactivation"], raw["ablate"]["mode"] = True, "mean"
+    with pytest.raises(ParamsError, match="ablate.mode: mean"):
+        parse_params(raw)
 
 
 def test_ablate_images_shards_merge_to_the_single_run_and_layers_cap_k(tiny_adapters):

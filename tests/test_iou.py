@@ -181,6 +181,30 @@ def test_needed_units_per_threshold_mode():
                          "draw": [0, 0, 0], "layer": [0, 1, 1], "unit": [3, 4, 5]})
     assert needed_units(plan, "image") == {1: [(0, 3), (1, 4)], 2: [(1, 5)]}
     assert needed_units(plan, "dataset") == {1: [(0, 3), (1, 4), (1, 5)], 2: [(0, 3), (1, 4), (1, 5)]}
+    # NetDissect: the dataset threshold is taken over every EVALUATED image, not only the IoU images
+    every = needed_units(plan, "dataset", evaluated=[1, 2, 3, 4])
+    assert sorted(every) == [1, 2, 3, 4] and every[3] == every[4] == [(0, 3), (1, 4), (1, 5)]
+    assert needed_units(plan, "image", evaluated=[1, 2, 3, 4]) == {1: [(0, 3), (1, 4)], 2: [(1, 5)]}
+
+
+def test_dataset_threshold_uses_the_evaluated_images_outside_the_iou_plan():
+    """An evaluated image that is not an IoU image moves the unit's threshold (it is in the
+    grids that needed_units asks for) but gets no IoU row of its own."""
+    from mmn.experiments.iou import needed_units, score_iou
+
+    plan = pl.DataFrame({"image_id": [1], "category": ["cat"], "kind": ["multimodal"], "draw": [0],
+                         "layer": [0], "unit": [7]})
+    a = np.array([0.0, 1, 2, 3], np.float32)
+    other = np.array([-9.0, -9, -9, -9], np.float32)  # image 2: evaluated, no single-object cat
+    mask = {(1, "cat"): np.array([[False, False], [True, True]])}
+    need = needed_units(plan, "dataset", evaluated=[1, 2])
+    grids = {(i, l, u): (a if i == 1 else other) for i, units in need.items() for l, u in units}
+    ds = score_iou(plan, grids, mask, grid=2, threshold="dataset", quantile=0.5)
+    # over both images the median is -4.5: image 1's whole map is above it, IoU 2/4; over image 1 alone it
+    # would be 1.5 (the bottom row, IoU 1)
+    assert ds["image_id"].to_list() == [1] and ds["iou"].to_list() == [0.5]
+    alone = score_iou(plan, {(1, 0, 7): a}, mask, grid=2, threshold="dataset", quantile=0.5)
+    assert alone["iou"].to_list() == [1.0]
 
 
 # --------------------------------------------------------------------------- selectivity

@@ -80,6 +80,7 @@ class _ImageAblation:
     max_new_tokens: int
     regenerate: bool
     seed: int
+    preactivation: bool = False
 
     @staticmethod
     def text(r: dict) -> list[int]:
@@ -87,8 +88,11 @@ class _ImageAblation:
         return list(r["caption_token_ids"][: r["target_pos"]])
 
     def rank(self, r: dict, soft: torch.Tensor) -> tuple[list[Unit], list[Unit], torch.Tensor]:
-        """Top ``max(ks)`` units (all allowed, interpretable allowed) and A's mean over positions."""
-        _, a, grad = attribution_maps(self.plm, soft, [self.text(r)], [int(r["target_token_id"])])
+        """Top ``max(ks)`` units (all allowed, interpretable allowed) and A's mean over positions
+        (with ``preactivation`` the units are ranked by Z·dy/dZ, as ``attribute`` ranks them, and
+        the mean is Z's: the mean fill is then refused upstream)."""
+        _, a, grad = attribution_maps(self.plm, soft, [self.text(r)], [int(r["target_token_id"])],
+                                      preactivation=self.preactivation)
         scores, top = unit_scores(a[0], grad[0]), max(self.ks)
         return (rank_units(scores, self.allowed, limit=top),
                 rank_units(scores, self.allowed & self.interpretable, limit=top), a[0].mean(dim=1))
@@ -154,6 +158,7 @@ def ablate_images(
     layers: Sequence[int] | None = None,
     shard: tuple[int, int] = (0, 1),
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    preactivation: bool = False,
 ) -> pl.DataFrame:
     """One row per (image, kind, k). ``interpretable``: ``Bool[Tensor, "layers d_mlp"]``;
     images go through ``plm``'s encoder.
@@ -165,8 +170,13 @@ def ablate_images(
     ``mean``: two passes (the fill needs all images first), keeping only the top
     ``max(ks)`` units per image in between, so memory stays flat in the image count.
     Regenerated captions stop at EOS and, with ``stop_at_newline`` (``caption.stop_at_newline``,
-    as the caption stage), at a newline.
+    as the caption stage), at a newline. ``preactivation`` (``attribute.preactivation``) ranks
+    units by Z·dy/dZ as the attribute stage does; the ablation still sets A. It is refused with
+    ``mode="mean"``, whose fill is a mean of A.
     """
+    if preactivation and mode == "mean":
+        raise ValueError("ablate.mode: mean fills A with its mean, but attribute.preactivation: true ranks by Z; "
+                         "use ablate.mode: zero, or attribute.preactivation: false")
     from mmn.distributed import shard_batches
 
     ad = plm.adapter
@@ -176,7 +186,7 @@ def ablate_images(
     todo = [recs[b[0]] for b in shard_batches(len(recs), 1, shard)]
     run = _ImageAblation(plm, allowed, interpretable, ks, kinds,
                          stop_token_ids(plm.tokenizer, ad.vocab_size, stop_at_newline), max_new_tokens, regenerate,
-                         seed)
+                         seed, preactivation)
 
     def soft_of(r: dict) -> torch.Tensor:
         return plm.image_soft_tokens([load_image(r["image_id"])])

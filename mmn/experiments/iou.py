@@ -29,7 +29,7 @@ Our reading (parameters in brackets, defaults first):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,14 +134,16 @@ def iou_plan(images: dict[str, list[int]], attributions: pl.DataFrame, *, top_un
 # ----------------------------------------------------------------------------- scoring
 
 
-def needed_units(plan: pl.DataFrame, threshold: str) -> dict[int, list[Unit]]:
+def needed_units(plan: pl.DataFrame, threshold: str, evaluated: Sequence[int] = ()) -> dict[int, list[Unit]]:
     """Units whose activations each image must provide: its own plan units (``image``), or
-    every unit of the plan on every plan image (``dataset``: a unit's threshold uses all images)."""
+    every unit of the plan on every plan image and every ``evaluated`` image (``dataset``: as in
+    NetDissect, a unit's threshold is its quantile over the whole evaluated set, not only over
+    the few single-object IoU images)."""
     if threshold not in THRESHOLDS:
         raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
     if threshold == "dataset":
         allu = sorted(set(plan.select("layer", "unit").iter_rows()))
-        return {int(i): allu for i in plan["image_id"].unique().sort()}
+        return {int(i): allu for i in sorted(set(plan["image_id"].to_list()) | set(evaluated))}
     out: dict[int, list[Unit]] = {}
     for (img,), g in plan.group_by(["image_id"], maintain_order=True):
         out[int(img)] = sorted(set(g.select("layer", "unit").iter_rows()))
@@ -370,6 +372,9 @@ def iou_info(ip, cats: list[str], used: list[str], images_per_category: dict[str
         "images_per_category": images_per_category,
         "single": ip.single,
         "threshold": ip.threshold,
+        "threshold_rule": ("each map above its own iou.quantile" if ip.threshold == "image" else
+                           "above the unit's iou.quantile of its raw activations over every evaluated image "
+                           "(NetDissect), not only the IoU images"),
         "quantile": ip.quantile,
         "units": ("all of each image's top units by g" if ip.top_units is None
                   else f"each image's first {ip.top_units} top units by g"),
@@ -392,6 +397,7 @@ class IouPlan:
     images: dict[str, list[int]]  # category -> single-object images with a target and attributions
     selectivity: pl.DataFrame  # :func:`selectivity_plan`'s units
     selectivity_images: dict[str, list[int]]
+    evaluated: list[int]  # every evaluated image (the captions table): the dataset threshold's images
 
     @property
     def unused(self) -> list[str]:
@@ -406,7 +412,7 @@ def plan_iou(coco, captions: pl.DataFrame, attributions: pl.DataFrame, interpret
     if not any(images.values()):
         raise ValueError(f"no single-instance image of {categories} (iou.single={ip.single}, with a caption target)")
     sel, sel_imgs = selectivity_plan(coco, attributions, interpretable, categories, ip.selectivity_units)
-    return IouPlan(images, sel, sel_imgs)
+    return IouPlan(images, sel, sel_imgs, sorted(captions["image_id"].to_list()))
 
 
 def iou_activations(plan: IouPlan, attributions: pl.DataFrame, ip, plm: ImagePrefixLM,
@@ -421,7 +427,7 @@ def iou_activations(plan: IouPlan, attributions: pl.DataFrame, ip, plm: ImagePre
                     d_mlp=plm.adapter.d_mlp, seed=seed)
     sel_units = sorted(set(plan.selectivity.select("layer", "unit").iter_rows()))
     sel_images = {i for v in plan.selectivity_images.values() for i in v}
-    grids, means = collect_activations(needed_units(rows, ip.threshold), sel_units, sel_images, load_image, plm,
+    grids, means = collect_activations(needed_units(rows, ip.threshold, plan.evaluated), sel_units, sel_images, load_image, plm,
                                        progress=info.is_main, shard=info.shard)
     return rows, gather_frames(grids, info), gather_frames(means, info)
 
