@@ -190,6 +190,8 @@ class CompareParams(_Strict):
 
     candidates: int = Field(default=32, gt=0, description="top units per method; their union is ablated one by one")
     precision_k: int = Field(default=10, gt=0, description="k of precision@k (exact top k by dy recovered)")
+    sample: int = Field(default=32, ge=0, description="units per image drawn uniformly from the attributed layers, "
+                                                      "ablated one by one: the correlations' unselected set")
     batch_size: int = Field(default=32, gt=0, description="rows (ablations or IG path points) per forward")
     max_images: int | None = Field(default=50, gt=0, description="first n images with a target, by id; null = all")
 

@@ -39,7 +39,7 @@ def main(run: Run) -> None:
     cand, per, curve = C.compare_images(caps, CocoLayout(run.path("coco")).load_image, plm, candidates=cp.candidates,
                                         precision_k=cp.precision_k, ks=params.ablate.ks,
                                         ig_steps=params.attribute.ig_steps, rows=cp.batch_size, layers=layers,
-                                        max_images=cp.max_images)
+                                        max_images=cp.max_images, sample=cp.sample, seed=params.seed)
     check_methods(cand)
     n_images = per["image_id"].n_unique()
     summary, seconds = C.method_summary(per, seed=params.seed), C.timing_summary(per, seed=params.seed)

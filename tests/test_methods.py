@@ -208,19 +208,31 @@ def test_compare_image_on_the_planted_unit(tiny_adapters):
     """compare_image: every method's precision@1 is 1 (the planted unit is the exact top),
     candidates hold the planted unit with its exact dy, IG's completeness error is small
     with many steps, and ablating the top unit drops p(c) for every method."""
-    from mmn.experiments.compare_methods import compare_image
+    import scipy.stats
+
+    from mmn.experiments.compare_methods import VARIANTS, compare_image, uniform_units
 
     plm, soft, text, target = _planted(tiny_adapters)
     ad = plm.adapter
     allowed = torch.ones(ad.n_layers, ad.d_mlp, dtype=torch.bool)
     cand, per, curve = compare_image(plm, soft, text, target, allowed, candidates=4, precision_k=1, ks=[0, 1],
-                                     ig_steps=64, rows=8)
+                                     ig_steps=64, rows=8, sample=12, rng=np.random.default_rng(3))
     row = next(c for c in cand if (c["layer"], c["unit"]) == (0, 5))
     ref = single_unit_effects(plm, soft, text, target, [(0, 5)])
     assert row["dy"] == pytest.approx(float(ref["dy"][0]), abs=1e-5)
     by = {r["method"]: r for r in per}
-    assert set(by) == set(METHODS)
+    assert set(by) == set(VARIANTS)
     assert all(by[m]["precision"] == 1.0 for m in METHODS)
+    # the correlations: over the 12 uniformly sampled units (chosen by no score), and over the candidates
+    sampled = [c for c in cand if c["sampled"]]
+    assert len(sampled) == 12 == by["grad_x_act"]["n_sampled"]
+    assert {(c["layer"], c["unit"]) for c in sampled} == set(uniform_units(allowed, 12, np.random.default_rng(3)))
+    for v in VARIANTS:
+        rho = scipy.stats.spearmanr([c[f"score_{v}"] for c in sampled], [c["dy"] for c in sampled]).statistic
+        assert by[v]["spearman"] == pytest.approx(rho)
+        union = [c for c in cand if c["candidate"]]
+        rho_u = scipy.stats.spearmanr([c[f"score_{v}"] for c in union], [c["dy"] for c in union]).statistic
+        assert by[v]["spearman_union"] == pytest.approx(rho_u)
     assert by["integrated_gradients"]["completeness"] < 5e-3
     for c in curve:
         assert c["rel_drop"] == pytest.approx(0.0, abs=1e-6) if c["k"] == 0 else c["rel_drop"] > 0.1
@@ -319,14 +331,17 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
     m = json.loads(out["full.json"].read_text())
     assert json.loads(out["m.json"].read_text()) == headline("methods", m)  # metrics = the headline of the full
     leaves = _leaves(m)
-    assert len(leaves) <= 40 and all(v is None or isinstance(v, (int, float)) for v in leaves)
+    # the full results (data/results/); metrics/methods.json holds 6 of them
+    assert len(leaves) <= 80 and all(v is None or isinstance(v, (int, float)) for v in leaves)
     assert m["n_images"] == 4 and set(METHODS) <= set(m)
     assert m["grad_x_act"]["spearman"]["n"] == 4 and 0 <= m["direct_logit"]["precision"] <= 1
     cand = pl.read_parquet(out["c.parquet"])
     assert sorted(cand["image_id"].unique().to_list()) == [10, 11, 12, 13]
-    # every image: at least one method's 6 candidates, at most all three methods' distinct ones
+    # every image: at least one variant's 6 candidates, at most all six variants' distinct ones, plus the
+    # 32 uniformly sampled units (compare.sample's default), which may coincide with candidates
     per_img = cand.group_by("image_id").len()["len"]
-    assert per_img.min() >= 6 and per_img.max() <= 18
+    assert per_img.min() >= 32 and per_img.max() <= 36 + 32
+    assert set(cand.group_by("image_id").agg(pl.col("sampled").sum())["sampled"]) == {32}
     # the exact dy of image 10's candidates, recomputed one call per unit
     c10 = cand.filter(pl.col("image_id") == 10)
     r10 = caps.filter(pl.col("image_id") == 10).row(0, named=True)
@@ -341,7 +356,7 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
         top6 = torch.sort(s.reshape(-1), descending=True, stable=True).indices[:6].tolist()
         assert {(i // ad.d_mlp, i % ad.d_mlp) for i in top6} <= set(units), meth
     curve = pl.read_csv(out["c.csv"])
-    assert curve.height == 3 * 4 and set(curve["n"]) == {4}
+    assert curve.height == len(METHODS) * 2 * 4 and set(curve["n"]) == {4}  # max and sum per method
     k0 = curve.filter(pl.col("k") == 0)
     assert (k0["rel_drop"].abs() < 1e-6).all()
     summ = pl.read_csv(out["s.csv"])
@@ -392,3 +407,24 @@ def test_attribute_captions_with_a_method_passes_the_gate_and_matches_the_score_
         got = df.filter(pl.col("image_id") == r["image_id"]).sort("rank")
         assert [l * ad.d_mlp + u for l, u in zip(got["layer"], got["unit"])] == idx[:5].tolist()
         np.testing.assert_allclose(got["g"].to_numpy(), vals[:5].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_completeness_is_summarised_by_its_median_and_ratio_of_sums():
+    """A tiny y(A) - y(0) on one image makes its relative error huge (5.0 here) and the mean of
+    per-image ratios with it (1.73); the median (0.1) and the ratio of sums (0.205 / 2.001) are
+    not dominated by it; both carry bootstrap CIs over images."""
+    from mmn.experiments.compare_methods import method_summary
+
+    rows = [{"image_id": i, "method": "grad_x_act", "total": t, "gap": g, "spearman": 0.1 * i}
+            for i, (t, g) in enumerate([(1.1, 1.0), (0.9, 1.0), (0.006, 0.001), (2.2, 2.0)])]
+    per = pl.DataFrame(rows).with_columns(
+        ((pl.col("total") - pl.col("gap")).abs() / pl.col("gap").abs()).alias("completeness"))
+    assert per["completeness"].mean() == pytest.approx((0.1 + 0.1 + 5.0 + 0.1) / 4)
+    for c in ("kendall", "spearman_union", "kendall_union", "precision", "auc"):
+        per = per.with_columns(pl.lit(None, dtype=pl.Float64).alias(c))
+    s = {r["metric"]: r for r in method_summary(per).filter(pl.col("vs").is_null()).iter_rows(named=True)}
+    assert s["completeness_median"]["mean"] == pytest.approx(0.1)
+    assert s["completeness_ratio"]["mean"] == pytest.approx((0.1 + 0.1 + 0.005 + 0.2) / (1 + 1 + 0.001 + 2))
+    for m in ("completeness_median", "completeness_ratio"):
+        assert s[m]["lo"] <= s[m]["mean"] <= s[m]["hi"] and s[m]["n"] == 4
+    assert "completeness" not in s  # the mean of ratios is no longer reported

@@ -624,3 +624,23 @@ def test_every_bertscore_is_built_from_the_profile(monkeypatch):
         assert BertScorer.from_profile(params, "cpu") == "bert"
         m = params.model
         assert seen["args"] == (m.bert_model, m.bert_layers) and seen["rescale"] is rescale is m.bert_rescale
+
+
+def test_bootstrap_statistic_of_paired_samples():
+    """bootstrap_statistic: the statistic of the full samples, a CI from resampling images (pairs
+    kept together: a ratio of sums of perfectly proportional pairs has no spread), None CI for
+    n = 1, and a clear error on unequal lengths."""
+    from mmn.metrics.stats import bootstrap_statistic
+
+    ratio = lambda e, g, axis=-1: e.sum(axis=axis) / g.sum(axis=axis)  # noqa: E731
+    g = np.array([1.0, 2.0, 3.0, 4.0])
+    b = bootstrap_statistic((0.5 * g, g), ratio)
+    assert b["value"] == pytest.approx(0.5) and b["lo"] == pytest.approx(0.5) and b["hi"] == pytest.approx(0.5)
+    rng = np.random.default_rng(0)
+    e = rng.uniform(0, 1, 30)
+    b = bootstrap_statistic((e, g.repeat(8)[:30]), ratio)
+    assert b["value"] == pytest.approx(e.sum() / g.repeat(8)[:30].sum()) and b["lo"] < b["value"] < b["hi"]
+    assert bootstrap_statistic((np.array([1.0]), np.array([2.0])), ratio) == {"value": 0.5, "lo": None, "hi": None,
+                                                                              "n": 1}
+    with pytest.raises(ValueError, match="equal-length"):
+        bootstrap_statistic((np.ones(3), np.ones(2)), ratio)

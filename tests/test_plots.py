@@ -167,7 +167,7 @@ def test_plot_tables_match_the_dvc_yaml_declarations(built):
 
             assert tmpl in {t.DEFAULT_NAME for t in TEMPLATES}, tmpl
     abl = pl.read_csv(plots / "data" / "ablation.csv")
-    assert abl["k"].to_list() == KS and abl.columns == ["k", "unfiltered", "filtered", "random"]
+    assert abl["k"].to_list() == KS and abl.columns == ["k", "unfiltered", "filtered", "random", "random_filtered"]
     assert (abl.filter(pl.col("k") == 100)["unfiltered"] > abl.filter(pl.col("k") == 100)["random"]).all()
 
 

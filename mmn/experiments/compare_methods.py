@@ -2,20 +2,29 @@
 
 Per image with a target c, for each method of :data:`mmn.neurons.methods.METHODS`:
 
-1. the method's per-unit score (max over image positions of A·M, as the paper ranks g)
-   and its wall time;
-2. candidates: the union over methods of each one's top ``candidates`` units;
-3. ground truth: each candidate ablated ALONE (zeroed at the image positions), the rows of
-   batched forwards (:func:`mmn.neurons.ablation.single_unit_effects`): exact
-   Δy^c = y_clean − y_ablated and Δp(c);
-4. per method: Spearman and Kendall (tau-b) correlation of its score with Δy over the
-   candidates; precision@k = |method's top k ∩ exact top k by Δy| / k; the ablation curve
+1. the method's per-unit score from one pass, aggregated over image positions both ways:
+   ``max`` of A·M (the paper's g; the method's plain name) and ``sum`` Σ_p A·M (named
+   ``<method>:sum``; the first-order estimate of the exact effect below, which zeroes the unit
+   at ALL image positions), and the pass's wall time;
+2. candidates: the union over variants of each one's top ``candidates`` units; and, apart
+   from them, a seeded uniform ``sample`` of units of the attributed layers (chosen without
+   looking at any score: correlations over the union of top units are over a selected set,
+   where a unit ranked high by one method and low by another makes a negative correlation
+   with no relation behind it, Berkson's paradox);
+3. ground truth: each candidate and sampled unit ablated ALONE (zeroed at the image
+   positions), the rows of batched forwards (:func:`mmn.neurons.ablation.single_unit_effects`):
+   exact Δy^c = y_clean − y_ablated and Δp(c);
+4. per variant: Spearman and Kendall (tau-b) correlation of its score with Δy over the
+   uniform sample (the headline; ``*_union``: over the candidates, as before, selected);
+   precision@k = |variant's top k ∩ exact top k by Δy among the candidates| / k; the ablation curve
    (relative drop of p(c) with the method's top k units ablated together, k in
    ``ablate.ks``, the same ablation code) and its area (trapezoid with the ks equally
    spaced, divided by their number of gaps: the mean height of the curve as plotted);
    ``completeness``: |Σ A·M − (y(A) − y(0))| / |y(A) − y(0)| over every attributed unit
    and image position, y(0) = all of them zeroed (exactly 0 for integrated gradients in the
    limit of many steps; for the others how far their linear estimate is from the truth).
+   A mean of per-image ratios is dominated by images with a tiny y(A) − y(0), so the summary
+   gives its median and the ratio of sums Σ_i |error_i| / Σ_i |gap_i|, each with a CI.
 
 Every per-image value is one number per image; CIs bootstrap over images and methods are
 compared by paired tests over images (:mod:`mmn.metrics.stats`).
@@ -35,13 +44,24 @@ from tqdm import tqdm
 
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.neurons.ablation import rank_units, set_effects, single_unit_effects
-from mmn.neurons.methods import METHODS, unit_score_map
+from mmn.neurons.methods import METHODS, unit_score_map, unit_score_maps
 
-CANDIDATE_SCHEMA = {"image_id": pl.Int64, "layer": pl.Int64, "unit": pl.Int64, "dy": pl.Float64,
-                    "dp": pl.Float64} | {f"score_{m}": pl.Float64 for m in METHODS}
+AGGREGATES = ("max", "sum")
+
+
+def variant(method: str, aggregate: str) -> str:
+    """A compared variant's name: the method's (the paper's ``max``) or ``<method>:sum``."""
+    return method if aggregate == "max" else f"{method}:{aggregate}"
+
+
+VARIANTS = tuple(variant(m, a) for m in METHODS for a in AGGREGATES)
+CANDIDATE_SCHEMA = {"image_id": pl.Int64, "layer": pl.Int64, "unit": pl.Int64, "candidate": pl.Boolean,
+                    "sampled": pl.Boolean, "dy": pl.Float64, "dp": pl.Float64} | {
+                    f"score_{v}": pl.Float64 for v in VARIANTS}
 IMAGE_SCHEMA = {"image_id": pl.Int64, "method": pl.Utf8, "seconds": pl.Float64, "spearman": pl.Float64,
-                "kendall": pl.Float64, "precision": pl.Float64, "auc": pl.Float64, "completeness": pl.Float64,
-                "n_candidates": pl.Int64,
+                "kendall": pl.Float64, "spearman_union": pl.Float64, "kendall_union": pl.Float64,
+                "precision": pl.Float64, "auc": pl.Float64, "completeness": pl.Float64,
+                "total": pl.Float64, "gap": pl.Float64, "n_candidates": pl.Int64, "n_sampled": pl.Int64,
                 "y_clean": pl.Float64, "p_clean": pl.Float64}
 CURVE_SCHEMA = {"image_id": pl.Int64, "method": pl.Utf8, "k": pl.Int64, "p_target": pl.Float64,
                 "p_clean": pl.Float64, "rel_drop": pl.Float64}
@@ -71,57 +91,81 @@ def precision_at_k(method_top: Sequence[tuple[int, int]], units: Sequence[tuple[
     return len(exact & {tuple(u) for u in method_top[:k]}) / k if k else 0.0
 
 
+def uniform_units(allowed: torch.Tensor, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """``n`` units drawn uniformly without replacement from the ``allowed`` ones
+    (``Bool[Tensor, "layers d_mlp"]``), sorted: chosen without looking at any score."""
+    every = torch.nonzero(allowed).tolist()
+    pick = rng.choice(len(every), size=min(n, len(every)), replace=False)
+    return sorted(tuple(every[i]) for i in pick.tolist())
+
+
 def compare_image(plm: ImagePrefixLM, soft: torch.Tensor, text: list[int], target: int, allowed: torch.Tensor,
                   *, methods: Sequence[str] = METHODS, candidates: int, precision_k: int, ks: Sequence[int],
-                  ig_steps: int, rows: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """One image: ``(candidate rows, per-method rows, curve rows)`` without ``image_id``.
-
-    ``soft``: ``[1, P, d_model]``; ``allowed``: ``Bool[Tensor, "layers d_mlp"]`` (attributed layers).
+                  ig_steps: int, rows: int, sample: int = 0, rng: np.random.Generator | None = None,
+                  aggregates: Sequence[str] = AGGREGATES) -> tuple[list[dict], list[dict], list[dict]]:
+    """One image: ``(candidate and sampled unit rows, per-variant rows, curve rows)`` without
+    ``image_id``. ``soft``: ``[1, P, d_model]``; ``allowed``: ``Bool[Tensor, "layers d_mlp"]``
+    (attributed layers); ``sample`` units are drawn with ``rng`` (:func:`uniform_units`).
     """
     layers = [l for l in range(allowed.shape[0]) if bool(allowed[l].any())]
     limit = max(candidates, max(ks), precision_k)
     scores, ranking, secs, totals = {}, {}, {}, {}
     for m in methods:
         t0 = time.perf_counter()
-        _, s, totals[m] = unit_score_map(plm, soft, text, target, m, layers=layers, ig_steps=ig_steps,
-                                         rows=rows)
-        ranking[m] = rank_units(s, allowed, limit=limit)
-        secs[m] = time.perf_counter() - t0
-        scores[m] = s
-    units = sorted({u for m in methods for u in ranking[m][:candidates]})
+        _, maps, total = unit_score_maps(plm, soft, text, target, m, layers=layers, ig_steps=ig_steps, rows=rows,
+                                         aggregates=aggregates)
+        for agg in aggregates:  # one pass, both aggregates: the same wall time
+            v = variant(m, agg)
+            scores[v], totals[v] = maps[agg], total
+            ranking[v] = rank_units(maps[agg], allowed, limit=limit)
+            secs[v] = time.perf_counter() - t0
+    names = list(scores)
+    cands = sorted({u for v in names for u in ranking[v][:candidates]})
+    sampled = uniform_units(allowed, sample, rng) if sample else []
+    units = sorted(set(cands) | set(sampled))
     gt = single_unit_effects(plm, soft, text, target, units, rows)
-    dy, dp = gt["dy"].double().numpy(), gt["dp"].double().numpy()
+    dy_all, dp = gt["dy"].double().numpy(), gt["dp"].double().numpy()
     li = torch.tensor([u[0] for u in units], dtype=torch.long)
     ui = torch.tensor([u[1] for u in units], dtype=torch.long)
-    sv = {m: scores[m][li, ui].double().numpy() for m in methods}
-    cand = [{"layer": l, "unit": u, "dy": float(a), "dp": float(b)} | {f"score_{m}": float(sv[m][i]) for m in methods}
-            for i, ((l, u), a, b) in enumerate(zip(units, dy, dp))]
+    sv_all = {v: scores[v][li, ui].double().numpy() for v in names}
+    in_c, in_s = set(cands), set(sampled)
+    cand = [{"layer": l, "unit": u, "candidate": (l, u) in in_c, "sampled": (l, u) in in_s, "dy": float(a),
+             "dp": float(b)} | {f"score_{v}": float(sv_all[v][i]) for v in names}
+            for i, ((l, u), a, b) in enumerate(zip(units, dy_all, dp))]
+    ci = np.array([u in in_c for u in units], dtype=bool)
+    si = np.array([u in in_s for u in units], dtype=bool)
     ks = sorted(ks)
-    sets = [ranking[m][:k] for m in methods for k in ks]
+    sets = [ranking[v][:k] for v in names for k in ks]
     every = [tuple(u) for u in torch.nonzero(allowed).tolist()]  # y(0): every attributed unit zeroed
     y, p = set_effects(plm, soft, text, target, [[]] + sets + [every], rows)
     gap = float(y[0] - y[-1])
-    p_clean, p = float(p[0]), p[1:-1].double().numpy().reshape(len(methods), len(ks))
+    p_clean, p = float(p[0]), p[1:-1].double().numpy().reshape(len(names), len(ks))
     per, curve = [], []
-    for j, m in enumerate(methods):
+    for j, v in enumerate(names):
         rel = (p_clean - p[j]) / p_clean if p_clean > 0 else np.zeros(len(ks))
-        curve += [{"method": m, "k": k, "p_target": float(pk), "p_clean": p_clean, "rel_drop": float(r)}
+        curve += [{"method": v, "k": k, "p_target": float(pk), "p_clean": p_clean, "rel_drop": float(r)}
                   for k, pk, r in zip(ks, p[j], rel)]
-        per.append({"method": m, "seconds": secs[m], "spearman": _corr(scipy.stats.spearmanr, sv[m], dy),
-                    "kendall": _corr(scipy.stats.kendalltau, sv[m], dy),
-                    "precision": precision_at_k(ranking[m], units, dy, precision_k), "auc": curve_area(rel),
-                    "completeness": abs(totals[m] - gap) / abs(gap) if gap != 0 else None,
-                    "n_candidates": len(units), "y_clean": gt["y_clean"], "p_clean": gt["p_clean"]})
+        s, d = sv_all[v], dy_all
+        per.append({"method": v, "seconds": secs[v],
+                    "spearman": _corr(scipy.stats.spearmanr, s[si], d[si]) if sample else None,
+                    "kendall": _corr(scipy.stats.kendalltau, s[si], d[si]) if sample else None,
+                    "spearman_union": _corr(scipy.stats.spearmanr, s[ci], d[ci]),
+                    "kendall_union": _corr(scipy.stats.kendalltau, s[ci], d[ci]),
+                    "precision": precision_at_k(ranking[v], cands, d[ci], precision_k), "auc": curve_area(rel),
+                    "completeness": abs(totals[v] - gap) / abs(gap) if gap != 0 else None,
+                    "total": totals[v], "gap": gap, "n_candidates": len(cands), "n_sampled": len(sampled),
+                    "y_clean": gt["y_clean"], "p_clean": gt["p_clean"]})
     return cand, per, curve
 
 
 def compare_images(captions: pl.DataFrame, load_image: Callable[[int], Image.Image], plm: ImagePrefixLM,
                    *, methods: Sequence[str] = METHODS, candidates: int, precision_k: int,
                    ks: Sequence[int], ig_steps: int, rows: int, layers: Sequence[int] | None = None,
-                   max_images: int | None = None, progress: bool = True
-                   ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+                   max_images: int | None = None, progress: bool = True, sample: int = 0, seed: int = 0,
+                   aggregates: Sequence[str] = AGGREGATES) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Every image with a target (the first ``max_images`` by id): ``(candidates, per image ×
-    method, curves)`` tables (:data:`CANDIDATE_SCHEMA`, :data:`IMAGE_SCHEMA`, :data:`CURVE_SCHEMA`).
+    variant, curves)`` tables (:data:`CANDIDATE_SCHEMA`, :data:`IMAGE_SCHEMA`, :data:`CURVE_SCHEMA`).
+    Each image's uniform sample is drawn with ``default_rng([seed, image_id])``.
 
     One untimed warm-up attribution precedes the timed ones, so the first method does not
     pay for lazy initialisation.
@@ -137,7 +181,8 @@ def compare_images(captions: pl.DataFrame, load_image: Callable[[int], Image.Ima
         if n == 0:
             unit_score_map(plm, soft, text, target, methods[0], layers=layers, ig_steps=ig_steps, rows=rows)
         c, p, cu = compare_image(plm, soft, text, target, allowed, methods=methods, candidates=candidates,
-                                 precision_k=precision_k, ks=ks, ig_steps=ig_steps, rows=rows)
+                                 precision_k=precision_k, ks=ks, ig_steps=ig_steps, rows=rows, sample=sample,
+                                 rng=np.random.default_rng([seed, int(r["image_id"])]), aggregates=aggregates)
         iid = {"image_id": r["image_id"]}
         cand += [iid | x for x in c]
         per += [iid | x for x in p]
@@ -150,7 +195,11 @@ def compare_images(captions: pl.DataFrame, load_image: Callable[[int], Image.Ima
 SUMMARY_SCHEMA = {"method": pl.Utf8, "metric": pl.Utf8, "mean": pl.Float64, "lo": pl.Float64, "hi": pl.Float64,
                   "n": pl.Int64, "vs": pl.Utf8, "diff": pl.Float64, "diff_lo": pl.Float64, "diff_hi": pl.Float64,
                   "p": pl.Float64}
-METRICS = ("spearman", "kendall", "precision", "auc", "completeness")  # deterministic: seconds are not
+METRICS = ("spearman", "kendall", "spearman_union", "kendall_union", "precision", "auc")  # seconds: not deterministic
+COMPLETENESS = {  # per-image (error, gap) -> one number: a mean of ratios is dominated by tiny gaps
+    "completeness_median": lambda e, g, axis=-1: np.median(e / g, axis=axis),
+    "completeness_ratio": lambda e, g, axis=-1: e.sum(axis=axis) / g.sum(axis=axis),
+}
 CURVE_TABLE_SCHEMA = {"method": pl.Utf8, "k": pl.Int64, "n": pl.Int64, "rel_drop": pl.Float64,
                       "rel_drop_lo": pl.Float64, "rel_drop_hi": pl.Float64, "drop_of_mean": pl.Float64}
 
@@ -164,12 +213,19 @@ def _paired_frame(per: pl.DataFrame, metric: str, a: str, b: str) -> tuple[np.nd
     return wide[a].to_numpy(), wide[b].to_numpy()
 
 
-def method_summary(per: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
-    """One row per (method, metric): mean over images with its bootstrap CI; and one row per
-    (method, metric, other method): the paired test over images (``vs``, ``diff*``, ``p``)."""
-    from mmn.metrics.stats import bootstrap_ci, paired_test
+def _variants(per: pl.DataFrame) -> list[str]:
+    present = set(per["method"])
+    return [v for v in VARIANTS if v in present]
 
-    methods = [m for m in METHODS if m in set(per["method"])]
+
+def method_summary(per: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
+    """One row per (variant, metric): mean over images with its bootstrap CI (for
+    ``completeness_median`` / ``completeness_ratio`` the median of the per-image relative
+    errors and Σ|error| / Σ|gap|, with bootstrap CIs over images); and one row per (variant,
+    metric, other variant): the paired test over images (``vs``, ``diff*``, ``p``)."""
+    from mmn.metrics.stats import bootstrap_ci, bootstrap_statistic, paired_test
+
+    methods = _variants(per)
     rows = []
     for m in methods:
         g = per.filter(pl.col("method") == m)
@@ -177,6 +233,13 @@ def method_summary(per: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
             x = g[metric].drop_nulls().to_numpy()
             if x.size:
                 rows.append({"method": m, "metric": metric} | bootstrap_ci(x, seed=seed))
+        eg = g.filter(pl.col("gap") != 0).select((pl.col("total") - pl.col("gap")).abs().alias("e"),
+                                                 pl.col("gap").abs().alias("g"))
+        if eg.height:
+            for metric, stat in COMPLETENESS.items():
+                b = bootstrap_statistic((eg["e"].to_numpy(), eg["g"].to_numpy()), stat, seed=seed)
+                rows.append({"method": m, "metric": metric, "mean": b["value"], "lo": b["lo"], "hi": b["hi"],
+                             "n": b["n"]})
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
             for metric in METRICS:
@@ -206,7 +269,7 @@ def timing_summary(per: pl.DataFrame, seed: int = 0) -> dict:
     from mmn.metrics.stats import bootstrap_ci
 
     return {m: bootstrap_ci(per.filter(pl.col("method") == m)["seconds"].to_numpy(), seed=seed)
-            for m in METHODS if m in set(per["method"])}
+            for m in _variants(per) if m in METHODS}  # one pass per method gives both aggregates
 
 
 def method_curves(curve: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
@@ -215,7 +278,7 @@ def method_curves(curve: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
     from mmn.metrics.stats import bootstrap_ci
 
     rows = []
-    for (m, k), g in sorted(curve.group_by(["method", "k"]), key=lambda t: (METHODS.index(t[0][0]), t[0][1])):
+    for (m, k), g in sorted(curve.group_by(["method", "k"]), key=lambda t: (VARIANTS.index(t[0][0]), t[0][1])):
         ci = bootstrap_ci(g["rel_drop"].to_numpy(), seed=seed)
         rows.append({"method": m, "k": k, "n": ci["n"], "rel_drop": ci["mean"], "rel_drop_lo": ci["lo"],
                      "rel_drop_hi": ci["hi"],
@@ -224,20 +287,27 @@ def method_curves(curve: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
 
 
 def methods_metrics(summary: pl.DataFrame, n_images: int) -> dict:
-    """Compact numbers-only summary/methods.json (≤ 40 leaves; headline: metrics/methods.json): per method Spearman and
-    Kendall as ``{"mean","lo","hi","n"}``, precision@k and curve area as means (their CIs:
-    data/compare_methods.csv); integrated gradients' completeness error;
-    per pair of methods the paired test's p-value on Spearman (differences with CIs: the CSV)."""
+    """Numbers-only summary/methods.json (headline: metrics/methods.json): per variant Spearman
+    over the uniform sample as ``{"mean","lo","hi","n"}``, Kendall, the selected union's
+    Spearman, precision@k and curve area as means (their CIs: data/compare_methods.csv); the
+    completeness median and ratio of sums with CIs; per pair of the paper's (max) methods and
+    per method's max vs sum the paired test's p-value on the sample's Spearman."""
     out: dict = {"n_images": n_images}
     single = summary.filter(pl.col("vs").is_null())
     for r in single.iter_rows(named=True):
         d = out.setdefault(r["method"], {})
-        if r["metric"] in ("spearman", "kendall"):
+        if r["metric"] == "spearman":
             d[r["metric"]] = {"mean": r["mean"], "lo": r["lo"], "hi": r["hi"], "n": r["n"]}
-        elif r["metric"] != "completeness" or r["method"] == "integrated_gradients":
+        elif r["metric"].startswith("completeness"):  # one pass gives both aggregates the same total
+            if r["method"] in METHODS:
+                d[r["metric"]] = {"value": r["mean"], "lo": r["lo"], "hi": r["hi"]}
+        elif r["metric"] != "kendall_union":
             d[r["metric"]] = r["mean"]
+    pairs = {(a, b) for i, a in enumerate(METHODS) for b in METHODS[i + 1:]} | {
+        (m, variant(m, "sum")) for m in METHODS}
     for r in summary.filter(pl.col("vs").is_not_null(), pl.col("metric") == "spearman").iter_rows(named=True):
-        out[f"{r['method']}_vs_{r['vs']}_spearman_p"] = r["p"]
+        if (r["method"], r["vs"]) in pairs:
+            out[f"{r['method']}_vs_{r['vs']}_spearman_p"] = r["p"]
     return out
 
 
@@ -246,18 +316,26 @@ def methods_info(precision_k: int, layers: Sequence[int], n_images: int, seconds
     (strings allowed) and the measured ``seconds_per_image`` per method (:func:`timing_summary`;
     wall time, not reproducible)."""
     return {
-        "methods": list(METHODS), "layers": list(layers), "images": n_images, "seconds_per_image": seconds or {},
+        "methods": list(METHODS), "variants": list(VARIANTS), "layers": list(layers), "images": n_images,
+        "seconds_per_image": seconds or {},
         "definitions": {
-            "score": "per unit: max over image positions of A*M; M = dy/dA (grad_x_act), W_U[c].W_out^k "
-                     "(direct_logit), path-averaged dy/dA from 0 to A, all layers scaled together "
-                     "(integrated_gradients)",
-            "candidates": "union over methods of each method's top `candidates` units of the image",
+            "score": "per unit: max (the method's name) or sum (<method>:sum) over image positions of A*M; "
+                     "M = dy/dA (grad_x_act), W_U[c].W_out^k (direct_logit), path-averaged dy/dA from 0 to A, "
+                     "all layers scaled together (integrated_gradients)",
+            "candidates": "union over variants of each variant's top `candidates` units of the image",
+            "sample": "compare.sample units drawn uniformly (seeded per image) from the attributed layers, "
+                      "without looking at any score",
             "dy": "exact effect: y^c clean minus y^c with the unit alone zeroed at the image positions",
-            "spearman": "Spearman correlation of the method's score with dy over the candidates, per image; "
+            "spearman": "Spearman correlation of the variant's score with dy over the uniform sample, per image; "
                         "mean with 95% percentile bootstrap CI over images",
-            "kendall": "Kendall tau-b of score vs dy over the candidates, per image; mean with 95% CI over images",
-            "completeness": "|sum of A*M over every attributed unit and image position - (y(A) - y(0))| / "
-                            "|y(A) - y(0)|, y(0) = all of them zeroed at the image positions; mean over images",
+            "kendall": "Kendall tau-b of score vs dy over the uniform sample, per image; mean over images",
+            "spearman_union": "Spearman over the candidates (the union of top units: a selected set, where "
+                              "Berkson's paradox can make a correlation with no relation behind it)",
+            "completeness_median": "median over images of |sum of A*M over every attributed unit and image "
+                                   "position - (y(A) - y(0))| / |y(A) - y(0)|, y(0) = all of them zeroed at the "
+                                   "image positions; 95% bootstrap CI over images",
+            "completeness_ratio": "sum over images of |sum A*M - (y(A) - y(0))| / sum over images of "
+                                  "|y(A) - y(0)|: not dominated by images with a tiny gap; 95% bootstrap CI",
             "precision": f"|method's top k and exact top k by dy| / k, k = {precision_k}; mean over images",
             "auc": "area under the per-image ablation curve (relative drop of p(c), method's top k ablated "
                    "together, k in ablate.ks) with the ks equally spaced, divided by the gaps; mean over images",

@@ -66,6 +66,34 @@ def bootstrap_ci(
             "hi": float(r.confidence_interval.high), "n": n}
 
 
+def bootstrap_statistic(
+    samples: Sequence[np.ndarray],
+    statistic,
+    level: float = 0.95,
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Any statistic of per-image samples with a percentile bootstrap CI over images:
+    ``{"value", "lo", "hi", "n"}``. ``samples``: equal-length arrays, one value per image each,
+    resampled together (``paired``); ``statistic(*samples, axis=-1)`` is vectorised, e.g. a
+    median or a ratio of sums. ``lo``/``hi`` are None for n < 2, as in :func:`bootstrap_ci`."""
+    xs = [np.asarray(x, dtype=np.float64).ravel() for x in samples]
+    n = int(xs[0].size)
+    if n == 0 or any(x.size != n for x in xs):
+        raise ValueError(f"bootstrap_statistic needs equal-length non-empty samples, got {[x.size for x in xs]}")
+    if not all(np.isfinite(x).all() for x in xs):
+        raise ValueError("bootstrap_statistic got non-finite values")
+    value = float(statistic(*xs, axis=-1))
+    if n < 2:
+        return {"value": value, "lo": None, "hi": None, "n": n}
+    r = scipy.stats.bootstrap(tuple(xs), statistic, confidence_level=level, n_resamples=n_resamples,
+                              method="percentile", vectorized=True, paired=True, rng=np.random.default_rng(seed))
+    lo, hi = float(r.confidence_interval.low), float(r.confidence_interval.high)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # a constant statistic: scipy gives NaN
+        lo = hi = value
+    return {"value": value, "lo": lo, "hi": hi, "n": n}
+
+
 def paired_test(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,

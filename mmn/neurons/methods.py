@@ -167,25 +167,34 @@ def method_pass(
     return y, [a[:, sl, :].detach() for a in acts], [g[:, sl, :] for g in grads]
 
 
-def unit_score_map(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
-                   method: str, *, layers: Sequence[int] | None = None, ig_steps: int = 16, rows: int | None = None
-                   ) -> tuple[float, Float[Tensor, "layers d_mlp"], float]:
-    """One image's per-unit score, max over image positions of A·M:
-    ``(y, Float[Tensor, "L d_mlp"], total)`` with ``total`` = Σ A·M over every attributed
-    layer, image position and unit (integrated gradients: ≈ y(A) − y(0) by completeness;
-    the others: their linear estimate of it).
-
-    Layers outside ``layers`` (default: all) score -inf. For ``grad_x_act`` the scores are
-    :func:`mmn.neurons.scoring.unit_scores` of the full maps.
-    """
+def unit_score_maps(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
+                    method: str, *, layers: Sequence[int] | None = None, ig_steps: int = 16, rows: int | None = None,
+                    aggregates: Sequence[str] = ("max",)) -> tuple[float, dict[str, Tensor], float]:
+    """One image's per-unit scores from ONE pass of ``method``: ``(y, {aggregate:
+    Float[Tensor, "L d_mlp"]}, total)``, each map :func:`mmn.neurons.scoring.unit_scores` of
+    A·M over the image positions (``max``: the paper's g; ``sum``: Σ_p A·M, the first-order
+    estimate of zeroing the unit at every image position), ``total`` = Σ A·M over every
+    attributed layer, image position and unit (integrated gradients: ≈ y(A) − y(0) by
+    completeness; the others: their linear estimate of it). Layers outside ``layers``
+    (default: all) score -inf."""
     ad = plm.adapter
     layers = list(range(ad.n_layers)) if layers is None else sorted(set(layers))
     y, acts, mult = method_pass(plm, soft, [list(text)], [int(target)], layers, method, ig_steps=ig_steps,
                                 rows=rows)
-    out = torch.full((ad.n_layers, ad.d_mlp), float("-inf"))
+    out = {agg: torch.full((ad.n_layers, ad.d_mlp), float("-inf")) for agg in aggregates}
     total = 0.0
     for l, a, m in zip(layers, acts, mult):
         a0, m0 = a[0].detach().float(), m[0].detach().float()  # [P, U]
-        out[l] = unit_scores(a0, m0).cpu()
+        for agg in aggregates:
+            out[agg][l] = unit_scores(a0, m0, agg).cpu()
         total += float((a0 * m0).double().sum())
     return float(y[0]), out, total
+
+
+def unit_score_map(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
+                   method: str, *, layers: Sequence[int] | None = None, ig_steps: int = 16, rows: int | None = None
+                   ) -> tuple[float, Float[Tensor, "layers d_mlp"], float]:
+    """:func:`unit_score_maps` with the paper's aggregate (max over image positions of A·M):
+    ``(y, Float[Tensor, "L d_mlp"], total)``."""
+    y, maps, total = unit_score_maps(plm, soft, text, target, method, layers=layers, ig_steps=ig_steps, rows=rows)
+    return y, maps["max"], total

@@ -106,7 +106,7 @@ def make_inputs(seed: int = 0, iou_shift: float = 0.0) -> PlotInputs:
                         for s, u in (("cat", 3), ("dog", 9)) for c in CATS])
     abl_rows = []
     for img in nouns:
-        for kind, slope in (("unfiltered", 0.8), ("filtered", 0.4), ("random", 0.05)):
+        for kind, slope in (("unfiltered", 0.8), ("filtered", 0.4), ("random", 0.05), ("random_filtered", 0.04)):
             for k in KS:
                 drop = 0.0 if k == 0 else min(1.0, slope * np.log10(k) / 2 + rng.normal(0, 0.02))
                 abl_rows.append({"image_id": img, "kind": kind, "k": k, "k_effective": k, "p_target": 0.3 * (1 - drop),
@@ -122,9 +122,10 @@ def make_inputs(seed: int = 0, iou_shift: float = 0.0) -> PlotInputs:
                 "per_category": {c: {"multimodal": 0.3, "random": 0.1, "n_images": 2} for c in CATS}},
         "ablation": {"n_images": 4,
                      **{kind: {f"k{k}": {"rel_drop": {"mean": 0.1, "lo": 0.05, "hi": 0.15, "n": 4},
-                                         "drop_of_mean": 0.12, **({} if kind == "random" else {"vs_random_p": 0.5})}
+                                         "drop_of_mean": 0.12,
+                                         **({} if kind.startswith("random") else {"vs_random_p": 0.5})}
                                for k in KS[1:]}
-                        for kind in ("unfiltered", "filtered", "random")}},
+                        for kind in ("unfiltered", "filtered", "random", "random_filtered")}},
         "neurons": {"kept_fraction": 0.3, "n_units": units.height, "wordlist": {"entries": 10}},
         "captions": {"bertscore_own": {"mean": 0.35, "lo": 0.3, "hi": 0.4, "n": 4},
                      "bertscore_shuffled": {"mean": 0.23, "lo": 0.2, "hi": 0.26, "n": 4},
@@ -145,15 +146,16 @@ def make_inputs(seed: int = 0, iou_shift: float = 0.0) -> PlotInputs:
 
 def _methods_tables(rng) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """Stage compare_methods' curve and summary tables and metrics, from synthetic per-image rows."""
-    from mmn.experiments.compare_methods import method_curves, method_summary, methods_metrics
-    from mmn.neurons.methods import METHODS
+    from mmn.experiments.compare_methods import VARIANTS, method_curves, method_summary, methods_metrics
 
     ids = [1, 2, 3, 4]
     per = pl.DataFrame([{"image_id": i, "method": m, "seconds": 0.1 * (j + 1), "spearman": float(rng.uniform(-1, 1)),
-                         "kendall": float(rng.uniform(-1, 1)), "precision": 0.5, "auc": 0.2, "completeness": 0.1}
-                        for i in ids for j, m in enumerate(METHODS)])
+                         "kendall": float(rng.uniform(-1, 1)), "spearman_union": float(rng.uniform(-1, 1)),
+                         "kendall_union": float(rng.uniform(-1, 1)), "precision": 0.5, "auc": 0.2,
+                         "completeness": 0.1, "total": 1.1, "gap": 1.0}
+                        for i in ids for j, m in enumerate(VARIANTS)])
     curve = pl.DataFrame([{"image_id": i, "method": m, "k": k, "p_target": 0.5 / (1 + k), "p_clean": 0.5,
-                           "rel_drop": 1 - 1 / (1 + k)} for i in ids for m in METHODS for k in KS])
+                           "rel_drop": 1 - 1 / (1 + k)} for i in ids for m in VARIANTS for k in KS])
     summary = method_summary(per)
     return method_curves(curve), summary, methods_metrics(summary, len(ids))
 
