@@ -10,7 +10,8 @@ the full results; ``metrics/<name>.json``: the headline numbers, mmn/headline.py
 dotted key of one number. The text just before it must end with that number, rounded to the
 decimals shown, optionally followed by a bracketed ``[lo, hi]`` that must match the ``lo``
 and ``hi`` beside the key (the CI of the same block, so only summary/ files have them).
-``−`` (U+2212) is read as a minus; ``**bold**`` around the value is allowed. Prints one line
+``−`` (U+2212) is read as a minus; ``**bold**`` around the value is allowed. A p-value at the
+paired test's Monte Carlo floor (0.0002) must be written ``p ≤ 0.0002``. Prints one line
 per mismatch (``file:line: key: docs say X, file has Y``) and exits 1 when there is any;
 tests/test_doc_numbers.py runs it on the repository.
 
@@ -42,6 +43,16 @@ def _matches(printed: str, actual: object) -> bool:
         return False
     value, decimals = _number(printed)
     return abs(float(actual) - value) <= 0.5 * 10 ** -decimals + 1e-12
+
+
+def _at_floor(key: str, actual: object) -> bool:
+    """A p-value (key ``p`` or ``*_p``) equal to 2/(9999+1), mmn.metrics.stats.MC_FLOOR: the paired
+    test's Monte Carlo floor (kept in sync by tests/test_doc_numbers.py)."""
+    last = key.rsplit(".", 1)[-1]
+    return (last == "p" or last.endswith("_p")) and isinstance(actual, float) and abs(actual - MC_FLOOR) < 1e-12
+
+
+MC_FLOOR = 2 / (9999 + 1)
 
 
 def _lookup(metrics: dict, key: str) -> object:
@@ -84,6 +95,9 @@ def check_file(md: Path, root: Path) -> list[str]:
                 continue
             if not _matches(v.group("v"), actual):
                 problems.append(f"{where}: docs say {v.group('v')}, file has {actual}")
+            elif _at_floor(m.group(2), actual) and not re.search(r"(≤|<=)\s*\**\s*$", before[: v.start()]):
+                problems.append(f"{where}: {v.group('v')} is the paired test's Monte Carlo floor: write p ≤ "
+                                f"{v.group('v')}, not p = {v.group('v')}")
             if v.group("lo") is not None:
                 parent = m.group(2).rsplit(".", 1)[0] if "." in m.group(2) else ""
                 for bound in ("lo", "hi"):

@@ -59,3 +59,27 @@ def test_fix_rewrites_marked_numbers_keeping_decimals_and_signs(tmp_path):
     assert r.returncode == 0, r.stdout
     assert md.read_text() == ("kept **−0.046 [−0.091, 0.001]**<!--m summary/a.json:x.mean--> and +0.165<!--m "
                               "summary/a.json:d.diff--> at step 60<!--m summary/a.json:k--> of 60\nuntouched 0.5\n")
+
+
+def test_a_p_value_at_the_monte_carlo_floor_is_written_as_a_bound(tmp_path):
+    """0.0002 = 2/(9999+1), the paired test's floor: "p ≤ 0.0002" passes, "p = 0.0002" fails; an
+    ordinary p is written with "="; the script's floor is the library's."""
+    from mmn.metrics.stats import MC_FLOOR, PAIRED_RESAMPLES, format_p
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import check_doc_numbers
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert check_doc_numbers.MC_FLOOR == MC_FLOOR == 2 / (PAIRED_RESAMPLES + 1)
+    assert format_p(MC_FLOOR) == "p ≤ 0.0002" and format_p(0.0312) == "p = 0.031" and format_p(None) == "p = n/a"
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/a.json").write_text(json.dumps({"x_p": MC_FLOOR, "y_p": 0.0004, "p": MC_FLOOR}))
+    md = tmp_path / "doc.md"
+    for text, ok in [("p ≤ 0.0002<!--m metrics/a.json:x_p-->", True), ("p = 0.0002<!--m metrics/a.json:x_p-->", False),
+                     ("p ≤ **0.0002**<!--m metrics/a.json:p-->", True), ("p = 0.0004<!--m metrics/a.json:y_p-->", True)]:
+        md.write_text(f"{text}\n")
+        r = _check("--root", str(tmp_path), str(md))
+        assert (r.returncode == 0) is ok, (text, r.stdout)
+        if not ok:
+            assert "Monte Carlo floor: write p ≤ 0.0002" in r.stdout

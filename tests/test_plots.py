@@ -344,3 +344,17 @@ def test_report_self_check_finds_broken_and_external_links(tmp_path):
                                        '<a href="index.html#no-such-anchor">y</a>')
     problems = broken_links(report)
     assert len(problems) == 3 and all(p.startswith("extra.html") for p in problems), problems
+
+
+def test_report_cells_show_a_floor_p_value_as_a_bound():
+    """Report tables: a p-value (key p or *_p) at the paired test's Monte Carlo floor reads
+    "≤ 0.0002" with the reason on hover; the same number under another key, or another p, reads
+    as a number."""
+    from mmn.metrics.stats import MC_FLOOR
+    from mmn.report.build import _fmt, _tables
+
+    assert _fmt(MC_FLOOR, "vs_random_p").value == "≤ 0.0002" and "Monte Carlo" in _fmt(MC_FLOOR, "p").title
+    assert _fmt(MC_FLOOR, "mean").value == "0.0002" and _fmt(0.031, "p").value == "0.031"
+    t = _tables({"k100": {"rel_drop": 0.5, "vs_random_p": MC_FLOOR}, "k6400": {"rel_drop": 0.9, "vs_random_p": 0.5}},
+                "ablation.unfiltered", "t")[0]
+    assert [[c.value for c in cells] for _, cells in t.rows] == [["0.5", "≤ 0.0002"], ["0.9", "0.5"]]

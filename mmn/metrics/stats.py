@@ -94,11 +94,29 @@ def bootstrap_statistic(
     return {"value": value, "lo": lo, "hi": hi, "n": n}
 
 
+PAIRED_RESAMPLES = 9999  # paired_test's sign flips; its Monte Carlo p cannot go below MC_FLOOR
+MC_FLOOR = 2 / (PAIRED_RESAMPLES + 1)  # two-sided: 2 x (0 + 1) / (R + 1) = 0.0002
+
+
+def at_mc_floor(p: float | None, n_resamples: int = PAIRED_RESAMPLES) -> bool:
+    """Whether ``p`` is the Monte Carlo floor 2/(R+1) of :func:`paired_test` (no flip reached the
+    observed difference: the true p is at most this, not equal to it). An exact test (2**n <= R)
+    never gives it: its smallest p is 2/2**n > 2/(R+1)."""
+    return p is not None and abs(p - 2 / (n_resamples + 1)) < 1e-12
+
+
+def format_p(p: float | None, n_resamples: int = PAIRED_RESAMPLES) -> str:
+    """A p-value as printed: ``p ≤ 0.0002`` at the Monte Carlo floor, else ``p = 0.031`` (2 digits)."""
+    if p is None:
+        return "p = n/a"
+    return f"p ≤ {2 / (n_resamples + 1):.2g}" if at_mc_floor(p, n_resamples) else f"p = {p:.2g}"
+
+
 def paired_test(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,
     level: float = 0.95,
-    n_resamples: int = 9999,
+    n_resamples: int = PAIRED_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, float]:
     """Paired comparison of two per-image samples (``a[i]`` and ``b[i]`` from the same image).
@@ -107,6 +125,8 @@ def paired_test(
     (:func:`bootstrap_ci`) and the two-sided p-value of a paired sign-flip permutation test
     of the mean difference (``scipy.stats.permutation_test``, ``permutation_type="samples"``;
     exact when 2**n <= n_resamples). ``p`` is None for n < 2; all-zero differences give p = 1.
+    Gotcha: a Monte Carlo p never goes below 2/(n_resamples + 1); print it with
+    :func:`format_p` ("p ≤ 0.0002"), never as an exact value.
     """
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from mmn.metrics.stats import at_mc_floor, format_p
 from mmn.report.paper import NOTES, PAPER, score_scale_note
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -130,7 +131,12 @@ class Report:
 
 # --------------------------------------------------------------------------- metric tables
 
-def _fmt(v) -> Cell:
+def _fmt(v, key: str = "") -> Cell:
+    """One table cell; a p-value (``key`` ``p`` or ``*_p``) at the paired test's Monte Carlo floor
+    reads ``≤ 0.0002``, with the reason on hover."""
+    if (key == "p" or key.endswith("_p")) and isinstance(v, float) and at_mc_floor(v):
+        return Cell(f"≤ {v:.2g}", "Monte Carlo floor of the paired test: no sign flip reached the observed "
+                                  "difference, so p is at most this")
     if v is None:
         return Cell("—")
     if isinstance(v, bool):
@@ -173,14 +179,15 @@ def _tables(obj: dict, path: str, title: str) -> list[Table]:
         for k in _sort_keys(list(obj)):
             v = obj[k]
             cells = [_fmt(PAPER.get(f"{path}.{k}.{c}", PAPER.get(f"{path}.{k}") if not isinstance(v, dict) else None))
-                     if paper else _fmt(v.get(c) if isinstance(v, dict) else v) for c, paper in spec]
+                     if paper else _fmt(v.get(c) if isinstance(v, dict) else v, c if isinstance(v, dict) else k)
+                     for c, paper in spec]
             rows.append((k, cells))
         return [Table(title, cols, rows)]
     out: list[Table] = []
     if scalars:
         has_paper = any(f"{path}.{k}" in PAPER for k in scalars)
         cols = ["value"] + (["paper"] if has_paper else [])
-        rows = [(k, [_fmt(v)] + ([_fmt(PAPER.get(f"{path}.{k}"))] if has_paper else [])) for k, v in scalars.items()]
+        rows = [(k, [_fmt(v, k)] + ([_fmt(PAPER.get(f"{path}.{k}"))] if has_paper else [])) for k, v in scalars.items()]
         out.append(Table(title, cols, rows))
     for k, v in children.items():
         out += _tables(v, f"{path}.{k}", f"{title} / {k}")
@@ -222,6 +229,7 @@ def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["num"] = lambda v, d=4: "—" if v is None else f"{v:.{d}g}"
+    env.filters["pval"] = format_p  # "p ≤ 0.0002" at the Monte Carlo floor
     env.filters["tok"] = _show_token
     return env
 
