@@ -97,21 +97,27 @@ def attribution_maps(
 def _layer_candidates(a_l: Tensor, g_l: Tensor, k: int, rank_by: RankBy) -> tuple[Tensor, ...]:
     """One layer's top-k candidates per row: ``(g fp32, flat index, A, dA)``, each ``[b, kk]``.
 
-    ``a_l``/``g_l``: ``[b, P, U]`` (model dtype). Ranking runs in the model dtype (no
-    full-size fp32 copies); the kept g is recomputed in fp32 from the gathered A and dA.
-    Flat index: ``patch * U + unit`` (triple) or ``unit`` (unit; patch returned separately
-    via the index ``argmax_patch * U + unit``, so both modes decode the same way).
+    ``a_l``/``g_l``: ``[b, P, U]`` (model dtype). Ranking runs on fp32 products, one row at a
+    time (a ``[P, U]`` fp32 copy, not ``[b, P, U]``): in fp16/bf16 the product of two small
+    factors underflows to 0 (fp16: below 6e-8) and such units tie, ranked by index. The kept g
+    is recomputed in fp32 from the gathered A and dA. Flat index: ``patch * U + unit``
+    (triple) or ``unit`` (unit; patch returned separately via the index
+    ``argmax_patch * U + unit``, so both modes decode the same way).
     """
     b, n_patch, n_units = a_l.shape
     # a stable descending sort (not topk) so that ties keep the lowest index, as the merge
     # and the full-map reference do: the last layer's g is exactly 0 at every image position
     # (its MLP there cannot reach the position that predicts c), so ties are real
-    if rank_by == "unit":
-        score, best_patch = unit_scores(a_l, g_l, patch=True)  # [b, U] max over patches; first maximal patch
-        unit = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
-        i = best_patch.gather(1, unit) * n_units + unit  # [b, kk] index into (patch, unit)
-    else:
-        i = torch.sort((a_l * g_l).reshape(b, -1), dim=1, descending=True, stable=True).indices[:, :k]
+    rows = []
+    for r in range(b):
+        a_r, g_r = a_l[r].float(), g_l[r].float()  # [P, U]
+        if rank_by == "unit":
+            score, best_patch = unit_scores(a_r, g_r, patch=True)  # [U] max over patches; first maximal patch
+            unit = torch.sort(score, descending=True, stable=True).indices[:k]
+            rows.append(best_patch.gather(0, unit) * n_units + unit)  # [kk] index into (patch, unit)
+        else:
+            rows.append(torch.sort((a_r * g_r).reshape(-1), descending=True, stable=True).indices[:k])
+    i = torch.stack(rows)
     a_k = a_l.reshape(b, -1).gather(1, i).float()
     g_k = g_l.reshape(b, -1).gather(1, i).float()
     return a_k * g_k, i, a_k, g_k

@@ -65,8 +65,26 @@ def grad_x_act_pass(
         fwd = plm.target_forward(batch, targets, embeds=embeds, retain=layers, preactivation=preactivation)
         acts = [fwd.acts[l] for l in layers]
         y = fwd.y
-        grads = torch.autograd.grad(y.sum(), acts)
+        if acts and acts[0].dtype == torch.float16:
+            grads = _loss_scaled_grad(y.sum(), acts)
+        else:
+            grads = torch.autograd.grad(y.sum(), acts)
     return y.detach().float(), acts, grads, batch.image_slice
+
+
+FP16_LOSS_SCALE = 2.0 ** 16
+
+
+def _loss_scaled_grad(out: Tensor, inputs: list[Tensor], scale: float = FP16_LOSS_SCALE) -> tuple[Tensor, ...]:
+    """d out / d inputs for an fp16 graph, as mixed-precision training does it: the backward of
+    ``scale · out`` (gradients below fp16's 6e-8 would otherwise flush to 0 and tie), divided back
+    in fp32; on an overflow (inf/nan) ``scale`` is divided by 2**4 and the backward redone, down
+    to 1. Returns fp32 gradients (unscaled in fp16 they would underflow again)."""
+    while True:
+        grads = torch.autograd.grad(out * scale, inputs, retain_graph=scale > 1)
+        if scale <= 1 or all(bool(torch.isfinite(g).all()) for g in grads):
+            return tuple(g.float() / scale for g in grads)
+        scale = max(1.0, scale / 16)
 
 
 def _clean_acts(plm: ImagePrefixLM, soft: Tensor, texts: list[list[int]], targets: list[int],
