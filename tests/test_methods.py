@@ -149,10 +149,9 @@ def test_batched_single_unit_ablation_equals_one_at_a_time(tiny_adapters, family
     assert float(got["dy"].abs().max()) > 1e-3  # some unit matters: not a vacuous equality
 
 
-def _planted(tiny_adapters, layer=0, unit=5, beta=4.0):
-    """A tiny GPT-2 where unit (layer, unit) fires (A ≈ 5) only at the image positions and writes
-    β·W_U[c]/|W_U[c]| there; later layers' attention is uniform with identity OV, so that
-    direction reaches the position that predicts c."""
+def _gpt2_copy(tiny_adapters):
+    """``(model, plm, soft, text, target)``: a copy of the tiny GPT-2 that a test may edit, behind
+    a seeded projection, the text " a cat on the" and the target " mat"."""
     from mmn.models.lm import prepare_lm
 
     ad0, tok = tiny_adapters["gpt2"]
@@ -161,9 +160,15 @@ def _planted(tiny_adapters, layer=0, unit=5, beta=4.0):
     torch.manual_seed(0)
     plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
     soft = plm.soft_tokens(torch.randn(1, N_PATCH, D_ENC) * 2).detach()
-    text = tok(" a cat on the").input_ids
-    target = tok(" mat").input_ids[0]
-    d = ad.d_model
+    return model, plm, soft, tok(" a cat on the").input_ids, tok(" mat").input_ids[0]
+
+
+def _planted(tiny_adapters, layer=0, unit=5, beta=4.0):
+    """A tiny GPT-2 where unit (layer, unit) fires (A ≈ 5) only at the image positions and writes
+    β·W_U[c]/|W_U[c]| there; later layers' attention is uniform with identity OV, so that
+    direction reaches the position that predicts c."""
+    model, plm, soft, text, target = _gpt2_copy(tiny_adapters)
+    ad, tok, d = plm.adapter, plm.tokenizer, plm.adapter.d_model
     with torch.no_grad():
         for blk in model.transformer.h[layer + 1:]:
             w = blk.attn.c_attn.weight  # Conv1D [d, 3d]: Q | K | V
@@ -464,16 +469,8 @@ def _planted_mediated(tiny_adapters, u0=5, u1=7, beta=4.0):
     across positions (attention output zeroed) and its unit u1 fires when v is there, writing
     W_U[c]; layer 2's attention is uniform with identity OV (it carries that to the predicting
     position) and its MLP writes nothing."""
-    from mmn.models.lm import prepare_lm
-
-    ad0, tok = tiny_adapters["gpt2"]
-    model = copy.deepcopy(ad0.model)
-    ad, tok = prepare_lm(model, tok)
-    torch.manual_seed(0)
-    plm = ImagePrefixLM(ad, tok, nn.Linear(D_ENC, ad.d_model))
-    soft = plm.soft_tokens(torch.randn(1, N_PATCH, D_ENC) * 2).detach()
-    text, target = tok(" a cat on the").input_ids, tok(" mat").input_ids[0]
-    d, h = ad.d_model, model.transformer.h
+    model, plm, soft, text, target = _gpt2_copy(tiny_adapters)
+    ad, d, h = plm.adapter, plm.adapter.d_model, model.transformer.h
     w_u = model.lm_head.weight[target].detach()
     v = torch.randn(d)
     v = v - v.mean()
