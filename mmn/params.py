@@ -156,7 +156,7 @@ class AttributeParams(_Strict):
     preactivation: bool = False
     method: Literal["grad_x_act", "direct_logit", "integrated_gradients"] = Field(
         default="grad_x_act", description="grad_x_act: the paper's g = A dy/dA; direct_logit: A (W_U[c] W_out^k) "
-        "(MM_Neurons); integrated_gradients: A times the path-averaged gradient from 0 to A")
+        "(MM_Neurons); integrated_gradients: A times the path-averaged gradient from 0 to A, one layer at a time")
     ig_steps: int = Field(default=16, gt=0, le=1024, description="integrated gradients: path points "
                           "(midpoint rule), the rows of one forward + backward per image")
     batch_size: int = Field(gt=0)

@@ -3,8 +3,9 @@ forward + one backward pass per batch; keeps "the 100 u_k with highest g" per im
 attribute.rank_by=unit (default) ranks units by their max over image positions of g and
 keeps k distinct units (patch = the arg-max patch); rank_by=triple keeps the top k
 (layer, unit, patch) triples. attribute.method swaps dy/dA for another multiplier M
-(direct_logit: W_U[c]·W_out^k, one forward; integrated_gradients: the gradient averaged
-over attribute.ig_steps path points from 0 to A); then g = A·M and gradient = M.
+(direct_logit: W_U[c]·W_out^k, one forward; integrated_gradients: per layer, the gradient
+averaged over attribute.ig_steps path points from 0 to that layer's A, the later layers
+computing); then g = A·M and gradient = M.
 
 Writes data/attributions.parquet (image_id, rank, layer, unit, patch, g, activation,
 gradient, target token, y; activation/gradient at the recorded patch).

@@ -20,9 +20,10 @@ Per image with a target c, for each method of :data:`mmn.neurons.methods.METHODS
    (relative drop of p(c) with the method's top k units ablated together, k in
    ``ablate.ks``, the same ablation code) and its area (trapezoid with the ks equally
    spaced, divided by their number of gaps: the mean height of the curve as plotted);
-   ``completeness``: |Σ A·M − (y(A) − y(0))| / |y(A) − y(0)| over every attributed unit
-   and image position, y(0) = all of them zeroed (exactly 0 for integrated gradients in the
-   limit of many steps; for the others how far their linear estimate is from the truth).
+   ``completeness``: |Σ A·M − gap| / |gap| over every attributed unit and image position,
+   gap = y(A) − y(0), y(0) = all of them zeroed; for integrated gradients, complete layer by
+   layer, gap = Σ_l [y(A) − y(A_l = 0)] (its error is exactly 0 in the limit of many steps;
+   for the others how far their linear estimate is from the truth).
    A mean of per-image ratios is dominated by images with a tiny y(A) − y(0), so the summary
    gives its median and the ratio of sums Σ_i |error_i| / Σ_i |gap_i|, each with a CI.
 
@@ -137,23 +138,27 @@ def compare_image(plm: ImagePrefixLM, soft: torch.Tensor, text: list[int], targe
     ks = sorted(ks)
     sets = [ranking[v][:k] for v in names for k in ks]
     every = [tuple(u) for u in torch.nonzero(allowed).tolist()]  # y(0): every attributed unit zeroed
-    y, p = set_effects(plm, soft, text, target, [[]] + sets + [every], rows)
-    gap = float(y[0] - y[-1])
-    p_clean, p = float(p[0]), p[1:-1].double().numpy().reshape(len(names), len(ks))
+    per_layer = [[(l, u) for u in range(allowed.shape[1]) if bool(allowed[l, u])] for l in layers]
+    y, p = set_effects(plm, soft, text, target, [[]] + sets + [every] + per_layer, rows)
+    n_sets = 1 + len(sets)
+    gap = float(y[0] - y[n_sets])  # y(A) - y(0)
+    gap_layers = float(sum(y[0] - y[n_sets + 1 + j] for j in range(len(per_layer))))  # sum_l y(A) - y(A_l = 0)
+    p_clean, p = float(p[0]), p[1:n_sets].double().numpy().reshape(len(names), len(ks))
     per, curve = [], []
     for j, v in enumerate(names):
         rel = (p_clean - p[j]) / p_clean if p_clean > 0 else np.zeros(len(ks))
         curve += [{"method": v, "k": k, "p_target": float(pk), "p_clean": p_clean, "rel_drop": float(r)}
                   for k, pk, r in zip(ks, p[j], rel)]
         s, d = sv_all[v], dy_all
+        g = gap_layers if v.split(":")[0] == "integrated_gradients" else gap  # what its total estimates
         per.append({"method": v, "seconds": secs[v],
                     "spearman": _corr(scipy.stats.spearmanr, s[si], d[si]) if sample else None,
                     "kendall": _corr(scipy.stats.kendalltau, s[si], d[si]) if sample else None,
                     "spearman_union": _corr(scipy.stats.spearmanr, s[ci], d[ci]),
                     "kendall_union": _corr(scipy.stats.kendalltau, s[ci], d[ci]),
                     "precision": precision_at_k(ranking[v], cands, d[ci], precision_k), "auc": curve_area(rel),
-                    "completeness": abs(totals[v] - gap) / abs(gap) if gap != 0 else None,
-                    "total": totals[v], "gap": gap, "n_candidates": len(cands), "n_sampled": len(sampled),
+                    "completeness": abs(totals[v] - g) / abs(g) if g != 0 else None,
+                    "total": totals[v], "gap": g, "n_candidates": len(cands), "n_sampled": len(sampled),
                     "y_clean": gt["y_clean"], "p_clean": gt["p_clean"]})
     return cand, per, curve
 
@@ -320,8 +325,8 @@ def methods_info(precision_k: int, layers: Sequence[int], n_images: int, seconds
         "seconds_per_image": seconds or {},
         "definitions": {
             "score": "per unit: max (the method's name) or sum (<method>:sum) over image positions of A*M; "
-                     "M = dy/dA (grad_x_act), W_U[c].W_out^k (direct_logit), path-averaged dy/dA from 0 to A, "
-                     "all layers scaled together (integrated_gradients)",
+                     "M = dy/dA (grad_x_act), W_U[c].W_out^k (direct_logit), path-averaged dy/dA_l from 0 to A_l "
+                     "with only layer l scaled and the later layers computing (integrated_gradients)",
             "candidates": "union over variants of each variant's top `candidates` units of the image",
             "sample": "compare.sample units drawn uniformly (seeded per image) from the attributed layers, "
                       "without looking at any score",
@@ -332,10 +337,11 @@ def methods_info(precision_k: int, layers: Sequence[int], n_images: int, seconds
             "spearman_union": "Spearman over the candidates (the union of top units: a selected set, where "
                               "Berkson's paradox can make a correlation with no relation behind it)",
             "completeness_median": "median over images of |sum of A*M over every attributed unit and image "
-                                   "position - (y(A) - y(0))| / |y(A) - y(0)|, y(0) = all of them zeroed at the "
-                                   "image positions; 95% bootstrap CI over images",
-            "completeness_ratio": "sum over images of |sum A*M - (y(A) - y(0))| / sum over images of "
-                                  "|y(A) - y(0)|: not dominated by images with a tiny gap; 95% bootstrap CI",
+                                   "position - gap| / |gap|, gap = y(A) - y(0) (y(0) = all of them zeroed at the "
+                                   "image positions), for integrated_gradients sum over layers l of "
+                                   "y(A) - y(A_l = 0); 95% bootstrap CI over images",
+            "completeness_ratio": "sum over images of |sum A*M - gap| / sum over images of |gap|: not dominated "
+                                  "by images with a tiny gap; 95% bootstrap CI",
             "precision": f"|method's top k and exact top k by dy| / k, k = {precision_k}; mean over images",
             "auc": "area under the per-image ablation curve (relative drop of p(c), method's top k ablated "
                    "together, k in ablate.ks) with the ks equally spaced, divided by the gaps; mean over images",

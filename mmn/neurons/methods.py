@@ -9,13 +9,18 @@ g (max over image positions, top k distinct units; :mod:`mmn.neurons.attribution
   in Pre-Trained Transformers"): M = W_U[c] · W_out^k, the unit's direct contribution to
   the logit of c per unit of activation (raw unembedding row, no final norm, as the
   paper's decoder(W_out^k)). Gradient-free: one forward.
-* ``integrated_gradients`` (Sundararajan et al. 2017; per neuron as in Knowledge Neurons,
-  Dai et al. 2022): M = ∫_0^1 ∂y^c/∂A(αA) dα over the straight path from 0 to the clean
-  activations, ALL attributed layers' image-position activations scaled together (each
-  layer's A is replaced by α·A_clean, so the path is one path in the space of all
-  attributed activations and completeness holds: Σ A·M ≈ y(A) − y(0), with y(0) = every
-  attributed unit zeroed at the image positions). Midpoint Riemann sum over ``steps``
-  points, batched as rows: ``steps`` forwards + backwards per image, not per layer.
+* ``integrated_gradients`` (Sundararajan et al. 2017; per neuron and per layer as in
+  Knowledge Neurons, Dai et al. 2022): for each attributed layer l, M_l = ∫_0^1 ∂y^c/∂A_l
+  dα along the path that scales ONLY layer l's image-position activations, A_l → α·A_l,
+  while every later layer computes from it (its MLPs at the image positions respond, as
+  they do when a unit of l is ablated: the effect a unit has through later MLPs is in M_l).
+  Completeness holds per layer: Σ_{p,k} A_l·M_l ≈ y(A) − y(A_l = 0 at the image positions).
+  Midpoint Riemann sum over ``steps`` points, batched as rows: ``steps`` forwards +
+  backwards per image AND per attributed layer.
+
+  (Replacing every layer's A by α·A at once, the variant before, makes M a partial
+  derivative that leaves out the path through later layers' MLPs at the image positions,
+  a different quantity from the exact single-unit effect it is compared with.)
 """
 
 from __future__ import annotations
@@ -128,7 +133,8 @@ def ig_path_logits(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"],
                    acts: Sequence[Float[Tensor, "patches d_mlp"]], layers: Sequence[int], alphas: Float[Tensor, "rows"],
                    grad: bool = True
                    ) -> tuple[Float[Tensor, "rows"], list[Float[Tensor, "rows patches d_mlp"]] | None]:
-    """y^c with every listed layer's image-position A replaced by α·A (one row per α).
+    """y^c with every listed layer's image-position A replaced by α·A (one row per α); the
+    layers not listed compute as usual (integrated gradients lists one layer at a time).
 
     ``soft``: ``[1, P, d_model]``; ``acts[j]``: ``[P, U]`` clean A of ``layers[j]``; ``alphas``:
     ``Float[Tensor, "rows"]``. Returns ``(y [rows] fp32, dy/d(αA) per layer [rows, P, U] fp32 or None)``.
@@ -151,20 +157,21 @@ def integrated_gradients_pass(plm: ImagePrefixLM, soft: Float[Tensor, "batch pat
                               rows: int | None = None
                               ) -> tuple[Float[Tensor, "batch"], list[Float[Tensor, "batch patches d_mlp"]],
                                          list[Float[Tensor, "batch patches d_mlp"]]]:
-    """``(y, A, M)`` with M the path-averaged gradient (midpoint rule, ``steps`` points, all
-    layers scaled together; see the module docstring). ``rows``: path points per forward
-    (default: all ``steps`` of an image in one forward + backward)."""
+    """``(y, A, M)`` with M_l the path-averaged gradient of layer l alone (midpoint rule,
+    ``steps`` points; later layers compute from the scaled A_l; see the module docstring).
+    ``rows``: path points per forward (default: all ``steps`` of an image and layer in one
+    forward + backward)."""
     if steps < 1:
         raise ValueError(f"attribute.ig_steps must be >= 1, got {steps}")
     y, acts, _ = _clean_acts(plm, soft, texts, targets, layers)
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
     mult = [torch.zeros(a.shape, dtype=torch.float32, device=a.device) for a in acts]
     for i in range(len(texts)):
-        for chunk in alphas.split(rows or steps):
-            _, grads = ig_path_logits(plm, soft[i: i + 1], texts[i], targets[i], [a[i] for a in acts], layers,
-                                      chunk.float())
-            for m, g in zip(mult, grads):
-                m[i] += g.sum(0)
+        for j, layer in enumerate(layers):
+            for chunk in alphas.split(rows or steps):
+                _, (g,) = ig_path_logits(plm, soft[i: i + 1], texts[i], targets[i], [acts[j][i]], [layer],
+                                         chunk.float())
+                mult[j][i] += g.sum(0)
     return y, acts, [(m / steps).to(a.dtype) for m, a in zip(mult, acts)]
 
 
@@ -192,8 +199,8 @@ def unit_score_maps(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"]
     Float[Tensor, "L d_mlp"]}, total)``, each map :func:`mmn.neurons.scoring.unit_scores` of
     A·M over the image positions (``max``: the paper's g; ``sum``: Σ_p A·M, the first-order
     estimate of zeroing the unit at every image position), ``total`` = Σ A·M over every
-    attributed layer, image position and unit (integrated gradients: ≈ y(A) − y(0) by
-    completeness; the others: their linear estimate of it). Layers outside ``layers``
+    attributed layer, image position and unit (integrated gradients, per layer complete:
+    ≈ Σ_l [y(A) − y(A_l = 0)]; the others: a linear estimate of that and of y(A) − y(0)). Layers outside ``layers``
     (default: all) score -inf."""
     ad = plm.adapter
     layers = list(range(ad.n_layers)) if layers is None else sorted(set(layers))
