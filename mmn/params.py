@@ -153,6 +153,10 @@ class AttributeParams(_Strict):
     rank_by: Literal["unit", "triple"] = Field(
         default="unit", description="unit: the paper's 'the 100 u_k with highest g', a unit scored by its max "
         "over image positions of g (k distinct units); triple: top (layer, unit, patch) triples")
+    aggregate: Literal["max", "sum"] = Field(
+        default="max", description="rank_by=unit: a unit's score over the image positions: max (the paper's g_k) "
+        "or sum (sum_p A*M, the first-order estimate of zeroing it at every image position); attribute and ablate "
+        "rank by it")
     preactivation: bool = False
     method: Literal["grad_x_act", "direct_logit", "integrated_gradients"] = Field(
         default="grad_x_act", description="grad_x_act: the paper's g = A dy/dA; direct_logit: A (W_U[c] W_out^k) "
@@ -182,6 +186,9 @@ class AttributeParams(_Strict):
     def _preactivation_method(self) -> "AttributeParams":
         if self.preactivation and self.method != "grad_x_act":
             raise ValueError(f"preactivation is defined for method grad_x_act only, not {self.method!r}")
+        if self.aggregate == "sum" and self.rank_by == "triple":
+            raise ValueError("aggregate: sum scores whole units (over the image positions); rank_by: triple ranks "
+                             "(layer, unit, patch) triples: use aggregate: max with rank_by: triple")
         return self
 
 

@@ -148,7 +148,7 @@ STAGES: dict[str, StageSpec] = dict([
     _spec("ablate",
           (*_profile(*_PREFIX_LM, *_BERT), "seed", "caption.prompt", "caption.max_new_tokens",
            "caption.stop_at_newline", "decode", "filter", "attribute.layers",
-           "attribute.preactivation", "ablate"),
+           "attribute.preactivation", "attribute.aggregate", "ablate"),
           inputs={**_MODEL_IN, "captions": CAPTIONS, "wordlist": WORDLIST},
           outputs={"out": "data/ablation.parquet", "curve": "data/ablation_curve.csv",
                    "info": "data/info/ablate.json", "metrics": "metrics/ablation.json",

@@ -42,6 +42,7 @@ def main(run: Run) -> None:
                                max_new_tokens=params.caption.max_new_tokens,
                                stop_at_newline=params.caption.stop_at_newline, regenerate=ap.regenerate,
                                seed=params.seed, layers=layers, preactivation=params.attribute.preactivation,
+                               aggregate=params.attribute.aggregate,
                                progress=info.is_main, shard=info.shard,
                                reduce_sum=lambda t: all_reduce_sum(t, info))
         df = gather_frames(part, info)

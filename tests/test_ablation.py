@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from torch import nn
@@ -223,6 +224,37 @@ def test_ablate_ranks_by_preactivation_when_attribute_does(tiny_adapters, monkey
     raw["attribute"]["preactivation"], raw["ablate"]["mode"] = True, "mean"
     with pytest.raises(ParamsError, match="ablate.mode: mean"):
         parse_params(raw)
+
+
+def test_ablate_ranks_by_the_attribute_aggregate(tiny_adapters, monkeypatch):
+    """attribute.aggregate=sum: ablate's top units are those of sum over image positions of
+    A·dy/dA, computed here by hand from attribution_maps (not max), and the two orders differ."""
+    import mmn.experiments.ablation as A
+    from mmn.neurons.attribution import attribution_maps
+
+    plm, tok = _plm(tiny_adapters, "gpt2")
+    caps = captions(tok).head(2)
+    interp = torch.ones(plm.adapter.n_layers, plm.adapter.d_mlp, dtype=torch.bool)
+    seen: dict = {}
+    orig = A._ImageAblation.rows
+
+    def spy(self, r, soft, order_all, order_int, fill):
+        seen.setdefault(r["image_id"], {})[self.aggregate] = (order_all, soft)
+        return orig(self, r, soft, order_all, order_int, fill)
+
+    monkeypatch.setattr(A._ImageAblation, "rows", spy)
+    for agg in ("sum", "max"):
+        A.ablate_images(caps, lambda i: i, plm, interp, ks=[0, 20], regenerate=False, progress=False, aggregate=agg)
+    for image_id, by_agg in seen.items():
+        r = caps.filter(pl.col("image_id") == image_id).row(0, named=True)
+        order, soft = by_agg["sum"]
+        _, a, g = attribution_maps(plm, soft, [list(r["caption_token_ids"][: r["target_pos"]])],
+                                   [int(r["target_token_id"])])
+        flat = (a[0] * g[0]).sum(dim=1).reshape(-1)  # [L*U]: hand sum over positions
+        d_mlp = plm.adapter.d_mlp
+        expect = [divmod(int(i), d_mlp) for i in torch.sort(flat, descending=True, stable=True).indices[:20]]
+        assert [tuple(u) for u in order] == expect, image_id
+    assert any(by["sum"][0] != by["max"][0] for by in seen.values())
 
 
 def test_ablate_images_shards_merge_to_the_single_run_and_layers_cap_k(tiny_adapters):

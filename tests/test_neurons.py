@@ -11,6 +11,7 @@ from torch import nn
 
 from mmn.hooks import Trace
 from mmn.models.prefix_lm import ImagePrefixLM
+from conftest import REPO
 from mmn.neurons.attribution import attribution_maps, top_k
 from mmn.neurons.decode import _Decoder, decode_units
 from mmn.neurons.filter import apply_filter, count_words, is_word
@@ -351,6 +352,40 @@ def _brute_force_units(a: torch.Tensor, grad: torch.Tensor, k: int) -> list[list
         rows.sort(key=lambda r: (-r[3], r[0], r[1]))
         out.append(rows[:k])
     return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sum_aggregate_ranks_units_by_their_sum_over_patches(tiny_adapters, family):
+    """attribute.aggregate=sum: g of each kept unit = Σ_p A·dy/dA (computed by hand from the
+    full maps), k distinct units in that order, patch = the arg-max of A·dy/dA; the order
+    differs from max's; sum with rank_by=triple is refused (library and params)."""
+    import yaml
+
+    from mmn.neurons.attribution import attribute_topk
+    from mmn.params import ParamsError, parse_params
+
+    plm, soft, texts, targets = _setup(tiny_adapters, family)
+    d_mlp = plm.adapter.d_mlp
+    _, a, grad = attribution_maps(plm, soft, texts, targets)
+    _, tops = attribute_topk(plm, soft, texts, targets, 25, rank_by="unit", aggregate="sum")
+    _, tops_max = attribute_topk(plm, soft, texts, targets, 25, rank_by="unit")
+    prod = a * grad  # [b, L, P, U]
+    for b, (stream, ref) in enumerate(zip(tops, top_k(a, grad, 25, "unit", "sum"))):
+        sums = prod[b].sum(dim=1).reshape(-1)  # [L*U]
+        order = torch.sort(sums, descending=True, stable=True).indices[:25]
+        assert list(zip(stream.layer.tolist(), stream.unit.tolist())) == [divmod(int(i), d_mlp) for i in order]
+        torch.testing.assert_close(stream.g, sums[order], rtol=1e-5, atol=1e-7)
+        assert stream.patch.tolist() == prod[b, stream.layer, :, stream.unit].argmax(dim=1).tolist()
+        for f in ("layer", "unit", "patch"):
+            assert getattr(ref, f).tolist() == getattr(stream, f).tolist()
+    assert any(t.unit.tolist() != m.unit.tolist() or t.layer.tolist() != m.layer.tolist()
+               for t, m in zip(tops, tops_max))
+    with pytest.raises(ValueError, match="rank_by: triple needs aggregate: max"):
+        attribute_topk(plm, soft, texts, targets, 5, rank_by="triple", aggregate="sum")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["attribute"]["aggregate"], raw["attribute"]["rank_by"] = "sum", "triple"
+    with pytest.raises(ParamsError, match="aggregate: sum"):
+        parse_params(raw)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -45,7 +45,7 @@ from mmn.neurons.ablation import (
     unit_masks,
 )
 from mmn.neurons.attribution import attribution_maps
-from mmn.neurons.scoring import unit_scores
+from mmn.neurons.scoring import Aggregate, unit_scores
 
 ABLATION_SCHEMA = {
     "image_id": pl.Int64,
@@ -81,6 +81,7 @@ class _ImageAblation:
     regenerate: bool
     seed: int
     preactivation: bool = False
+    aggregate: Aggregate = "max"
 
     @staticmethod
     def text(r: dict) -> list[int]:
@@ -93,7 +94,7 @@ class _ImageAblation:
         the mean is Z's: the mean fill is then refused upstream)."""
         _, a, grad = attribution_maps(self.plm, soft, [self.text(r)], [int(r["target_token_id"])],
                                       preactivation=self.preactivation)
-        scores, top = unit_scores(a[0], grad[0]), max(self.ks)
+        scores, top = unit_scores(a[0], grad[0], self.aggregate), max(self.ks)
         return (rank_units(scores, self.allowed, limit=top),
                 rank_units(scores, self.allowed & self.interpretable, limit=top), a[0].mean(dim=1))
 
@@ -159,6 +160,7 @@ def ablate_images(
     shard: tuple[int, int] = (0, 1),
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     preactivation: bool = False,
+    aggregate: Aggregate = "max",
 ) -> pl.DataFrame:
     """One row per (image, kind, k). ``interpretable``: ``Bool[Tensor, "layers d_mlp"]``;
     images go through ``plm``'s encoder.
@@ -172,7 +174,8 @@ def ablate_images(
     Regenerated captions stop at EOS and, with ``stop_at_newline`` (``caption.stop_at_newline``,
     as the caption stage), at a newline. ``preactivation`` (``attribute.preactivation``) ranks
     units by Z·dy/dZ as the attribute stage does; the ablation still sets A. It is refused with
-    ``mode="mean"``, whose fill is a mean of A.
+    ``mode="mean"``, whose fill is a mean of A. ``aggregate`` (``attribute.aggregate``): a
+    unit's score over the image positions, max (the paper's g) or Σ_p A·dy/dA.
     """
     if preactivation and mode == "mean":
         raise ValueError("ablate.mode: mean fills A with its mean, but attribute.preactivation: true ranks by Z; "
@@ -186,7 +189,7 @@ def ablate_images(
     todo = [recs[b[0]] for b in shard_batches(len(recs), 1, shard)]
     run = _ImageAblation(plm, allowed, interpretable, ks, kinds,
                          stop_token_ids(plm.tokenizer, ad.vocab_size, stop_at_newline), max_new_tokens, regenerate,
-                         seed, preactivation)
+                         seed, preactivation, aggregate)
 
     def soft_of(r: dict) -> torch.Tensor:
         return plm.image_soft_tokens([load_image(r["image_id"])])

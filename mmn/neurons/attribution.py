@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.neurons.methods import grad_x_act_pass, method_pass
-from mmn.neurons.scoring import unit_scores
+from mmn.neurons.scoring import AGGREGATES, Aggregate, unit_scores
 
 if TYPE_CHECKING:
     import polars as pl
@@ -52,9 +52,13 @@ RankBy = Literal["unit", "triple"]
 RANK_BY: tuple[str, ...] = ("unit", "triple")
 
 
-def _check_rank_by(rank_by: str) -> None:
+def _check_rank_by(rank_by: str, aggregate: str = "max") -> None:
     if rank_by not in RANK_BY:
         raise ValueError(f"attribute.rank_by must be one of {RANK_BY}, got {rank_by!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"attribute.aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if aggregate == "sum" and rank_by == "triple":
+        raise ValueError("attribute.aggregate: sum scores whole units; rank_by: triple needs aggregate: max")
 
 
 @dataclass
@@ -94,33 +98,36 @@ def attribution_maps(
     return y, a, g
 
 
-def _layer_candidates(a_l: Tensor, g_l: Tensor, k: int, rank_by: RankBy) -> tuple[Tensor, ...]:
-    """One layer's top-k candidates per row: ``(g fp32, flat index, A, dA)``, each ``[b, kk]``.
+def _layer_candidates(a_l: Tensor, g_l: Tensor, k: int, rank_by: RankBy,
+                      aggregate: Aggregate = "max") -> tuple[Tensor, ...]:
+    """One layer's top-k candidates per row: ``(score fp32, flat index, A, dA)``, each ``[b, kk]``.
 
     ``a_l``/``g_l``: ``[b, P, U]`` (model dtype). Ranking runs on fp32 products, one row at a
     time (a ``[P, U]`` fp32 copy, not ``[b, P, U]``): in fp16/bf16 the product of two small
     factors underflows to 0 (fp16: below 6e-8) and such units tie, ranked by index. The kept g
     is recomputed in fp32 from the gathered A and dA. Flat index: ``patch * U + unit``
     (triple) or ``unit`` (unit; patch returned separately via the index
-    ``argmax_patch * U + unit``, so both modes decode the same way).
+    ``argmax_patch * U + unit``, so both modes decode the same way). ``aggregate="sum"``
+    (units only): the score is Σ_p A·dA, the patch still the arg-max of A·dA (a label).
     """
     b, n_patch, n_units = a_l.shape
     # a stable descending sort (not topk) so that ties keep the lowest index, as the merge
     # and the full-map reference do: the last layer's g is exactly 0 at every image position
     # (its MLP there cannot reach the position that predicts c), so ties are real
-    rows = []
+    rows, sums = [], []
     for r in range(b):
         a_r, g_r = a_l[r].float(), g_l[r].float()  # [P, U]
         if rank_by == "unit":
-            score, best_patch = unit_scores(a_r, g_r, patch=True)  # [U] max over patches; first maximal patch
+            score, best_patch = unit_scores(a_r, g_r, aggregate, patch=True)  # [U]; first maximal patch
             unit = torch.sort(score, descending=True, stable=True).indices[:k]
             rows.append(best_patch.gather(0, unit) * n_units + unit)  # [kk] index into (patch, unit)
+            sums.append(score.gather(0, unit))
         else:
             rows.append(torch.sort((a_r * g_r).reshape(-1), descending=True, stable=True).indices[:k])
     i = torch.stack(rows)
     a_k = a_l.reshape(b, -1).gather(1, i).float()
     g_k = g_l.reshape(b, -1).gather(1, i).float()
-    return a_k * g_k, i, a_k, g_k
+    return (torch.stack(sums) if aggregate == "sum" else a_k * g_k), i, a_k, g_k
 
 
 def _merge(v: Tensor, idx: Tensor, av: Tensor, gv: Tensor, k: int, n_patch: int, n_units: int,
@@ -152,6 +159,7 @@ def attribute_topk(
     rank_by: str = "unit",  # one of RANK_BY (a ValueError otherwise)
     method: str = "grad_x_act",
     ig_steps: int = 16,
+    aggregate: Aggregate = "max",
 ) -> tuple[Float[Tensor, "batch"], list[TopK]]:
     """Top-k units (or triples) per image without materialising all layers' maps at once.
 
@@ -162,32 +170,34 @@ def attribute_topk(
     ``top_k(*attribution_maps(...)[1:], k, rank_by)`` (tested). ``layers`` restricts the
     candidates to those layers (default: all); then equal to the same top-k over the
     maps of those layers only. ``method``: :func:`method_pass` (``gradient`` = its M).
+    ``aggregate``: :func:`mmn.neurons.scoring.unit_scores` (``sum``: g = Σ_p A·M, units only).
     """
-    _check_rank_by(rank_by)
+    _check_rank_by(rank_by, aggregate)
     layers = list(range(plm.adapter.n_layers)) if layers is None else sorted(set(layers))
     y, acts, grads = method_pass(plm, soft, texts, targets, layers, method, preactivation=preactivation,
                                  ig_steps=ig_steps)
     n_patch, n_units = acts[0].shape[1], plm.adapter.d_mlp
     cand: list[tuple[Tensor, ...]] = []
     for layer, a_l, g_l in zip(layers, acts, grads):
-        v, i, a_k, g_k = _layer_candidates(a_l, g_l, k, rank_by)
+        v, i, a_k, g_k = _layer_candidates(a_l, g_l, k, rank_by, aggregate)
         cand.append((v, i + layer * n_patch * n_units, a_k, g_k))  # flat index over (layer, patch, unit)
     v, idx, av, gv = (torch.cat([c[j] for c in cand], 1).cpu() for j in range(4))
     return y, _merge(v, idx, av, gv, k, n_patch, n_units, rank_by)
 
 
 def top_k(a: Float[Tensor, "batch layers patches d_mlp"], grad: Float[Tensor, "batch layers patches d_mlp"], k: int,
-          rank_by: str = "triple") -> list[TopK]:
+          rank_by: str = "triple", aggregate: Aggregate = "max") -> list[TopK]:
     """Reference top ``k`` from full maps ``a``/``grad`` (``[batch, L, P, U]``) per image.
 
     ``rank_by="triple"``: top k of g = a·grad over (layer, patch, unit), ties by flat index
     (layer, patch, unit). ``rank_by="unit"``: g_k = max over patches of g per (layer, unit),
     top k distinct units, ties by (layer, unit); ``patch`` is the first maximal patch.
+    ``aggregate="sum"`` (units only): g_k = Σ_p a·grad.
     """
-    _check_rank_by(rank_by)
+    _check_rank_by(rank_by, aggregate)
     b, n_layers, n_patch, n_units = a.shape
     if rank_by == "unit":
-        v, best = unit_scores(a, grad, patch=True)  # [b, L, U] each
+        v, best = unit_scores(a, grad, aggregate, patch=True)  # [b, L, U] each
         v = v.reshape(b, -1)  # [b, L*U]
         lu = torch.arange(n_layers * n_units).expand(b, -1)
         idx = (lu // n_units) * n_patch * n_units + best.reshape(b, -1) * n_units + lu % n_units
@@ -222,6 +232,7 @@ def attribute_captions(
     rank_by: str = "unit",  # one of RANK_BY (a ValueError otherwise)
     method: str = "grad_x_act",
     ig_steps: int = 16,
+    aggregate: Aggregate = "max",
 ) -> "pl.DataFrame":
     """Top-k units (``rank_by="unit"``: k distinct (layer, unit), ``patch`` = arg-max patch)
     or triples for every image of ``captions`` that has a target (:func:`attribution_schema`).
@@ -231,6 +242,8 @@ def attribute_captions(
     only this rank's batches; ``layers`` restricts attribution to those layers; ``method``
     and ``ig_steps``: :func:`method_pass` (integrated gradients: the images of a batch one
     after another, each with its ``ig_steps`` path points as the rows of one forward).
+    ``aggregate``: ``max`` (the paper's g) or ``sum`` (column ``g`` = Σ_p A·M; ``activation``
+    and ``gradient`` stay those of the recorded arg-max patch, so g ≠ their product).
     """
     import polars as pl
 
@@ -245,7 +258,7 @@ def attribute_captions(
         texts = [list(r["caption_token_ids"][: r["target_pos"]]) for r in chunk]
         targets = [int(r["target_token_id"]) for r in chunk]
         y, tops = attribute_topk(plm, soft, texts, targets, k, preactivation=preactivation, layers=layers,
-                                 rank_by=rank_by, method=method, ig_steps=ig_steps)
+                                 rank_by=rank_by, method=method, ig_steps=ig_steps, aggregate=aggregate)
         for r, yi, top in zip(chunk, y.tolist(), tops):
             for rank, (l, u, p, gv, av, dv) in enumerate(
                 zip(top.layer.tolist(), top.unit.tolist(), top.patch.tolist(), top.g.tolist(),

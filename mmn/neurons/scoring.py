@@ -25,17 +25,15 @@ def unit_scores(a: Tensor, m: Tensor, aggregate: str = "max", *, patch: bool = F
     (positions are the second-to-last axis), in ``g``'s dtype.
 
     ``aggregate="max"``: max over positions (the paper's g_k); ``"sum"``: Σ_p a·m.
-    ``patch=True`` (``max`` only) also returns the first maximal position per unit
-    (``Long[..., U]``), the score then being ``g`` read there.
+    ``patch=True`` also returns the first position of the largest ``g`` per unit
+    (``Long[..., U]``): under ``max`` the score is ``g`` read there; under ``sum`` it is a
+    label only (the score is not ``g`` at that position).
     """
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     g = a * m
-    if aggregate == "sum":
-        if patch:
-            raise ValueError("patch=True needs aggregate='max' (a sum has no arg-max position)")
-        return g.sum(dim=-2)
     if not patch:
-        return g.amax(dim=-2)
+        return g.sum(dim=-2) if aggregate == "sum" else g.amax(dim=-2)
     best = g.argmax(dim=-2, keepdim=True)  # first maximal position on ties
-    return g.gather(-2, best).squeeze(-2), best.squeeze(-2)
+    score = g.sum(dim=-2) if aggregate == "sum" else g.gather(-2, best).squeeze(-2)
+    return score, best.squeeze(-2)

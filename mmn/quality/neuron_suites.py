@@ -57,13 +57,14 @@ def attributions_suite(k: int, n_layers: int, n_units: int, n_patches: int,
 
 
 def check_attributions(df: Any, *, k: int, n_layers: int, n_units: int, n_patches: int,
-                       layers: list[int] | None = None, rank_by: str = "unit") -> None:
+                       layers: list[int] | None = None, rank_by: str = "unit", aggregate: str = "max") -> None:
+    """``aggregate="sum"``: g is Σ_p A·M, not the recorded patch's product: not compared."""
     d = _pl(df).sort(["image_id", "rank"])
     d = d.with_columns(
         (pl.col("g").is_finite() & pl.col("activation").is_finite() & pl.col("gradient").is_finite())
         .alias("g_finite"),
-        ((pl.col("g") - pl.col("activation") * pl.col("gradient")).abs()
-         <= 1e-4 * (pl.col("g").abs() + 1e-6)).alias("g_matches"),
+        (((pl.col("g") - pl.col("activation") * pl.col("gradient")).abs()
+          <= 1e-4 * (pl.col("g").abs() + 1e-6)) | pl.lit(aggregate == "sum")).alias("g_matches"),
         (pl.col("g").diff().over("image_id").fill_null(0.0) <= 0).alias("sorted_desc"),
         pl.len().over("image_id").cast(pl.Int64).alias("rows_per_image"),
         pl.struct("layer", "unit").n_unique().over("image_id").cast(pl.Int64).alias("distinct_units_per_image"),
