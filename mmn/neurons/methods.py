@@ -120,24 +120,30 @@ def direct_logit_pass(plm: ImagePrefixLM, soft: Float[Tensor, "batch patches d_m
     return y, acts, [wl.to(a.dtype)[:, None, :].expand_as(a) for wl, a in zip(w, acts)]
 
 
-def _replace_image(leaf: Tensor, sl: slice):
-    """Edit fn: the module input with its image positions replaced by ``leaf`` (``[rows, P, U]``)."""
+def _replace_image(leaf: Tensor, sl: slice, rows: Tensor | None = None):
+    """Edit fn: the module input with its image positions replaced by ``leaf`` (``[rows, P, U]``),
+    in the rows where ``rows`` (``Bool[Tensor, "rows"]``, default all) is true; the other rows
+    keep what the layer computed (their ``leaf`` entries get no gradient)."""
 
     def edit(x: Tensor) -> Tensor:
-        return torch.cat([x[:, : sl.start], leaf.to(x.dtype), x[:, sl.stop:]], dim=1)
+        img = leaf.to(x.dtype) if rows is None else torch.where(rows[:, None, None], leaf.to(x.dtype), x[:, sl])
+        return torch.cat([x[:, : sl.start], img, x[:, sl.stop:]], dim=1)
 
     return edit
 
 
 def ig_path_logits(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], text: list[int], target: int,
                    acts: Sequence[Float[Tensor, "patches d_mlp"]], layers: Sequence[int], alphas: Float[Tensor, "rows"],
-                   grad: bool = True
+                   grad: bool = True, row_layer: Sequence[int] | None = None,
                    ) -> tuple[Float[Tensor, "rows"], list[Float[Tensor, "rows patches d_mlp"]] | None]:
-    """y^c with every listed layer's image-position A replaced by α·A (one row per α); the
-    layers not listed compute as usual (integrated gradients lists one layer at a time).
+    """y^c with listed layers' image-position A replaced by α·A (one row per α); the layers
+    not replaced compute as usual. ``row_layer`` (default: every listed layer in every row,
+    one joint path): row r replaces only ``layers[row_layer[r]]``, so one forward carries the
+    path points of several layers, each layer's later layers computing (integrated gradients).
 
     ``soft``: ``[1, P, d_model]``; ``acts[j]``: ``[P, U]`` clean A of ``layers[j]``; ``alphas``:
-    ``Float[Tensor, "rows"]``. Returns ``(y [rows] fp32, dy/d(αA) per layer [rows, P, U] fp32 or None)``.
+    ``Float[Tensor, "rows"]``. Returns ``(y [rows] fp32, dy/d(αA) per layer [rows, P, U] fp32 or None)``;
+    with ``row_layer`` the gradient of layer j is 0 in the rows that do not replace it.
     """
     ad = plm.adapter
     n = int(alphas.numel())
@@ -145,7 +151,9 @@ def ig_path_logits(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"],
     sl = batch.image_slice
     a = alphas.to(ad.device, torch.float32)[:, None, None]
     leaves = [(a * x.float()[None]).to(x.dtype).requires_grad_(grad) for x in acts]
-    edits = {l: _replace_image(z, sl) for l, z in zip(layers, leaves)}
+    owner = None if row_layer is None else torch.as_tensor(list(row_layer), device=ad.device)
+    edits = {l: _replace_image(z, sl, None if owner is None else owner == j)
+             for j, (l, z) in enumerate(zip(layers, leaves))}
     with torch.set_grad_enabled(grad):
         y = plm.target_forward(batch, [target] * n, edits=edits).y
         grads = torch.autograd.grad(y.sum(), leaves) if grad else None
@@ -159,19 +167,27 @@ def integrated_gradients_pass(plm: ImagePrefixLM, soft: Float[Tensor, "batch pat
                                          list[Float[Tensor, "batch patches d_mlp"]]]:
     """``(y, A, M)`` with M_l the path-averaged gradient of layer l alone (midpoint rule,
     ``steps`` points; later layers compute from the scaled A_l; see the module docstring).
-    ``rows``: path points per forward (default: all ``steps`` of an image and layer in one
-    forward + backward)."""
+    ``rows``: path points per forward (default ``steps``); one forward carries the points of
+    consecutive layers (``rows`` in all, a row scaling one layer), so an image costs
+    ``ceil(steps · n_layers / rows)`` forwards + backwards."""
     if steps < 1:
         raise ValueError(f"attribute.ig_steps must be >= 1, got {steps}")
     y, acts, _ = _clean_acts(plm, soft, texts, targets, layers)
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    # every (layer index, alpha) path point of one image, in chunks of `rows`
+    points = [(j, float(a)) for j in range(len(layers)) for a in alphas]
+    size = rows or steps
     mult = [torch.zeros(a.shape, dtype=torch.float32, device=a.device) for a in acts]
     for i in range(len(texts)):
-        for j, layer in enumerate(layers):
-            for chunk in alphas.split(rows or steps):
-                _, (g,) = ig_path_logits(plm, soft[i: i + 1], texts[i], targets[i], [acts[j][i]], [layer],
-                                         chunk.float())
-                mult[j][i] += g.sum(0)
+        for start in range(0, len(points), size):
+            chunk = points[start: start + size]
+            js = sorted({j for j, _ in chunk})
+            local = {j: n for n, j in enumerate(js)}
+            _, grads = ig_path_logits(plm, soft[i: i + 1], texts[i], targets[i], [acts[j][i] for j in js],
+                                      [layers[j] for j in js], torch.tensor([a for _, a in chunk]),
+                                      row_layer=[local[j] for j, _ in chunk])
+            for j, g in zip(js, grads):
+                mult[j][i] += g.sum(0)  # rows of other layers hold 0
     return y, acts, [(m / steps).to(a.dtype) for m, a in zip(mult, acts)]
 
 
