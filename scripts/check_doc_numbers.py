@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 NUM = r"[−+-]?\d+(?:\.\d+)?"
-MARKER = re.compile(r"<!--m ([\w./-]+\.json):([\w.]+)-->")
+MARKER = re.compile(r"<!--m ([\w./-]+\.json):([\w.:]+)-->")  # a key may hold ":" (``grad_x_act:sum``)
+ANY_MARKER = re.compile(r"<!--m\b.*?-->")  # what a reader takes for a marker: every one must parse
 VALUE = re.compile(rf"(?P<v>{NUM})\**(?:\s*\[(?P<lo>{NUM}), (?P<hi>{NUM})\])?\**\s*$")
 
 
@@ -69,6 +70,10 @@ def check_file(md: Path, root: Path) -> list[str]:
     problems: list[str] = []
     cache: dict[str, dict] = {}
     for lineno, line in enumerate(md.read_text().splitlines(), 1):
+        parsed = {m.start() for m in MARKER.finditer(line)}
+        for loose in ANY_MARKER.finditer(line):
+            if loose.start() not in parsed:
+                problems.append(f"{md}:{lineno}: malformed marker {loose.group(0)} (want <!--m folder/file.json:dotted.key-->)")
         start = 0
         for m in MARKER.finditer(line):
             where = f"{md}:{lineno}: {m.group(1)}:{m.group(2)}"

@@ -27,12 +27,14 @@ def test_hand_cases(tmp_path):
     (tmp_path / "summary").mkdir()
     (tmp_path / "metrics").mkdir()
     (tmp_path / "summary/a.json").write_text(json.dumps({"x": {"mean": 0.4095, "lo": -0.0080, "hi": 0.2588,
-                                                               "p": 0.140625}, "k": 50, "s": "text"}))
+                                                               "p": 0.140625}, "k": 50, "s": "text",
+                                                         "g:sum": {"mean": 0.75}}))
     (tmp_path / "metrics/a.json").write_text(json.dumps({"x": 0.4095, "x_p": 0.140625}))
     md = tmp_path / "doc.md"
     md.write_text("ok 0.41 [−0.01, 0.26]<!--m summary/a.json:x.mean-->, p = 0.14<!--m summary/a.json:x.p-->; "
                   "**0.410**<!--m summary/a.json:x.mean--> and 50<!--m summary/a.json:k-->; headline 0.41<!--m "
-                  "metrics/a.json:x-->, p = 0.141<!--m metrics/a.json:x_p-->\n")
+                  "metrics/a.json:x-->, p = 0.141<!--m metrics/a.json:x_p-->; "
+                  "0.75<!--m summary/a.json:g:sum.mean-->\n")
     assert _check("--root", str(tmp_path), str(md)).returncode == 0
     for text, says in [("0.42<!--m summary/a.json:x.mean-->", "docs say 0.42, file has 0.4095"),
                        ("0.42<!--m metrics/a.json:x-->", "docs say 0.42, file has 0.4095"),
@@ -42,7 +44,10 @@ def test_hand_cases(tmp_path):
                        ("text<!--m summary/a.json:s-->", "no number right before the marker"),
                        ("1<!--m summary/a.json:s-->", "file has text"),
                        ("1<!--m summary/b.json:k-->", "no file"),
-                       ("50<!--m a.json:k-->", "name the folder: summary/a.json")]:
+                       ("50<!--m a.json:k-->", "name the folder: summary/a.json"),
+                       ("0.76<!--m summary/a.json:g:sum.mean-->", "docs say 0.76, file has 0.75"),
+                       ("0.41<!--m summary/a.json:x mean-->", "malformed marker"),
+                       ("0.41<!--m summary/a.json x.mean-->", "malformed marker")]:
         md.write_text(f"line one\n{text}\n")
         r = _check("--root", str(tmp_path), str(md))
         assert r.returncode == 1 and f"{md}:2: " in r.stdout and says in r.stdout, (text, r.stdout)
