@@ -24,7 +24,7 @@ class _Strict(BaseModel):
 
 
 Device = Literal["auto", "cpu", "cuda"]
-TrainData = Literal["coco-train", "split", "eval"]
+TrainData = Literal["coco-train", "split", "eval", "captions"]
 DType = Literal["float32", "bfloat16", "float16"]
 TrainDType = Literal["float32", "float64"]
 
@@ -109,6 +109,19 @@ class DataParams(_Strict):
     )
 
 
+class CaptionSourceParams(_Strict):
+    """``projection.train.captions``: an image-caption set (mmn.data.captions_source) for ``data: captions``."""
+
+    path: str | None = Field(default=None, description="captions CSV (image,caption), COCO captions JSON, or "
+                             "webdataset shards (one .tar, a folder of them, or a {000..009} range); path or URL")
+    images: str | None = Field(default=None, description="csv/coco: image folder, .zip/.tar archive or base URL")
+    format: Literal["auto", "csv", "coco", "webdataset"] = "auto"
+    sha256: str | list[str] | None = Field(
+        default=None, description="sha256 of the captions file (csv, coco) or one per shard (webdataset); "
+        "null = not checked (the stage logs the actual one)")
+    subset: int = Field(default=0, ge=0, description="seeded subset of the images; 0 = all")
+
+
 class TrainParams(_Strict):
     max_steps: int = Field(gt=0, description="optimizer steps at most (cosine decay reaches 0 here)")
     batch_size: int = Field(gt=0)
@@ -129,12 +142,14 @@ class TrainParams(_Strict):
     # Which images the projection learns from (stage download_train, data/coco_train/).
     data: TrainData = Field(
         default="eval",
-        description="coco-train: a seeded subset of COCO `split` (train2017); split: a seeded disjoint "
+        description="coco-train: a seeded subset of COCO `split` (train2017); captions: the image-caption set "
+        "of `captions` (never an evaluated image: compared by content); split: a seeded disjoint "
         "train/eval split of the source's images; eval: the evaluated images themselves (not held out)",
     )
     holdout: float = Field(default=0.2, gt=0, lt=1, description="evaluated fraction of the images under `split`")
     subset: int = Field(default=3000, ge=0, description="COCO train images fetched under `coco-train`; 0 = all")
     split: Literal["train2017", "val2017"] = Field(default="train2017", description="COCO split of `coco-train`")
+    captions: CaptionSourceParams = Field(default_factory=CaptionSourceParams)
 
 
 class ProjectionParams(_Strict):

@@ -111,7 +111,7 @@ STAGES: dict[str, StageSpec] = dict([
     _spec("download_train",
           (*_profile("data_source", "eval_subset", "train_data", "train_subset", "projection"), "seed", "data.coco",
            "data.on_bad_image", "projection.train.data", "projection.train.holdout", "projection.train.subset",
-           "projection.train.split"),
+           "projection.train.split", "projection.train.captions"),
           inputs={"eval": COCO}, outputs={"out": TRAIN}, options={"cache": COCO_CACHE}, seeded=False),
     _spec("load_projection",
           (*_profile(*_LM, *_ENCODER, "projection", "limber_url", *_TRAIN_OVERRIDES), "seed", *_TRAIN_LOOP,

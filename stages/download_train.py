@@ -5,9 +5,10 @@ n_eval, train_ids). `projection.train.data` (or the profile's `train_data`):
 `coco-train` fetches `projection.train.subset` seeded images of COCO
 `projection.train.split` through the coco source (same checks, same
 `data.on_bad_image`); `split` keeps the training part of the seeded disjoint split
-whose evaluated part download_coco wrote to data/coco; `eval` copies data/coco itself
-(nothing held out; logged loudly). Gate: no training image may be in data/coco, except
-under `eval`.
+whose evaluated part download_coco wrote to data/coco; `captions` reads any image-caption
+set (`projection.train.captions`: CSV, COCO captions JSON or webdataset shards); `eval`
+copies data/coco itself (nothing held out; logged loudly). Gate: no training image may be in
+data/coco (same id, or same file content), except under `eval`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main(run: Run) -> None:
         summary = build_train_layout(params, run.path("eval"), tmp, run.path("cache"))
         check_coco_layout(tmp)
         overlap = check_train_eval_disjoint(tmp, run.path("eval"), allow_overlap=mode == "eval",
-                                            train_label=f"{out}/")
+                                            train_label=f"{out}/", compare_ids=mode != "captions")
         info = write_split_info(tmp, mode, [r["id"] for r in CocoLayout(tmp).images], n_eval)
     if mode == "eval" and params.model.projection == "train":
         run.log(EVAL_WARNING.format(n=len(overlap), eval_dir=run.path("eval")))

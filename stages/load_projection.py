@@ -43,7 +43,8 @@ def main(run: Run) -> None:
             run.log(f"loaded LiMBeR projection {src} (sha256 {meta['sha256'][:12]})")
         else:
             split = read_split_info(run.path("train"))
-            check_train_eval_disjoint(run.path("train"), run.path("coco"), allow_overlap=not split.held_out)
+            check_train_eval_disjoint(run.path("train"), run.path("coco"), allow_overlap=not split.held_out,
+                                      compare_ids=split.mode != "captions")
             if not split.held_out:
                 run.log(f"WARNING: the projection is trained on the evaluated images (projection.train.data: "
                         f"{split.mode}); held_out: false - every downstream effect is partly memorisation")

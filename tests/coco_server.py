@@ -79,6 +79,23 @@ def require_coco_mini() -> Path:
     return d
 
 
+FLICKR8K_ENV = "MMN_FLICKR8K"
+
+
+def require_flickr8k() -> Path:
+    """The Flickr8k training sample's folder (captions.csv + images/: $MMN_FLICKR8K, <repo>/shared/...,
+    <repo>/../shared/...), or skip the test with the places looked at."""
+    env = os.environ.get(FLICKR8K_ENV)
+    places = ([Path(env)] if env else []) + [_REPO / "shared" / "data" / "flickr8k-5k",
+                                             _REPO.parent / "shared" / "data" / "flickr8k-5k",
+                                             Path("/work/shared/data/flickr8k-5k")]
+    for c in places:
+        if (c / "captions.csv").is_file() and (c / "images").is_dir():
+            return c
+    pytest.skip("flickr8k-5k test data not found (looked in " + ", ".join(map(str, places))
+                + f"; set ${FLICKR8K_ENV} to its folder)")
+
+
 def load_mini_json(kind: str, mini: Path | None = None) -> dict[str, Any]:
     """coco-mini's ``instances`` or ``captions`` JSON as a dict."""
     mini = mini or require_coco_mini()

@@ -4,7 +4,8 @@
 
 ``sample``: photos shipped in installed wheels + the project's own annotations (offline);
 ``coco``: COCO 2017 from ``data.coco.base_url`` through :func:`mmn.data.coco.download_coco`
-(checked, resumable, ``data.on_bad_image``). Under ``projection.train.data: split`` both
+(checked, resumable, ``data.on_bad_image``). ``projection.train.data: captions`` builds the
+training layout from any image-caption set instead (:mod:`mmn.data.captions_source`). Under ``projection.train.data: split`` both
 layouts are the two parts of one seeded disjoint split (:func:`mmn.data.split.split_part`).
 """
 
@@ -68,6 +69,12 @@ def build_train_layout(params, eval_dir: Path, tmp: Path, cache_dir: Path) -> di
 
         return download_coco(params.coco_eval, tmp, seed=params.seed, cache_dir=cache_dir,
                              on_bad_image=params.data.on_bad_image, restrict=train_part)
+    if mode == "captions":
+        from mmn.data.captions_source import build_captions_layout
+
+        c = params.data.coco
+        return build_captions_layout(t.captions, tmp, seed=params.seed, cache_dir=cache_dir,
+                                     on_bad_image=params.data.on_bad_image, retries=c.retries, timeout_s=c.timeout_s)
     if source != "coco":  # coco-train
         raise ParamsError(f"projection.train.data: coco-train needs the profile's data_source to be coco "
                           f"(profile {params.profile!r} has {source!r}); use split or eval")

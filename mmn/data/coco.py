@@ -68,6 +68,7 @@ __all__ = [
     "image_split",
     "select_image_ids",
     "site_cache_dir",
+    "write_layout",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def _check_loads_in_pycocotools(path: Path) -> None:
         raise CocoDownloadError(f"{path}: pycocotools cannot load the written file: {err}") from err
 
 
-def _write_layout(
+def write_layout(
     out_dir: Path,
     sources: list[tuple[dict[str, Any], Path]],
     instances: dict[str, Any],
@@ -395,7 +396,7 @@ def download_coco(
     chosen_set = set(chosen_ids) - {r["image_id"] for r in skipped}
     chosen_ids = [i for i in chosen_ids if i in chosen_set]
     out_instances, out_captions = _subset_both(instances, captions, chosen_set)
-    _write_layout(out_dir, sources, out_instances, out_captions, skipped)
+    write_layout(out_dir, sources, out_instances, out_captions, skipped)
 
     summary = {
         "n_images": len(chosen_ids),

@@ -49,7 +49,7 @@ __all__ = [
     "write_split_info",
 ]
 
-Mode = Literal["coco-train", "split", "eval"]
+Mode = Literal["coco-train", "split", "eval", "captions"]
 MODES: tuple[str, ...] = get_args(Mode)
 SPLIT_FILE = "split.json"
 

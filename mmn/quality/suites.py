@@ -15,6 +15,7 @@ Tables checked here:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import pathlib
 import warnings
@@ -200,10 +201,12 @@ def coco_captions_suite(image_ids: list) -> list[dict]:
     ]
 
 
-def coco_categories_suite() -> list[dict]:
+def coco_categories_suite(n_instances: int = 1) -> list[dict]:
+    """At least one category when there are instance annotations (a captions-only training
+    layout, :mod:`mmn.data.captions_source`, has none of either)."""
     return [
         *_exists("id", "name"),
-        expect("expect_table_row_count_to_be_between", min_value=1),
+        expect("expect_table_row_count_to_be_between", min_value=1 if n_instances else 0),
         expect("expect_column_values_to_not_be_null", column="id"),
         expect("expect_column_values_to_be_unique", column="id"),
         expect("expect_column_values_to_not_be_null", column="name"),
@@ -317,7 +320,7 @@ def check_coco_layout(root: pathlib.Path) -> None:
         ("coco_images", frames["images"], coco_images_suite()),
         ("coco_instances", frames["instances"], coco_instances_suite(image_ids, category_ids)),
         ("coco_captions", frames["captions"], coco_captions_suite(image_ids)),
-        ("coco_categories", frames["categories"], coco_categories_suite()),
+        ("coco_categories", frames["categories"], coco_categories_suite(len(frames["instances"]))),
         ("coco_skipped", frames["skipped"], coco_skipped_suite(image_ids)),
     ]
     keys = {
@@ -347,15 +350,20 @@ def check_coco_layout(root: pathlib.Path) -> None:
 # ------------------------------------------------------------ train/eval disjointness
 
 
-def train_eval_disjoint_suite(eval_ids: Sequence[int]) -> list[dict]:
-    """One row per image of the *training* layout (``data/coco_train``): none may be evaluated."""
-    return [
-        *_exists("id"),
-        expect("expect_column_values_to_not_be_null", column="id"),
-        expect("expect_column_values_to_not_be_in_set", column="id", value_set=list(eval_ids),
-               description="a training image of the projection is also an evaluated image (data/coco): "
-                           "its results would be partly memorisation"),
-    ]
+def train_eval_disjoint_suite(eval_ids: Sequence[int] | None, eval_hashes: Sequence[str] = ()) -> list[dict]:
+    """One row per image of the *training* layout (``data/coco_train``): none may be evaluated,
+    by content (``sha256`` of the image file) and, where both layouts share an id space
+    (``eval_ids`` not None: COCO ids), by id."""
+    why = ("a training image of the projection is also an evaluated image (data/coco): its results would be "
+           "partly memorisation")
+    suite = [*_exists("sha256"),
+             expect("expect_column_values_to_not_be_in_set", column="sha256", value_set=list(eval_hashes),
+                    description=why + " (same file content)")]
+    if eval_ids is not None:
+        suite += [*_exists("id"), expect("expect_column_values_to_not_be_null", column="id"),
+                  expect("expect_column_values_to_not_be_in_set", column="id", value_set=list(eval_ids),
+                         description=why)]
+    return suite
 
 
 register_suite("train_eval_disjoint", train_eval_disjoint_suite)
@@ -367,18 +375,57 @@ def _layout_image_ids(root: pathlib.Path) -> list[int]:
     return [int(i) for i in ids.tolist() if i is not None]
 
 
+def _layout_image_hashes(root: pathlib.Path) -> dict[int, str]:
+    """``image id -> sha256`` of its file under ``root/images`` (a missing file hashes to its name)."""
+    inst = _load_json(pathlib.Path(root) / "annotations" / "instances.json", "instances")
+    out = {}
+    for rec in inst["images"]:
+        if not isinstance(rec, dict) or rec.get("id") is None:
+            continue
+        path = pathlib.Path(root) / "images" / str(rec.get("file_name"))
+        out[int(rec["id"])] = (hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file()
+                               else f"missing:{rec.get('file_name')}")
+    return out
+
+
 def check_train_eval_disjoint(train_root: pathlib.Path, eval_root: pathlib.Path, *,
-                              allow_overlap: bool = False, train_label: str | None = None) -> list[int]:
-    """Gate of stage ``download_train``: no image id of the training layout ``train_root``
-    may appear in the evaluation layout ``eval_root``. Returns the overlapping ids (sorted);
-    raises :class:`QualityError` naming them unless ``allow_overlap`` (``projection.train.data:
-    eval``, whose caller must log it loudly). ``train_label``: how the message names the
-    training layout (e.g. its final path while it is still being built in a temp folder)."""
+                              allow_overlap: bool = False, train_label: str | None = None,
+                              compare_ids: bool = True) -> list[int]:
+    """Gate of stage ``download_train``: no image of the training layout ``train_root`` may be in
+    the evaluation layout ``eval_root``, compared by file content (sha256) and, unless
+    ``compare_ids`` is False (``projection.train.data: captions``, whose ids are its own
+    numbering), by image id. Returns the overlapping training ids (sorted); raises
+    :class:`QualityError` naming them unless ``allow_overlap`` (``projection.train.data: eval``,
+    whose caller must log it loudly). ``train_label``: how the message names the training layout
+    (e.g. its final path while it is still being built in a temp folder)."""
     train_ids = _layout_image_ids(train_root)
     eval_ids = _layout_image_ids(eval_root)
-    overlap = sorted(set(train_ids) & set(eval_ids))
+    train_hash = _layout_image_hashes(train_root)
+    eval_hashes = set(_layout_image_hashes(eval_root).values())
+    same_id = set(train_ids) & set(eval_ids) if compare_ids else set()
+    same_content = {i for i, h in train_hash.items() if h in eval_hashes}
+    overlap = sorted(same_id | same_content)
     if allow_overlap:
         return overlap
+    suite = train_eval_disjoint_suite(eval_ids if compare_ids else None, sorted(eval_hashes))
+    frame = pd.DataFrame({"id": pd.Series(train_ids, dtype="int64"),
+                          "sha256": [train_hash.get(i) for i in train_ids]})
+    failures = validate(frame, "train_eval_disjoint", suite, key_columns=("id",))
+    if failures or overlap:
+        shown = ", ".join(str(i) for i in overlap[:50])
+        if len(overlap) > 50:
+            shown += f", ... ({len(overlap)} in all)"
+        how = "by image id or file content" if compare_ids else "by file content"
+        raise QualityError(
+            f"data-quality gate 'train_eval_disjoint' failed: {len(overlap)} of the {len(train_ids)} training "
+            f"images in {train_label or pathlib.Path(train_root)} are also evaluated in "
+            f"{pathlib.Path(eval_root)}: image id(s) {shown} of the training layout (compared {how})\n"
+            + format_failures("train_eval_disjoint", failures, len(suite), tuple(frame.shape)),
+            suite="train_eval_disjoint",
+            failures=failures,
+            path=pathlib.Path(train_root),
+        )
+    return overlap
     suite = train_eval_disjoint_suite(eval_ids)
     failures = validate(pd.DataFrame({"id": pd.Series(train_ids, dtype="int64")}), "train_eval_disjoint", suite,
                         key_columns=("id",))
