@@ -35,7 +35,7 @@ from urllib3.util import Retry
 
 from mmn.errors import NetworkError
 
-__all__ = ["DownloadError", "download", "file_sha1", "retrying_session"]
+__all__ = ["DownloadError", "download", "file_digest", "file_sha1", "file_sha256", "retrying_session"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,16 @@ def retrying_session(retries: int, user_agent: str | None = None) -> requests.Se
 
 def file_sha1(path: Path) -> str:
     """Hex sha1 of a file, read in :data:`CHUNK_BYTES` blocks."""
-    h = hashlib.sha1()
+    return file_digest(path, "sha1")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in :data:`CHUNK_BYTES` blocks."""
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK_BYTES), b""):
             h.update(block)

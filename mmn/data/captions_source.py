@@ -51,10 +51,10 @@ from tqdm.auto import tqdm
 
 from mmn.data.coco import _strict_pil, select_image_ids, write_layout
 from mmn.data.coco_format import read_coco_json
-from mmn.download import DownloadError, download, retrying_session
+from mmn.download import DownloadError, download, file_sha256, retrying_session
 from mmn.errors import DataError
 
-__all__ = ["CaptionSourceError", "build_captions_layout", "file_sha256", "resolve_format"]
+__all__ = ["CaptionSourceError", "build_captions_layout", "expand_braces", "resolve_format"]
 
 Format = Literal["csv", "coco", "webdataset"]
 #: images smaller than this on either side are bad images (a thumbnail or a placeholder)
@@ -70,14 +70,6 @@ class CaptionSourceError(DataError):
 
 def is_url(s: str) -> bool:
     return urlparse(s).scheme in ("http", "https")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_format(path: str, fmt: str) -> Format:
