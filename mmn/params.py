@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 Device = Literal["auto", "cpu", "cuda"]
 TrainData = Literal["coco-train", "split", "eval", "captions"]
 DType = Literal["float32", "bfloat16", "float16"]
-TrainDType = Literal["float32", "float64"]
+TrainDType = Literal["float32", "float64", "bfloat16"]
 
 
 class ModelProfile(_Strict):
@@ -132,6 +132,9 @@ class TrainParams(_Strict):
         default="float32", description="precision of training (LM, encoder, features, projection); float64 "
         "makes the trained projection insensitive to float-kernel noise (thread count, CPU) at ~2x the time; "
         "the saved projection is float32 either way")
+    feature_dtype: Literal["float16", "float32", "float64"] | None = Field(
+        default=None, description="dtype of the cached encoder features of the training views (on disk under the "
+        "stage's cache); null = the training dtype (float32 under bfloat16); float16 halves disk and reads")
     val_fraction: float = Field(
         default=0.2, ge=0, lt=1, description="training images held out for the validation loss; 0 = none "
         "(train max_steps, keep the last step)")

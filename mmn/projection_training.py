@@ -5,22 +5,32 @@ projection is fitted on and a validation split (``projection.train.val_fraction`
 at most ``val_max_images``). Views: view 0 of each training image is the plain resize,
 the others random resized crops (scale 0.5–1) with horizontal flips, drawn from a
 seeded torch generator; validation images use only their plain resize, scored with
-every reference caption. Encoder features are computed once (the encoder is frozen)
-and kept in memory.
+every reference caption. Encoder features are computed once (the encoder is frozen);
+with a cache folder they live on disk (:mod:`mmn.projection_features`), so memory does not
+grow with the number of training images, and a rerun reuses them.
 
 Gotchas:
-* :func:`train_projection` keeps the checkpoint of the lowest validation loss (evaluated
-  every ``eval_every`` steps, and once before the first step) and stops after ``patience``
-  evaluations without a lower one.
+* :func:`train_projection` samples (image, caption) pairs by epoch: a seeded permutation of
+  every pair of the fitted images, each pair with one of its image's views drawn at random.
+* It keeps the checkpoint of the lowest validation loss (evaluated every ``eval_every``
+  steps, and once before the first step) and stops after ``patience`` evaluations without a
+  lower one.
+* With ``TrainConfig.checkpoint`` it saves its whole state (weights, Adam, RNG, the epoch's
+  permutation, the history) at every evaluation; a rerun with the same ``resume_key``
+  continues from there and ends bit for bit where an uninterrupted run would.
+* ``dtype: bfloat16`` runs the LM under CPU/GPU autocast in bfloat16 (projection, optimizer and
+  features in float32); ``float64`` casts LM and encoder to double for the block.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import random
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -34,6 +44,7 @@ from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.models.projection import Projection
 from mmn.models.vision import PatchEncoder
 from mmn.params import Params
+from mmn.projection_features import FeatureStore, build_feature_store, feature_stats, store_key
 
 LOSS_COLUMNS = ("step", "train_loss", "val_loss")
 
@@ -50,6 +61,8 @@ class TrainConfig:
     eval_every: int = 10
     patience: int = 5  # evaluations without a lower validation loss before stopping; 0 = never
     dtype: torch.dtype = torch.float32  # of the projection, its features and its optimizer state
+    checkpoint: str | None = None  # file of the resumable state, saved at every evaluation; None = none
+    resume_key: str = ""  # a checkpoint is resumed only when it was saved under the same key
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -96,13 +109,7 @@ class TrainResult:
     initial_val_loss: float | None = None  # before the first update
     steps_run: int = 0
     stopped_early: bool = False
-
-
-def feature_stats(features: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std (``[d]`` each, std clamped to >= 1e-6) of ``Float[Tensor, "... d"]``."""
-    flat = features.reshape(-1, features.shape[-1])
-    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-    return flat.mean(0), flat.std(0).clamp_min(1e-6)
+    n_pairs: int = 0  # (image, caption) pairs sampled from, one epoch
 
 
 def validation_loss(
@@ -158,6 +165,20 @@ class _BestCheckpoint:
     def should_stop(self) -> bool:
         return self.has_val and self.stopper.should_stop
 
+    def state(self) -> dict:
+        """What a resumed run needs (plain containers and tensors: ``torch.load(weights_only=True)``)."""
+        r, s = self.res, self.stopper
+        return {"history": list(r.history), "initial_val_loss": r.initial_val_loss, "steps_run": r.steps_run,
+                "stopped_early": r.stopped_early, "best_state": self.best_state,
+                "stopper": {"best": s.best, "best_step": s.best_step, "bad": s.bad}}
+
+    def restore(self, st: dict) -> None:
+        r, s = self.res, self.stopper
+        r.history, r.initial_val_loss = list(st["history"]), st["initial_val_loss"]
+        r.steps_run, r.stopped_early = int(st["steps_run"]), bool(st["stopped_early"])
+        self.best_state = st["best_state"]
+        s.best, s.best_step, s.bad = st["stopper"]["best"], st["stopper"]["best_step"], st["stopper"]["bad"]
+
     def finish(self) -> TrainResult:
         """Load the kept state into the projection and fill the result's best step/loss."""
         res = self.res
@@ -169,8 +190,50 @@ class _BestCheckpoint:
         return res
 
 
+class _PairSampler:
+    """Batches of ``(feature row, caption ids)``: (image, caption) pairs by epoch (a seeded
+    permutation of all pairs, continued across epoch ends), each with one of its image's views
+    drawn from ``g``. Its state is the generator's, the permutation and the position in it."""
+
+    def __init__(self, view_image: Sequence[int], captions: Mapping[int, list[list[int]]], g: torch.Generator):
+        rows: dict[int, list[int]] = {}
+        for row, img in enumerate(view_image):
+            rows.setdefault(int(img), []).append(row)
+        self.rows, self.captions, self.g = rows, captions, g
+        self.pairs = [(img, k) for img in sorted(rows) for k in range(len(captions[img]))]
+        if not self.pairs:
+            raise ValueError("no (image, caption) pairs to train on")
+        self.perm = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def batch(self, size: int) -> tuple[list[int], list[list[int]]]:
+        idx, caps = [], []
+        for _ in range(size):
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = torch.randperm(len(self.pairs), generator=self.g), 0
+            img, k = self.pairs[int(self.perm[self.pos])]
+            self.pos += 1
+            views = self.rows[img]
+            idx.append(views[int(torch.randint(len(views), (1,), generator=self.g))])
+            caps.append(self.captions[img][k])
+        return idx, caps
+
+    def state(self) -> dict:
+        return {"g": self.g.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def restore(self, s: dict) -> None:
+        self.g.set_state(s["g"])
+        self.perm, self.pos = s["perm"], int(s["pos"])
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint
+
+
 def train_projection(
-    features: Tensor,
+    features: Tensor | FeatureStore,
     view_image: list[int],
     captions: Mapping[int, list[list[int]]],
     d_model: int,
@@ -184,33 +247,43 @@ def train_projection(
     """Train a :class:`Projection` ``d_enc → d_model`` with a frozen encoder and LM (LiMBeR-style).
 
     ``features``: ``Float[Tensor, "views P d_enc"]`` precomputed encoder outputs of the
-    training views; ``view_image[i]`` = image of view i; ``captions[img]`` = tokenised
-    reference captions. Each step draws ``batch_size`` views and one of their captions
-    (seeded). ``loss_fn(soft_tokens, caption_ids)`` is the mean caption cross-entropy after the
-    prompt. The features are standardised with their own per-channel mean/std, stored in the
-    projection. With ``val_pairs`` (rows of ``val_features`` ``[n_val, P, d_enc]`` with one
-    caption each) the validation loss is evaluated before the first step, every
+    training views (a tensor, or a :class:`FeatureStore` on disk); ``view_image[i]`` = image of
+    view i; ``captions[img]`` = tokenised reference captions. Each step takes the next
+    ``batch_size`` (image, caption) pairs of the epoch's seeded permutation, each with a random
+    view of its image. ``loss_fn(soft_tokens, caption_ids)`` is the mean caption cross-entropy
+    after the prompt. The features are standardised with their own per-channel mean/std, stored
+    in the projection. With ``val_pairs`` (rows of ``val_features`` ``[n_val, P, d_enc]`` with
+    one caption each) the validation loss is evaluated before the first step, every
     ``eval_every`` steps and after the last; the checkpoint of its minimum is returned and
     training stops after ``patience`` evaluations without a new minimum. Without validation
-    it trains ``max_steps`` and returns the last step. Deterministic for a given seed.
-    The features stay where they are (e.g. CPU memory); each batch and the projection live on
-    ``device`` (default: the features' device). The returned projection is on the CPU.
+    it trains ``max_steps`` and returns the last step. Deterministic for a given seed, resumed
+    or not (``cfg.checkpoint``). Each batch and the projection live on ``device`` (default: the
+    features' device, CPU for a store). The returned projection is on the CPU.
     """
-    device = torch.device(device) if device is not None else features.device
+    device = torch.device(device) if device is not None else getattr(features, "device", torch.device("cpu"))
     g = torch.Generator().manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     mean, std = feature_stats(features)
     torch.manual_seed(cfg.seed)
     proj = Projection(features.shape[-1], d_model, mean, std).to(device, cfg.dtype)
     opt = torch.optim.Adam(proj.linear.parameters(), lr=cfg.lr)
     tracker = _BestCheckpoint(proj, val_features, list(val_pairs), loss_fn, cfg)
-    tracker.evaluate(0, [])
-    n = features.shape[0]
+    sampler = _PairSampler(view_image, captions, g)
+    start = 0
+    ck = torch.load(cfg.checkpoint, weights_only=True) if cfg.checkpoint and os.path.exists(cfg.checkpoint) else None
+    if ck is not None and ck.get("key") == cfg.resume_key:
+        proj.linear.load_state_dict(ck["proj"])
+        opt.load_state_dict(ck["opt"])
+        sampler.restore(ck["sampler"])
+        tracker.restore(ck["tracker"])
+        start = int(ck["step"])
+    else:
+        tracker.evaluate(0, [])
     since_eval: list[float] = []
-    for step in range(cfg.max_steps):
+    for step in range(start, cfg.max_steps):
+        if start and step == start and tracker.should_stop:
+            break
         proj.train()
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=g).tolist()
-        caps = [rng.choice(captions[view_image[i]]) for i in idx]
+        idx, caps = sampler.batch(cfg.batch_size)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = loss_fn(proj(features[idx].to(device, cfg.dtype)), caps)
@@ -227,9 +300,15 @@ def train_projection(
             since_eval = []
             if tracker.should_stop:
                 tracker.res.stopped_early = done < cfg.max_steps
+            if cfg.checkpoint:
+                _save_checkpoint(cfg.checkpoint, {"key": cfg.resume_key, "step": done, "proj": proj.linear.state_dict(),
+                                                  "opt": opt.state_dict(), "sampler": sampler.state(),
+                                                  "tracker": tracker.state()})
+            if tracker.should_stop:
                 break
     res = tracker.finish()
     res.projection = proj.cpu().float().eval()  # saved and used in float32 whatever cfg.dtype
+    res.n_pairs = len(sampler.pairs)
     return res
 
 
@@ -255,14 +334,13 @@ def split_train_val(image_ids: Sequence[int], val_fraction: float, val_max: int,
 
 
 @torch.no_grad()
-def encode_views(
+def iter_views(
     layout: CocoLayout, image_ids: Sequence[int], enc: PatchEncoder, views: int, seed: int,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, list[int]]:
-    """``Float[Tensor, "n_images*views P d_enc"]`` (on CPU, in ``dtype``) and the image id of every view."""
+) -> Iterator[tuple[int, Tensor]]:
+    """``(image id, Float[Tensor, "views P d_enc"])`` per image, on CPU in the encoder's dtype: view 0
+    the plain resize, the others seeded random resized crops with flips."""
     g = torch.Generator().manual_seed(seed)
     crop = v2.RandomResizedCrop(enc.image_size, scale=(0.5, 1.0), antialias=True)
-    feats, owner = [], []
     for image_id in tqdm(image_ids, desc="encode views", leave=False):
         img = layout.load_image(image_id)
         batch = [img]
@@ -274,8 +352,18 @@ def encode_views(
                 if torch.rand(1).item() < 0.5:
                     v = v2.functional.horizontal_flip(v)
             batch.append(v)
-        feats.append(enc.encode(batch).cpu().to(dtype))
-        owner += [image_id] * len(batch)
+        yield image_id, enc.encode(batch).cpu()
+
+
+def encode_views(
+    layout: CocoLayout, image_ids: Sequence[int], enc: PatchEncoder, views: int, seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, list[int]]:
+    """``Float[Tensor, "n_images*views P d_enc"]`` (on CPU, in ``dtype``) and the image id of every view, in memory."""
+    feats, owner = [], []
+    for image_id, f in iter_views(layout, image_ids, enc, views, seed):
+        feats.append(f.to(dtype))
+        owner += [image_id] * f.shape[0]
     return torch.cat(feats), owner
 
 
@@ -291,7 +379,10 @@ def tokenised_captions(layout: CocoLayout, tok, image_ids: Sequence[int]) -> dic
     return caps
 
 
-TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
+"""Projection (and optimizer) dtype per ``projection.train.dtype``; bfloat16 = float32 weights with the LM
+under bfloat16 autocast."""
+FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 
 @contextmanager
@@ -312,10 +403,14 @@ def models_in_dtype(dtype: torch.dtype, *modules: torch.nn.Module) -> Iterator[N
 
 
 def train_from_layout(
-    layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params
+    layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params, cache_dir: Path | None = None,
 ) -> tuple[Projection, TrainResult, dict]:
     """Fit the projection on ``layout``'s images (minus the validation split); returns the best
-    checkpoint, the training result (loss history) and the metadata for ``meta.json``."""
+    checkpoint, the training result (loss history) and the metadata for ``meta.json``.
+
+    ``cache_dir``: the training views' features go to a store on disk there (flat memory, reused
+    by a rerun) and the loop saves a resumable checkpoint there at every evaluation, deleted
+    once training has finished; None = features in memory, no checkpoint."""
     tp = params.train_loop
     ids = [r["id"] for r in layout.images]
     if not ids:
@@ -323,12 +418,14 @@ def train_from_layout(
     fit_ids, val_ids = split_train_val(ids, tp.val_fraction, tp.val_max_images, params.seed)
     dtype = TRAIN_DTYPES[tp.dtype]
     with models_in_dtype(dtype, adapter.model, enc) if dtype != torch.float32 else nullcontext():
-        res, n_views = _train(layout, adapter, tok, enc, params, fit_ids, val_ids, dtype)
+        res, n_views = _train(layout, adapter, tok, enc, params, fit_ids, val_ids, dtype, cache_dir)
     meta = {
         "source": "trained",
         "n_train_images": len(fit_ids),
         "n_val_images": len(val_ids),
         "n_views": n_views,
+        "n_pairs": res.n_pairs,
+        "epochs": round(res.steps_run * tp.batch_size / res.n_pairs, 3),
         "max_steps": tp.max_steps,
         "steps_run": res.steps_run,
         "best_step": res.best_step,
@@ -345,11 +442,31 @@ def train_from_layout(
     return res.projection, res, meta
 
 
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params, fit_ids: list[int],
-           val_ids: list[int], dtype: torch.dtype) -> tuple[TrainResult, int]:
-    """Encode the views (features cached in memory, encoder frozen) and run the loop; ``(result, n_views)``."""
-    tp = params.train_loop
-    feats, owner = encode_views(layout, fit_ids, enc, tp.views, params.seed, dtype)
+           val_ids: list[int], dtype: torch.dtype, cache_dir: Path | None) -> tuple[TrainResult, int]:
+    """Encode the views (encoder frozen; in memory, or in a store under ``cache_dir``) and run the
+    loop; ``(result, n_views)``."""
+    tp, m = params.train_loop, params.model
+    feat_dtype = FEATURE_DTYPES[tp.feature_dtype] if tp.feature_dtype else dtype
+    checkpoint, resume_key = None, ""
+    if cache_dir is None:
+        feats, owner = encode_views(layout, fit_ids, enc, tp.views, params.seed, feat_dtype)
+    else:
+        by_id = layout.image_by_id
+        key = store_key(encoder=m.encoder, grid=m.encoder_grid, image_size=m.image_size, views=tp.views,
+                        seed=params.seed, dtype=str(feat_dtype), encode_dtype=str(dtype),
+                        images=[(i, _file_sha256(layout.images_dir / by_id[i]["file_name"])) for i in fit_ids])
+        feats = build_feature_store(Path(cache_dir) / "features", key,
+                                    iter_views(layout, fit_ids, enc, tp.views, params.seed), feat_dtype)
+        owner = feats.owner
+        checkpoint = str(Path(cache_dir) / "checkpoint.pt")
+        resume_key = store_key(features=key, lm=m.lm, prompt=params.caption.prompt, val=val_ids,
+                               captions=_file_sha256(layout.captions_path),
+                               loop=tp.model_dump(exclude={"data", "holdout", "subset", "split", "captions"}))
     caps = tokenised_captions(layout, tok, sorted([*fit_ids, *val_ids]))
     val_feats, val_pairs = None, []
     if val_ids:
@@ -358,18 +475,24 @@ def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, param
     plm = ImagePrefixLM(adapter, tok, torch.nn.Linear(1, 1), prompt=params.caption.prompt)
     bar = tqdm(total=tp.max_steps, desc="train projection", leave=False)
 
+    autocast = (torch.autocast(device_type=adapter.device.type, dtype=torch.bfloat16) if tp.dtype == "bfloat16"
+                else nullcontext())
+
     def loss_fn(soft: torch.Tensor, c: list[list[int]]) -> torch.Tensor:
-        return plm.caption_loss(soft.to(adapter.device, adapter.dtype), c)
+        with autocast:
+            return plm.caption_loss(soft.to(adapter.device, adapter.dtype), c)
 
     def progress(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
     cfg = TrainConfig(tp.max_steps, tp.batch_size, tp.lr, tp.warmup_steps, params.seed, tp.eval_every, tp.patience,
-                      dtype)
+                      dtype, checkpoint, resume_key)
     res = train_projection(feats, owner, caps, adapter.d_model, loss_fn, cfg, val_feats, val_pairs, progress,
                            device=adapter.device)
     bar.close()
+    if checkpoint:
+        Path(checkpoint).unlink(missing_ok=True)  # finished: a forced rerun starts from scratch
     return res, int(feats.shape[0])
 
 

@@ -37,7 +37,7 @@ _CLIP = ("clip_pretrained", "clip_checkpoint")
 _TRAIN_OVERRIDES = ("train_max_steps", "train_batch_size", "train_views", "train_dtype")
 _TRAIN_LOOP = tuple(f"projection.train.{k}" for k in (
     "max_steps", "batch_size", "lr", "views", "warmup_steps", "val_fraction", "val_max_images", "eval_every",
-    "patience", "dtype"))
+    "patience", "dtype", "feature_dtype"))
 
 #: ``Params`` properties -> the keys they read.
 PROPERTY_READS: dict[str, tuple[str, ...]] = {
@@ -65,6 +65,7 @@ WORDLIST = "data/wordlist/american-english"  # SCOWL-derived Debian wamerican (D
 MISSING_HINTS = {WORDLIST: "word list missing; run scripts/setup.sh (fetches Debian wamerican) or "
                            f"`dvc pull {WORDLIST}.dvc` from a remote"}
 COCO_CACHE = ".cache/coco"  # resumable download cache: not a DVC output
+PROJECTION_CACHE = ".cache/projection"  # training features on disk + the resumable checkpoint: not a DVC output
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ STAGES: dict[str, StageSpec] = dict([
            "caption.prompt"),
           inputs={"coco": COCO, "train": TRAIN},
           outputs={"out": PROJECTION, "metrics": "metrics/projection.json", "results": results("projection")},
-          metrics=("metrics",)),
+          options={"cache": PROJECTION_CACHE}, metrics=("metrics",)),
     _spec("caption", (*_profile(*_PREFIX_LM, *_BERT), "seed", "caption"),
           inputs=_MODEL_IN,
           outputs={"out": CAPTIONS, "info": "data/info/caption.json", "metrics": "metrics/captions.json",

@@ -2,7 +2,10 @@
 
 Training reads the training layout data/coco_train/ (stage download_train; its
 split.json says whether it is held out from the evaluation images), holds out a
-seeded validation split of it, and keeps the checkpoint of the lowest validation loss.
+seeded validation split of it, and keeps the checkpoint of the lowest validation loss. The
+training views' encoder features and a resumable checkpoint live in the cache folder
+(`--cache`, default .cache/projection): a training killed halfway continues from its last
+evaluation when the stage is rerun.
 Writes data/projection/ (projection.safetensors + meta.json, and when training
 loss.csv: step, train_loss, val_loss for `dvc plots`), summary/projection.json and its
 headline metrics/projection.json.
@@ -48,7 +51,8 @@ def main(run: Run) -> None:
             if not split.held_out:
                 run.log(f"WARNING: the projection is trained on the evaluated images (projection.train.data: "
                         f"{split.mode}); held_out: false - every downstream effect is partly memorisation")
-            proj, res, meta = train_from_layout(CocoLayout(run.path("train")), adapter, tok, enc, params)
+            proj, res, meta = train_from_layout(CocoLayout(run.path("train")), adapter, tok, enc, params,
+                                                cache_dir=run.path("cache"))
             meta.update(held_out=split.held_out, train_data=split.mode)
             save_projection(tmp, proj, meta)
             (tmp / "loss.csv").write_text(loss_csv(res.history))
