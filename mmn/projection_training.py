@@ -46,7 +46,6 @@ from mmn.models.vision import PatchEncoder
 from mmn.params import Params
 from mmn.projection_features import FeatureStore, build_feature_store, feature_stats, store_key
 
-LOSS_COLUMNS = ("step", "train_loss", "val_loss")
 
 
 @dataclass(frozen=True)
@@ -243,6 +242,7 @@ def train_projection(
     val_pairs: Sequence[tuple[int, list[int]]] = (),
     progress: Callable[[int, float], None] | None = None,
     device: torch.device | str | None = None,
+    log: Callable[[str, int, float], None] | None = None,
 ) -> TrainResult:
     """Train a :class:`Projection` ``d_enc → d_model`` with a frozen encoder and LM (LiMBeR-style).
 
@@ -258,7 +258,9 @@ def train_projection(
     training stops after ``patience`` evaluations without a new minimum. Without validation
     it trains ``max_steps`` and returns the last step. Deterministic for a given seed, resumed
     or not (``cfg.checkpoint``). Each batch and the projection live on ``device`` (default: the
-    features' device, CPU for a store). The returned projection is on the CPU.
+    features' device, CPU for a store). The returned projection is on the CPU. ``log(name, step,
+    value)`` gets ``train/loss`` after every update and ``val/loss`` at every evaluation (step 0:
+    the untrained projection); a resumed run first replays what was logged up to its checkpoint.
     """
     device = torch.device(device) if device is not None else getattr(features, "device", torch.device("cpu"))
     g = torch.Generator().manual_seed(cfg.seed)
@@ -268,6 +270,13 @@ def train_projection(
     opt = torch.optim.Adam(proj.linear.parameters(), lr=cfg.lr)
     tracker = _BestCheckpoint(proj, val_features, list(val_pairs), loss_fn, cfg)
     sampler = _PairSampler(view_image, captions, g)
+    logged: list[tuple[str, int, float]] = []
+
+    def emit(name: str, step: int, value: float) -> None:
+        logged.append((name, step, value))
+        if log is not None:
+            log(name, step, value)
+
     start = 0
     ck = torch.load(cfg.checkpoint, weights_only=True) if cfg.checkpoint and os.path.exists(cfg.checkpoint) else None
     if ck is not None and ck.get("key") == cfg.resume_key:
@@ -276,8 +285,12 @@ def train_projection(
         sampler.restore(ck["sampler"])
         tracker.restore(ck["tracker"])
         start = int(ck["step"])
+        for name, step, value in ck["log"]:
+            emit(name, int(step), float(value))
     else:
         tracker.evaluate(0, [])
+        if tracker.has_val:
+            emit("val/loss", 0, tracker.res.initial_val_loss)
     since_eval: list[float] = []
     for step in range(start, cfg.max_steps):
         if start and step == start and tracker.should_stop:
@@ -291,19 +304,22 @@ def train_projection(
         loss.backward()
         opt.step()
         since_eval.append(float(loss.detach()))
+        done = step + 1
+        emit("train/loss", done, since_eval[-1])
         if progress is not None:
             progress(step, since_eval[-1])
-        done = step + 1
         tracker.res.steps_run = done
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             tracker.evaluate(done, since_eval)
             since_eval = []
+            if tracker.has_val:
+                emit("val/loss", done, tracker.res.history[-1]["val_loss"])
             if tracker.should_stop:
                 tracker.res.stopped_early = done < cfg.max_steps
             if cfg.checkpoint:
                 _save_checkpoint(cfg.checkpoint, {"key": cfg.resume_key, "step": done, "proj": proj.linear.state_dict(),
                                                   "opt": opt.state_dict(), "sampler": sampler.state(),
-                                                  "tracker": tracker.state()})
+                                                  "tracker": tracker.state(), "log": list(logged)})
             if tracker.should_stop:
                 break
     res = tracker.finish()
@@ -404,13 +420,15 @@ def models_in_dtype(dtype: torch.dtype, *modules: torch.nn.Module) -> Iterator[N
 
 def train_from_layout(
     layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params, cache_dir: Path | None = None,
+    log: Callable[[str, int, float], None] | None = None,
 ) -> tuple[Projection, TrainResult, dict]:
     """Fit the projection on ``layout``'s images (minus the validation split); returns the best
     checkpoint, the training result (loss history) and the metadata for ``meta.json``.
 
     ``cache_dir``: the training views' features go to a store on disk there (flat memory, reused
     by a rerun) and the loop saves a resumable checkpoint there at every evaluation, deleted
-    once training has finished; None = features in memory, no checkpoint."""
+    once training has finished; None = features in memory, no checkpoint. ``log``: the loss
+    curves as they are computed (:class:`mmn.training_log.LiveLog`)."""
     tp = params.train_loop
     ids = [r["id"] for r in layout.images]
     if not ids:
@@ -418,7 +436,7 @@ def train_from_layout(
     fit_ids, val_ids = split_train_val(ids, tp.val_fraction, tp.val_max_images, params.seed)
     dtype = TRAIN_DTYPES[tp.dtype]
     with models_in_dtype(dtype, adapter.model, enc) if dtype != torch.float32 else nullcontext():
-        res, n_views = _train(layout, adapter, tok, enc, params, fit_ids, val_ids, dtype, cache_dir)
+        res, n_views = _train(layout, adapter, tok, enc, params, fit_ids, val_ids, dtype, cache_dir, log)
     meta = {
         "source": "trained",
         "n_train_images": len(fit_ids),
@@ -447,7 +465,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params, fit_ids: list[int],
-           val_ids: list[int], dtype: torch.dtype, cache_dir: Path | None) -> tuple[TrainResult, int]:
+           val_ids: list[int], dtype: torch.dtype, cache_dir: Path | None,
+           log: Callable[[str, int, float], None] | None = None) -> tuple[TrainResult, int]:
     """Encode the views (encoder frozen; in memory, or in a store under ``cache_dir``) and run the
     loop; ``(result, n_views)``."""
     tp, m = params.train_loop, params.model
@@ -489,21 +508,11 @@ def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, param
     cfg = TrainConfig(tp.max_steps, tp.batch_size, tp.lr, tp.warmup_steps, params.seed, tp.eval_every, tp.patience,
                       dtype, checkpoint, resume_key)
     res = train_projection(feats, owner, caps, adapter.d_model, loss_fn, cfg, val_feats, val_pairs, progress,
-                           device=adapter.device)
+                           device=adapter.device, log=log)
     bar.close()
     if checkpoint:
         Path(checkpoint).unlink(missing_ok=True)  # finished: a forced rerun starts from scratch
     return res, int(feats.shape[0])
-
-
-def loss_csv(history: Sequence[dict]) -> str:
-    """``step,train_loss,val_loss`` rows (one per evaluation; val_loss empty without validation)."""
-    def fmt(v: float | None) -> str:
-        return "" if v is None else f"{v:.6f}"
-
-    return ",".join(LOSS_COLUMNS) + "\n" + "".join(
-        f"{r['step']},{fmt(r['train_loss'])},{fmt(r['val_loss'])}\n" for r in history
-    )
 
 
 def training_lines(res: TrainResult, meta: dict) -> list[str]:

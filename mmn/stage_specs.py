@@ -49,6 +49,7 @@ PROPERTY_READS: dict[str, tuple[str, ...]] = {
 
 # the files several stages share
 COCO, TRAIN, PROJECTION = "data/coco", "data/coco_train", "data/projection"
+PROJECTION_LIVE = "data/projection_live"  # DVCLive folder of the training curves (mmn.training_log)
 CAPTIONS, ATTRIBUTIONS = "data/captions.parquet", "data/attributions.parquet"
 NEURONS, INTERPRETABLE = "data/neurons.parquet", "data/interpretable.parquet"
 #: the full results of each stage that writes metrics, by the metrics file's stem: DVC-cached
@@ -118,8 +119,9 @@ STAGES: dict[str, StageSpec] = dict([
           (*_profile(*_LM, *_ENCODER, "projection", "limber_url", *_TRAIN_OVERRIDES), "seed", *_TRAIN_LOOP,
            "caption.prompt"),
           inputs={"coco": COCO, "train": TRAIN},
-          outputs={"out": PROJECTION, "metrics": "metrics/projection.json", "results": results("projection")},
-          options={"cache": PROJECTION_CACHE}, metrics=("metrics",)),
+          outputs={"out": PROJECTION, "metrics": "metrics/projection.json", "results": results("projection"),
+                   "live_metrics": f"{PROJECTION_LIVE}/metrics.json", "live_plots": f"{PROJECTION_LIVE}/plots"},
+          options={"cache": PROJECTION_CACHE}, metrics=("metrics", "live_metrics")),
     _spec("caption", (*_profile(*_PREFIX_LM, *_BERT), "seed", "caption"),
           inputs=_MODEL_IN,
           outputs={"out": CAPTIONS, "info": "data/info/caption.json", "metrics": "metrics/captions.json",
@@ -169,6 +171,7 @@ STAGES: dict[str, StageSpec] = dict([
                   "layers": "data/layer_distribution.csv", "scores": "data/scores.parquet", "iou": "data/iou.parquet",
                   "selectivity": "data/selectivity.parquet", "ablation": "data/ablation.parquet",
                   "methods_table": "data/compare_methods.csv", "methods_curve": "data/compare_methods_curve.csv",
+                  "live_plots": f"{PROJECTION_LIVE}/plots",
                   **{f"{stem}_results": results(stem) for stem in RESULT_STEMS}},
           outputs={"plots_out": "plots", "report_out": "report"}),
     # git-tracked copies of the full results (cache: false outs, so DVC's run cache skips this

@@ -7,6 +7,7 @@ param change reruns exactly the stages that read it and their descendants.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -59,8 +60,15 @@ def test_full_dag_runs_and_outputs_are_consistent(pipeline_repo):
         assert 0.0 <= row["p_target"] <= 1.0
     meta = yaml.safe_load((repo / "data/projection/meta.json").read_text())
     assert meta["d_in"] == 1280 and meta["d_out"] == 576 and meta["max_steps"] == 4
-    loss = pl.read_csv(repo / "data/projection/loss.csv")
-    assert loss["step"].to_list() == [2, 4] and loss["val_loss"].is_finite().all()  # one row per evaluation
+    # DVCLive curves: the train loss of every step, the validation loss at every evaluation (step 0 too)
+    live = repo / "data/projection_live"
+    train = pl.read_csv(live / "plots/metrics/train/loss.tsv", separator="\t")
+    val = pl.read_csv(live / "plots/metrics/val/loss.tsv", separator="\t")
+    assert train["step"].to_list() == [1, 2, 3, 4] and val["step"].to_list() == [0, 2, 4]
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["step"] == 4 and summary["val"]["loss"] == val["loss"][-1]
+    assert summary["train"]["loss"] == train["loss"][-1]
+    assert min(val["loss"]) == pytest.approx(meta["best_val_loss"], abs=1e-6)
 
 
 def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipeline_repo):

@@ -19,7 +19,6 @@ from mmn.models.projection import Projection, load_projection, save_projection
 from mmn.projection_training import (
     EarlyStopping,
     TrainConfig,
-    loss_csv,
     lr_at,
     split_train_val,
     train_projection,
@@ -121,10 +120,28 @@ def test_split_train_val_is_seeded_and_disjoint():
     assert split_train_val(ids, 0.0, 64, 0) == (ids, [])
 
 
-def test_loss_csv_columns():
-    text = loss_csv([{"step": 10, "train_loss": 2.5, "val_loss": 3.0}, {"step": 20, "train_loss": 2.0,
-                                                                        "val_loss": None}])
-    assert text == "step,train_loss,val_loss\n10,2.500000,3.000000\n20,2.000000,\n"
+def test_live_log_writes_dvclive_curves_and_reads_them_back(tmp_path):
+    """The DVCLive folder of a training: every logged value in its tsv, the latest of each in
+    metrics.json, and read_curves joining them by step (null where a step has no such value)."""
+    from mmn.training_log import LiveLog, empty_live, read_curves
+
+    live = LiveLog(tmp_path / "live")
+    for name, step, value in [("val/loss", 0, 5.0), ("train/loss", 1, 4.5), ("train/loss", 2, 4.0),
+                              ("val/loss", 2, 3.75), ("train/loss", 3, 3.5)]:
+        live(name, step, value)
+    live.close()
+    assert (tmp_path / "live/plots/metrics/train/loss.tsv").read_text() == "step\tloss\n1\t4.5\n2\t4.0\n3\t3.5\n"
+    assert (tmp_path / "live/plots/metrics/val/loss.tsv").read_text() == "step\tloss\n0\t5.0\n2\t3.75\n"
+    assert json.loads((tmp_path / "live/metrics.json").read_text()) == {"step": 3, "train": {"loss": 3.5},
+                                                                       "val": {"loss": 3.75}}
+    curves = read_curves(tmp_path / "live/plots")
+    assert curves.to_dicts() == [{"step": 0, "train_loss": None, "val_loss": 5.0},
+                                 {"step": 1, "train_loss": 4.5, "val_loss": None},
+                                 {"step": 2, "train_loss": 4.0, "val_loss": 3.75},
+                                 {"step": 3, "train_loss": 3.5, "val_loss": None}]
+    empty_live(tmp_path / "live")  # a loaded (untrained) projection
+    assert read_curves(tmp_path / "live/plots") is None
+    assert json.loads((tmp_path / "live/metrics.json").read_text()) == {}
 
 
 # ------------------------------------------------------------------ tiny LM: the real training path

@@ -244,8 +244,10 @@ def plots_repo(tmp_path_factory):
         "category,n_images,multimodal,multimodal_lo,multimodal_hi,random,random_lo,random_hi,diff,diff_lo,diff_hi,p\n"
         "cat,3,0.12,0.08,0.16,0.06,0.04,0.08,0.06,0.02,0.1,0.25\n"
         "dog,2,0.10,0.07,0.13,0.07,0.05,0.09,0.03,0.0,0.06,0.5\n")
-    (repo / "data" / "projection" / "loss.csv").write_text(
-        "step,train_loss,val_loss\n10,3.5,3.6\n20,3.1,3.3\n30,2.9,3.2\n")
+    for split, rows in (("train", "10\t3.5\n20\t3.1\n30\t2.9\n"), ("val", "0\t3.9\n10\t3.6\n30\t3.2\n")):
+        tsv = repo / "data" / "projection_live" / "plots" / "metrics" / split / "loss.tsv"
+        tsv.parent.mkdir(parents=True)
+        tsv.write_text("step\tloss\n" + rows)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "plots"]):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True)

@@ -109,7 +109,9 @@ def _cfg(ckpt: str | None, **kw) -> TrainConfig:
 
 def test_an_interrupted_training_resumes_to_the_same_projection(tmp_path: Path) -> None:
     feats, owner, caps, vf, vp = _setup()
-    straight = train_projection(feats, owner, caps, 2, _loss_fn, _cfg(None), vf, vp)
+    log_straight, log_resumed = [], []
+    straight = train_projection(feats, owner, caps, 2, _loss_fn, _cfg(None), vf, vp,
+                                log=lambda *a: log_straight.append(a))
     ckpt = str(tmp_path / "ck.pt")
 
     class Killed(Exception):
@@ -124,8 +126,11 @@ def test_an_interrupted_training_resumes_to_the_same_projection(tmp_path: Path) 
     assert torch.load(ckpt, weights_only=True)["step"] == 15  # the last evaluation before the kill
     steps = []
     resumed = train_projection(feats, owner, caps, 2, _loss_fn, _cfg(ckpt), vf, vp,
-                               progress=lambda s, _: steps.append(s))
+                               progress=lambda s, _: steps.append(s), log=lambda *a: log_resumed.append(a))
     assert steps[0] == 15 and len(steps) == 25  # continued, not restarted
+    # the log: replayed up to the checkpoint, then continued; the same as the uninterrupted run's
+    assert log_resumed == log_straight and len(log_straight) == 40 + 1 + 8
+    assert [a for a in log_straight if a[0] == "val/loss"][0][1] == 0
     assert torch.equal(resumed.projection.weight, straight.projection.weight)
     assert resumed.history == straight.history and resumed.best_step == straight.best_step
     # a checkpoint saved under another key (other data or settings) is not resumed

@@ -59,7 +59,7 @@ class PlotInputs:
     categories: list[str] = field(default_factory=list)
     title: str = "mmn — multimodal neurons"
     subtitle: str = ""
-    projection_loss: pl.DataFrame | None = None   # data/projection/loss.csv (trained projections)
+    projection_loss: pl.DataFrame | None = None   # step, train_loss, val_loss (mmn.training_log.read_curves)
     projection_meta: dict = field(default_factory=dict)  # data/projection/meta.json
     caption_info: dict = field(default_factory=dict)     # {"bert_model", optional "warning"} for the first page
     methods_curve: pl.DataFrame | None = None     # data/compare_methods_curve.csv (stage compare_methods)
@@ -249,9 +249,9 @@ def _summary_figures(inp: PlotInputs, s: PlotSettings, curves: pl.DataFrame) -> 
     if inp.projection_loss is not None and inp.projection_loss.height:
         summary_figs.append((
             "projection_loss.png", "Projection training",
-            "Caption cross-entropy of the projection: training (mean batch loss since the previous evaluation) "
+            "Caption cross-entropy of the projection: training (the batch loss of each step) "
             "and validation (training images held out from fitting); the dashed line is the kept checkpoint "
-            "(lowest validation loss). Data: data/projection/loss.csv (dvc plots show).",
+            "(lowest validation loss). Data: data/projection_live/ (DVCLive; dvc plots show).",
             F.projection_loss_figure(inp.projection_loss, inp.projection_meta.get("best_step"))))
     return summary_figs
 

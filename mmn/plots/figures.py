@@ -315,16 +315,18 @@ def selectivity_figure(rows: Sequence[str], cats: Sequence[str], m: np.ndarray) 
 
 @_rc
 def projection_loss_figure(loss: pl.DataFrame, best_step: int | None = None) -> Figure:
-    """Projection training: mean training-batch loss since the previous evaluation and the
-    validation loss (held-out training images) per step; the kept checkpoint marked."""
+    """Projection training: the training-batch loss of every step and the validation loss
+    (held-out training images) at every evaluation, each drawn over the steps where it has a
+    value (``loss``: step, train_loss, val_loss, nulls elsewhere); the kept checkpoint marked."""
     fig = _figure(5.0, 2.8)
     ax = fig.subplots()
     x = loss["step"].to_numpy()
     for col, color, label in (("train_loss", "#1f77b4", "train"), ("val_loss", "#d62728", "validation")):
         if col in loss.columns:
             y = _floats(loss[col])
-            if np.isfinite(y).any():
-                ax.plot(x, y, marker=".", color=color, label=label)
+            ok = np.isfinite(y)
+            if ok.any():
+                ax.plot(x[ok], y[ok], marker="." if col == "val_loss" else None, color=color, label=label)
     if best_step is not None:
         ax.axvline(best_step, color="#7f7f7f", linestyle="--", label=f"kept (step {best_step})")
     ax.set_xlabel("step")
