@@ -415,6 +415,8 @@ def test_experiment_queue_run_all_and_show(pipeline_repo):
             metrics = data.get("metrics", {})
             assert "metrics/neurons.json" in metrics
             assert "kept_fraction" in metrics["metrics/neurons.json"]["data"]
+            # the projection training's DVCLive row: its latest losses
+            assert metrics["data/projection_live/metrics.json"]["data"]["val"]["loss"] > 0
     assert {60, 70} <= dpis
 
 
