@@ -223,10 +223,10 @@ def test_defaults_and_laptop_profile_resolve() -> None:
     # without the profile keys the global ones apply
     assert p.coco_eval == p.data.coco and p.coco_train.subset == raw["projection"]["train"]["subset"]
     # the training loop: global keys for the 7-image default except its float64 training (thread-invariant
-    # projection), the laptop profile's overrides (float32: the global dtype)
-    assert p.projection.train.dtype == "float32" and p.model.train_dtype == "float64"
+    # projection), the laptop profile's overrides (bfloat16: the global dtype)
+    assert p.projection.train.dtype == "bfloat16" and p.model.train_dtype == "float64"
     assert p.train_loop == p.projection.train.model_copy(update={"dtype": "float64"})
-    assert lap.train_loop.dtype == "float32"
+    assert lap.train_loop.dtype == "bfloat16"
     lt = lap.train_loop
     assert (lt.max_steps, lt.batch_size, lt.views) == (lap.model.train_max_steps, lap.model.train_batch_size,
                                                        lap.model.train_views) != (None, None, None)
