@@ -252,6 +252,7 @@ def _write_stage_inputs(repo: Path) -> None:
     (d / "coco" / "annotations" / "instances.json").write_text("{}")
     (d / "projection").mkdir()
     (d / "projection" / "meta.json").write_text("{}")
+    (d / "projection_live" / "plots" / "metrics").mkdir(parents=True)  # DVCLive curves: none (untrained)
     for name, df in (("captions", inp.captions), ("attributions", inp.attributions),
                      ("interpretable", inp.interpretable), ("scores", inp.scores), ("iou", inp.iou),
                      ("selectivity", inp.selectivity), ("ablation", inp.ablation)):
