@@ -24,7 +24,6 @@ Gotchas:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +42,7 @@ from mmn.models.adapters import LMAdapter
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.models.projection import Projection
 from mmn.models.vision import PatchEncoder
+from mmn.download import file_sha256
 from mmn.params import Params
 from mmn.projection_features import FeatureStore, build_feature_store, feature_stats, store_key
 
@@ -292,9 +292,8 @@ def train_projection(
         if tracker.has_val:
             emit("val/loss", 0, tracker.res.initial_val_loss)
     since_eval: list[float] = []
-    for step in range(start, cfg.max_steps):
-        if start and step == start and tracker.should_stop:
-            break
+    end = start if tracker.should_stop else cfg.max_steps  # a checkpoint saved when training stopped
+    for step in range(start, end):
         proj.train()
         idx, caps = sampler.batch(cfg.batch_size)
         for group in opt.param_groups:
@@ -460,10 +459,6 @@ def train_from_layout(
     return res.projection, res, meta
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params, fit_ids: list[int],
            val_ids: list[int], dtype: torch.dtype, cache_dir: Path | None,
            log: Callable[[str, int, float], None] | None = None) -> tuple[TrainResult, int]:
@@ -478,13 +473,13 @@ def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, param
         by_id = layout.image_by_id
         key = store_key(encoder=m.encoder, grid=m.encoder_grid, image_size=m.image_size, views=tp.views,
                         seed=params.seed, dtype=str(feat_dtype), encode_dtype=str(dtype),
-                        images=[(i, _file_sha256(layout.images_dir / by_id[i]["file_name"])) for i in fit_ids])
+                        images=[(i, file_sha256(layout.images_dir / by_id[i]["file_name"])) for i in fit_ids])
         feats = build_feature_store(Path(cache_dir) / "features", key,
                                     iter_views(layout, fit_ids, enc, tp.views, params.seed), feat_dtype)
         owner = feats.owner
         checkpoint = str(Path(cache_dir) / "checkpoint.pt")
         resume_key = store_key(features=key, lm=m.lm, prompt=params.caption.prompt, val=val_ids,
-                               captions=_file_sha256(layout.captions_path),
+                               captions=file_sha256(layout.captions_path),
                                loop=tp.model_dump(exclude={"data", "holdout", "subset", "split", "captions"}))
     caps = tokenised_captions(layout, tok, sorted([*fit_ids, *val_ids]))
     val_feats, val_pairs = None, []
