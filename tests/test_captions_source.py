@@ -247,7 +247,8 @@ def test_gate_compares_content_not_ids_across_datasets(tmp_path: Path, dataset: 
 def test_stage_trains_on_the_flickr8k_sample_through_a_mirror(tmp_path: Path) -> None:
     """download_train with projection.train.data: captions on a 127.0.0.1 mirror of the Flickr8k
     sample (the format of Flickr8k's own captions.txt), 12 of its 5000 images."""
-    from test_train_data import Run, _ok
+    from helpers.download_stages import Run
+    from helpers.download_stages import ok as _ok
 
     flickr = require_flickr8k()
     rows = list(csv.DictReader(open(flickr / "captions.csv", newline="", encoding="utf-8")))

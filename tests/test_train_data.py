@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 
 from conftest import REPO
+from helpers.download_stages import Run
+from helpers.download_stages import ok as _ok
 from coco_server import coco_server_factory, local_only, require_coco_mini, split_of  # noqa: F401 - fixture
 from mmn.data.coco import select_image_ids
 from mmn.data.layout import CocoLayout, LayoutError
@@ -33,8 +34,6 @@ from mmn.data.split import (
 )
 from mmn.params import parse_params
 from mmn.quality import QualityError, check_train_eval_disjoint
-from stages import download_coco as stage_coco
-from stages import download_train as stage_train
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -244,41 +243,6 @@ def test_defaults_and_laptop_profile_resolve() -> None:
 def _no_reexec_local_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main re-execs otherwise
     local_only(monkeypatch)
-
-
-class Run:
-    """download_coco then download_train in ``root`` with a modified params.yaml."""
-
-    def __init__(self, root: Path, **over) -> None:
-        self.root = root
-        raw = _raw_params()
-        for path, value in over.items():
-            node = raw
-            *head, last = path.split(".")
-            for k in head:
-                node = node[k]
-            node[last] = value
-        self.params = root / "params.yaml"
-        root.mkdir(parents=True, exist_ok=True)
-        self.params.write_text(yaml.safe_dump(raw, sort_keys=False))
-        self.eval_dir, self.train_dir, self.cache = root / "data/coco", root / "data/coco_train", root / "cache"
-
-    def coco(self):
-        return self._invoke(stage_coco.main, ["--out", str(self.eval_dir)])
-
-    def train(self):
-        return self._invoke(stage_train.main, ["--eval", str(self.eval_dir), "--out", str(self.train_dir)])
-
-    def _invoke(self, cmd, args: list[str]):
-        return CliRunner().invoke(cmd, ["--params", str(self.params), "--cache", str(self.cache), *args])
-
-    def split_info(self) -> dict:
-        return json.loads((self.train_dir / SPLIT_FILE).read_text())
-
-
-def _ok(r) -> str:
-    assert r.exit_code == 0, r.output
-    return r.output
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
