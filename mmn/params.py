@@ -153,6 +153,9 @@ class TrainParams(_Strict):
     subset: int = Field(default=3000, ge=0, description="COCO train images fetched under `coco-train`; 0 = all")
     split: Literal["train2017", "val2017"] = Field(default="train2017", description="COCO split of `coco-train`")
     captions: CaptionSourceParams = Field(default_factory=CaptionSourceParams)
+    shuffle_captions: bool = Field(
+        default=False, description="negative control: train on shuffled image-caption pairs (each image "
+        "gets another training image's captions, a seeded derangement); the caption check must then fail")
 
 
 class ProjectionParams(_Strict):
@@ -296,6 +299,37 @@ class PlotParams(_Strict):
     dpi: int = Field(default=100, gt=0, le=300)
 
 
+class PlantParams(_Strict):
+    """A planted multimodal neuron (positive control, :mod:`mmn.controls.plant`)."""
+
+    layer: int = Field(ge=0, description="LM layer of the planted unit")
+    unit: int = Field(ge=0, description="unit index in that layer's MLP (overwritten)")
+    word: str = Field(min_length=1, pattern=r"^[a-z]+$", description="the concept: a lower-case word; training "
+                      "images whose captions name it (or its plural) against the rest give the unit's input direction")
+    strength: float = Field(gt=0, description="norm of the unit's output vector (along the word's unembedding "
+                            "direction) at the concept's mean activation on the training images")
+    max_images: int = Field(default=500, gt=1, description="training images (seeded sample) the direction is "
+                            "estimated from")
+
+
+class ControlsParams(_Strict):
+    """Positive and negative controls (stages plant and controls)."""
+
+    plant: PlantParams | None = Field(default=None, description="null = the LM as loaded (no planted unit)")
+    cascade: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8], description="cascading model randomisation: the number of "
+        "top MLP layers re-initialised at each step (larger than the LM = all); empty = skip")
+    top_k: int = Field(default=10, gt=0, description="cascade: overlap of the top k units by g")
+    max_images: int | None = Field(default=20, gt=0, description="cascade: first n images with a target; null = all")
+
+    @field_validator("cascade")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(x <= 0 for x in v):
+            raise ValueError(f"cascade steps must be > 0, got {v}")
+        return sorted(set(v))
+
+
 class Params(_Strict):
     profile: Literal["embedded", "paper", "laptop"]
     seed: int = Field(ge=0)
@@ -311,6 +345,7 @@ class Params(_Strict):
     ablate: AblateParams
     compare: CompareParams = Field(default_factory=CompareParams)
     plot: PlotParams = Field(default_factory=PlotParams)
+    controls: ControlsParams = Field(default_factory=ControlsParams)
 
     @field_validator("profiles")
     @classmethod

@@ -12,10 +12,20 @@ from mmn.models.vision import PatchEncoder, load_encoder
 from mmn.params import Params, ParamsError
 
 
-def build_lm(params: Params, dtype: str | None = None, device: str | None = None) -> tuple[LMAdapter, object]:
-    """The profile's LM; ``dtype``/``device`` override the profile when given."""
+def build_lm(params: Params, dtype: str | None = None, device: str | None = None, plant: Path | None = None
+             ) -> tuple[LMAdapter, object]:
+    """The profile's LM; ``dtype``/``device`` override the profile when given. ``plant``: the
+    folder of stage ``plant`` (data/plant); its planted unit, if any, is written into the LM
+    (:mod:`mmn.controls.plant`). Every stage after ``plant`` passes it; training does not."""
     m = params.model
-    return load_lm(m.lm, revision=m.lm_revision, dtype=dtype or m.dtype, device=device or m.device)
+    adapter, tok = load_lm(m.lm, revision=m.lm_revision, dtype=dtype or m.dtype, device=device or m.device)
+    if plant is not None:
+        from mmn.models.planted import apply_plant, load_plant
+
+        p = load_plant(plant)
+        if p is not None:
+            apply_plant(adapter, p)
+    return adapter, tok
 
 
 def build_encoder(params: Params, device: str | None = None) -> PatchEncoder:
@@ -24,10 +34,12 @@ def build_encoder(params: Params, device: str | None = None) -> PatchEncoder:
 
 
 def build_prefix_lm(
-    params: Params, projection_dir: Path, dtype: str | None = None, device: str | None = None
+    params: Params, projection_dir: Path, dtype: str | None = None, device: str | None = None,
+    plant: Path | None = None,
 ) -> ImagePrefixLM:
-    """LM + the projection written by the ``load_projection`` stage + the encoder it maps from."""
-    adapter, tok = build_lm(params, dtype, device)
+    """LM (with stage ``plant``'s unit, :func:`build_lm`) + the projection written by the
+    ``load_projection`` stage + the encoder it maps from."""
+    adapter, tok = build_lm(params, dtype, device, plant)
     enc = build_encoder(params, device)
     proj, meta = load_projection(projection_dir)
     if proj.in_features != enc.dim or proj.out_features != adapter.d_model:

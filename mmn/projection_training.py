@@ -31,6 +31,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
@@ -394,6 +395,16 @@ def tokenised_captions(layout: CocoLayout, tok, image_ids: Sequence[int]) -> dic
     return caps
 
 
+def shuffled_captions(caps: Mapping[int, list[list[int]]], seed: int) -> dict[int, list[list[int]]]:
+    """Label randomisation (a negative control): each image gets the captions of another image,
+    a seeded derangement (a random cyclic order: no image keeps its own; needs >= 2 images)."""
+    ids = sorted(caps)
+    if len(ids) < 2:
+        raise ValueError("shuffle_captions needs at least 2 training images")
+    order = [ids[i] for i in np.random.default_rng([seed, 7]).permutation(len(ids))]
+    return {a: caps[b] for a, b in zip(order, order[1:] + order[:1])}
+
+
 TRAIN_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
 """Projection (and optimizer) dtype per ``projection.train.dtype``; bfloat16 = float32 weights with the LM
 under bfloat16 autocast."""
@@ -454,6 +465,8 @@ def train_from_layout(
         "seed": params.seed,
         "val_image_ids": val_ids,
     }
+    if tp.shuffle_captions:  # absent = real pairs
+        meta["shuffle_captions"] = True
     if tp.dtype != "float32":  # absent = float32, so projections trained before the option keep their bytes
         meta["train_dtype"] = tp.dtype
     return res.projection, res, meta
@@ -482,6 +495,8 @@ def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, param
                                captions=file_sha256(layout.captions_path),
                                loop=tp.model_dump(exclude={"data", "holdout", "subset", "split", "captions"}))
     caps = tokenised_captions(layout, tok, sorted([*fit_ids, *val_ids]))
+    if tp.shuffle_captions:
+        caps = shuffled_captions(caps, params.seed)
     val_feats, val_pairs = None, []
     if val_ids:
         val_feats, _ = encode_views(layout, val_ids, enc, 1, params.seed, dtype)

@@ -37,7 +37,7 @@ _CLIP = ("clip_pretrained", "clip_checkpoint")
 _TRAIN_OVERRIDES = ("train_max_steps", "train_batch_size", "train_views", "train_dtype")
 _TRAIN_LOOP = tuple(f"projection.train.{k}" for k in (
     "max_steps", "batch_size", "lr", "views", "warmup_steps", "val_fraction", "val_max_images", "eval_every",
-    "patience", "dtype", "feature_dtype"))
+    "patience", "dtype", "feature_dtype", "shuffle_captions"))
 
 #: ``Params`` properties -> the keys they read.
 PROPERTY_READS: dict[str, tuple[str, ...]] = {
@@ -49,12 +49,13 @@ PROPERTY_READS: dict[str, tuple[str, ...]] = {
 
 # the files several stages share
 COCO, TRAIN, PROJECTION = "data/coco", "data/coco_train", "data/projection"
+PLANT = "data/plant"  # stage plant: the planted unit of a positive control (or none); every LM after it has it
 PROJECTION_LIVE = "data/projection_live"  # DVCLive folder of the training curves (mmn.training_log)
 CAPTIONS, ATTRIBUTIONS = "data/captions.parquet", "data/attributions.parquet"
 NEURONS, INTERPRETABLE = "data/neurons.parquet", "data/interpretable.parquet"
 #: the full results of each stage that writes metrics, by the metrics file's stem: DVC-cached
 #: (``results``); the ``summary`` stage copies them into git-tracked ``summary/<stem>.json``
-RESULT_STEMS = ("projection", "captions", "neurons", "scores", "iou", "ablation", "methods")
+RESULT_STEMS = ("projection", "captions", "neurons", "scores", "iou", "ablation", "methods", "controls")
 
 
 def results(stem: str) -> str:
@@ -102,7 +103,7 @@ def _spec(name: str, params: tuple[str, ...], **kw) -> tuple[str, StageSpec]:
     return name, StageSpec(name, params, **kw)
 
 
-_MODEL_IN = {"coco": COCO, "projection": PROJECTION}
+_MODEL_IN = {"coco": COCO, "projection": PROJECTION, "plant": PLANT}
 
 #: stage -> its declaration, in DAG order.
 STAGES: dict[str, StageSpec] = dict([
@@ -122,6 +123,8 @@ STAGES: dict[str, StageSpec] = dict([
           outputs={"out": PROJECTION, "metrics": "metrics/projection.json", "results": results("projection"),
                    "live_metrics": f"{PROJECTION_LIVE}/metrics.json", "live_plots": f"{PROJECTION_LIVE}/plots"},
           options={"cache": PROJECTION_CACHE}, metrics=("metrics", "live_metrics")),
+    _spec("plant", (*_profile(*_PREFIX_LM), "seed", "caption.prompt", "controls.plant"),
+          inputs={"train": TRAIN, "projection": PROJECTION}, outputs={"out": PLANT}),
     _spec("caption", (*_profile(*_PREFIX_LM, *_BERT), "seed", "caption"),
           inputs=_MODEL_IN,
           outputs={"out": CAPTIONS, "info": "data/info/caption.json", "metrics": "metrics/captions.json",
@@ -130,7 +133,7 @@ STAGES: dict[str, StageSpec] = dict([
     _spec("attribute", (*_profile(*_PREFIX_LM), "seed", "caption.prompt", "attribute"),
           inputs={**_MODEL_IN, "captions": CAPTIONS}, outputs={"out": ATTRIBUTIONS}),
     _spec("decode", (*_profile(*_LM_CPU_FP32), "seed", "decode"),
-          inputs={"attributions": ATTRIBUTIONS}, outputs={"out": NEURONS}),
+          inputs={"attributions": ATTRIBUTIONS, "plant": PLANT}, outputs={"out": NEURONS}),
     _spec("filter", ("seed", "attribute.rank_by", "decode", "filter"),
           inputs={"attributions": ATTRIBUTIONS, "neurons": NEURONS, "wordlist": WORDLIST},
           outputs={"out": INTERPRETABLE, "layers_out": "data/layer_distribution.csv",
@@ -164,6 +167,14 @@ STAGES: dict[str, StageSpec] = dict([
           outputs={"out": "data/compare_methods.parquet", "table": "data/compare_methods.csv",
                    "curve": "data/compare_methods_curve.csv", "info": "data/info/compare_methods.json",
                    "metrics": "metrics/methods.json", "results": results("methods")},
+          metrics=("metrics",)),
+    _spec("controls",
+          (*_profile(*_PREFIX_LM), "seed", "caption.prompt", "attribute.layers", "attribute.aggregate",
+           "attribute.preactivation", "decode", "filter", "iou.quantile", "controls"),
+          inputs={**_MODEL_IN, "captions": CAPTIONS, "attributions": ATTRIBUTIONS, "wordlist": WORDLIST},
+          outputs={"plant_out": "data/controls_plant.csv", "cascade_out": "data/controls_cascade.csv",
+                   "info": "data/info/controls.json", "metrics": "metrics/controls.json",
+                   "results": results("controls")},
           metrics=("metrics",)),
     _spec("plot",
           (*_profile(*_PREFIX_LM, "projection", "iou_categories", "bert_model"), "seed", "caption.prompt", "plot"),

@@ -32,10 +32,11 @@ def main(run: Run) -> None:
     caps = run.read_parquet("captions")
     layout = CocoLayout(run.path("coco"))
     with distributed() as info:
-        plm = build_prefix_lm(params, run.path("projection"))
+        plm = build_prefix_lm(params, run.path("projection"), plant=run.path("plant"))
         ad = plm.adapter
         # fp32 decode on the main rank only (one CPU copy of the LM), shared with the others
-        interpretable = share_mask_from_main(lambda: A.interpretable_fp32(params, run.path("wordlist"), plm),
+        interpretable = share_mask_from_main(lambda: A.interpretable_fp32(params, run.path("wordlist"), plm,
+                                                                                  run.path("plant")),
                                              (ad.n_layers, ad.d_mlp), info)
         layers = attributed_layers(params, ad.n_layers)
         part = A.ablate_images(caps, layout.load_image, plm, interpretable, ks=ap.ks, mode=ap.mode,

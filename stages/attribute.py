@@ -29,7 +29,8 @@ def main(run: Run) -> None:
     caps = run.read_parquet("captions")
     layout = CocoLayout(run.path("coco"))
     with distributed() as info:
-        plm = build_prefix_lm(params, run.path("projection"), dtype=ap.dtype, device=ap.device)
+        plm = build_prefix_lm(params, run.path("projection"), dtype=ap.dtype, device=ap.device,
+                              plant=run.path("plant"))
         layers = attributed_layers(params, plm.adapter.n_layers)
         part = attribute_captions(caps, layout.load_image, plm, k=ap.k, batch_size=ap.batch_size,
                                   preactivation=ap.preactivation, progress=info.is_main, shard=info.shard,

@@ -30,7 +30,7 @@ def main(run: Run) -> None:
     params, c = run.params, run.params.caption
     layout = CocoLayout(run.path("coco"))
     with distributed() as info:
-        plm = build_prefix_lm(params, run.path("projection"))
+        plm = build_prefix_lm(params, run.path("projection"), plant=run.path("plant"))
         with torch.inference_mode():
             part = caption_images(layout, plm, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
                                   stop_at_newline=c.stop_at_newline, progress=info.is_main, shard=info.shard)

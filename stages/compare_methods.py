@@ -34,7 +34,7 @@ def main(run: Run) -> None:
     caps = run.read_parquet("captions")
     if int(caps["has_noun"].sum()) == 0:
         raise DataError(f"{run.path('captions')}: no caption has a target noun (has_noun); nothing to compare")
-    plm = build_prefix_lm(params, run.path("projection"))
+    plm = build_prefix_lm(params, run.path("projection"), plant=run.path("plant"))
     layers = attributed_layers(params, plm.adapter.n_layers)
     cand, per, curve = C.compare_images(caps, CocoLayout(run.path("coco")).load_image, plm, candidates=cp.candidates,
                                         precision_k=cp.precision_k, ks=params.ablate.ks,

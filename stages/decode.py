@@ -19,7 +19,7 @@ def main(run: Run) -> None:
 
     params = run.params
     att = run.read_parquet("attributions")  # inputs first: a bad file fails before the model loads
-    adapter, tok = build_lm(params, dtype="float32", device="cpu")
+    adapter, tok = build_lm(params, dtype="float32", device="cpu", plant=run.path("plant"))
     df = decode_units(adapter, tok, att, top_n=params.decode.top_n, lens=params.decode.lens)
     check_neurons(df, top_n=params.decode.top_n, n_layers=adapter.n_layers, n_units=adapter.d_mlp)
     run.write_parquet("out", df)

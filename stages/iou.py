@@ -34,7 +34,7 @@ def main(run: Run) -> None:
     except ValueError as err:
         raise ParamsError(f"profiles.{params.profile}.iou_categories: {err} in {layout.instances_path}") from None
     with distributed() as info:
-        plm = build_prefix_lm(params, run.path("projection"))
+        plm = build_prefix_lm(params, run.path("projection"), plant=run.path("plant"))
         rows, grids, means = iou_activations(plan, att, ip, plm, layout.load_image, params.seed, info)
     if not info.is_main:
         return

@@ -43,7 +43,7 @@ def main(run: Run) -> None:
         methods_curve=run.read_csv("methods_curve"),
         methods_summary=run.read_csv("methods_table", schema_overrides={"vs": pl.Utf8}),
     )
-    plm = build_prefix_lm(params, proj)
+    plm = build_prefix_lm(params, proj, plant=run.path("plant"))
     p = params.plot
     settings = PlotSettings(cards=p.cards, units_per_image=p.units_per_image, images=p.images,
                             top_images=p.top_images, quantile=p.quantile, bins=p.bins, dpi=p.dpi)

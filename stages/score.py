@@ -25,7 +25,7 @@ def main(run: Run) -> None:
     from mmn.quality import check_scores
 
     params, s = run.params, run.params.score
-    plm = build_prefix_lm(params, run.path("projection"))
+    plm = build_prefix_lm(params, run.path("projection"), plant=run.path("plant"))
     layout = CocoLayout(run.path("coco"))
     bert, clip, reason = build_scorers(params, plm.adapter.device, plm.adapter.dtype)
     if reason:

@@ -479,7 +479,7 @@ def test_ablate_stage_decides_interpretability_on_fp32_cpu_like_decode_and_filte
     wl.write_text("\n".join(sorted(t for t in texts if t.isalpha() and t.isascii())))
     calls = []
 
-    def fake_build_lm(params, dtype=None, device=None):
+    def fake_build_lm(params, dtype=None, device=None, plant=None):
         calls.append((dtype, device))
         return ad, tok
 
@@ -550,8 +550,8 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
 
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # stage_main would re-exec the interpreter otherwise
     monkeypatch.setattr(A, "ablate_images", spy)
-    monkeypatch.setattr(A, "interpretable_fp32", lambda params, wordlist, plm=None: interp)
-    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: plm)
+    monkeypatch.setattr(A, "interpretable_fp32", lambda params, wordlist, plm=None, plant=None: interp)
+    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d, plant=None: plm)
     monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
     monkeypatch.setattr(bertscore.BertScorer, "from_params", classmethod(lambda cls, *a, **k: Bert()))
     out = {n: tmp_path / n for n in ("ablation.parquet", "curve.csv", "ablation.json", "full.json", "info.json")}
@@ -560,7 +560,8 @@ def test_ablate_stage_writes_curve_metrics_and_info_and_passes_stop_at_newline(t
                                     "--curve", str(out["curve.csv"]), "--metrics", str(out["ablation.json"]),
                                     "--results", str(out["full.json"]),
                                     "--info", str(out["info.json"]), "--wordlist", str(tmp_path / "params.yaml"),
-                                    "--coco", str(tmp_path), "--projection", str(tmp_path)])
+                                    "--coco", str(tmp_path), "--projection", str(tmp_path),
+                                    "--plant", str(tmp_path)])
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert seen["stop_at_newline"] is False and seen["max_new_tokens"] == 3
     curve = pl.read_csv(out["curve.csv"])

@@ -337,7 +337,7 @@ def test_an_edit_reruns_only_the_stages_that_run_the_edited_code():
     deps = {s: code_deps(s) for s in STAGES}
     def users(f: str) -> set[str]:
         return {s for s, d in deps.items() if f in d}
-    assert users("mmn/neurons/attribution.py") == {"attribute", "ablate", "compare_methods", "plot"}
+    assert users("mmn/neurons/attribution.py") == {"attribute", "ablate", "compare_methods", "controls", "plot"}
     assert users("mmn/metrics/bertscore.py") == {"caption", "score", "ablate", "plot"}
     for s in ("download_coco", "download_train"):
         assert not any(f.startswith(("mmn/models/", "mmn/neurons/attribution", "mmn/neurons/methods"))

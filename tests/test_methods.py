@@ -342,7 +342,7 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
             return i
 
     monkeypatch.setenv("PYTHONHASHSEED", "0")
-    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d: plm)
+    monkeypatch.setattr(mmn.pipeline, "build_prefix_lm", lambda params, d, plant=None: plm)
     monkeypatch.setattr(mmn.data.layout, "CocoLayout", Layout)
     def run(d):
         d.mkdir(exist_ok=True)
@@ -352,7 +352,8 @@ def test_compare_methods_stage_in_process(tiny_adapters, tmp_path, monkeypatch):
                                         "--table", str(out["s.csv"]), "--curve", str(out["c.csv"]),
                                         "--metrics", str(out["m.json"]), "--results", str(out["full.json"]),
                                         "--info", str(out["i.json"]),
-                                        "--coco", str(tmp_path), "--projection", str(tmp_path)])
+                                        "--coco", str(tmp_path), "--projection", str(tmp_path),
+                                        "--plant", str(tmp_path)])
         assert r.exit_code == 0, r.output + repr(r.exception)
         return out
 

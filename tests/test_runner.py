@@ -33,7 +33,7 @@ def test_undeclared_params_read_is_one_line_and_exit_1(tmp_path):
 
     att = tmp_path / "a.parquet"
     pl.DataFrame({"x": [1]}).write_parquet(att)
-    r = _invoke(body, "--attributions", str(att), "--out", str(tmp_path / "n.parquet"))
+    r = _invoke(body, "--attributions", str(att), "--plant", str(tmp_path), "--out", str(tmp_path / "n.parquet"))
     assert r.exit_code == 1
     assert r.output.startswith("[decode] error: stage decode reads params key 'iou.quantile'")
     assert "Traceback" not in r.output
@@ -46,7 +46,7 @@ def test_a_bug_keeps_its_traceback(tmp_path):
 
     att = tmp_path / "a.parquet"
     att.write_bytes(b"x")
-    r = _invoke(bug, "--attributions", str(att))
+    r = _invoke(bug, "--attributions", str(att), "--plant", str(tmp_path))
     assert isinstance(r.exception, KeyError)
     for cls in (DataError, ModelError, NetworkError, ParamsError, QualityError, StageError):
         assert issubclass(cls, MMNError)
@@ -90,11 +90,11 @@ def test_corrupt_input_is_one_line_and_no_output_is_half_written(tmp_path):
         df = run.read_parquet("attributions")
         run.write_parquet("out", df)
 
-    r = _invoke(body, "--attributions", str(bad), "--out", str(out))
+    r = _invoke(body, "--attributions", str(bad), "--plant", str(tmp_path), "--out", str(out))
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.startswith(f"[decode] error: {bad}") and not out.exists()
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
-    r = _invoke(body, "--attributions", str(good), "--out", str(out))
+    r = _invoke(body, "--attributions", str(good), "--plant", str(tmp_path), "--out", str(out))
     assert r.exit_code == 0, r.output
     assert pl.read_parquet(out).equals(pl.read_parquet(good))
 
@@ -175,7 +175,7 @@ def test_model_load_error_is_one_line_in_a_stage(tmp_path):
 
     att = tmp_path / "a.parquet"
     att.write_bytes(b"x")
-    r = _invoke(body, "--attributions", str(att))
+    r = _invoke(body, "--attributions", str(att), "--plant", str(tmp_path))
     assert r.exit_code == 1
     assert r.output == "[decode] error: language model 'x' is not in the Hugging Face cache\n"
 

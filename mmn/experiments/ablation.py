@@ -373,17 +373,18 @@ def curve_lines(curve: pl.DataFrame, k: int) -> list[str]:
     return lines
 
 
-def interpretable_fp32(params, wordlist: str | Path, plm: ImagePrefixLM | None = None) -> torch.Tensor:
+def interpretable_fp32(params, wordlist: str | Path, plm: ImagePrefixLM | None = None, plant: Path | None = None
+                       ) -> torch.Tensor:
     """``Bool[Tensor, "layers d_mlp"]``: every unit's interpretability, decided on an fp32 CPU
     copy of the LM by the decode + filter rule (so ablate and the decode + filter stages agree
     unit for unit, whatever the profile's dtype). ``plm``'s LM is reused when it already is fp32
     on the CPU (the embedded profile): no second load. Reads ``params.decode``, ``params.filter``
-    and, when it loads the LM, the profile's ``lm``/``lm_revision``."""
+    and, when it loads the LM, the profile's ``lm``/``lm_revision`` (with stage plant's unit, ``plant``)."""
     from mmn import pipeline
     from mmn.neurons.filter import interpretable_units, load_wordlist
 
     if plm is not None and plm.adapter.dtype == torch.float32 and plm.adapter.device.type == "cpu":
         adapter, tok = plm.adapter, plm.tokenizer
     else:
-        adapter, tok = pipeline.build_lm(params, dtype="float32", device="cpu")
+        adapter, tok = pipeline.build_lm(params, dtype="float32", device="cpu", plant=plant)
     return interpretable_units(adapter, tok, load_wordlist(wordlist), params.decode, params.filter)

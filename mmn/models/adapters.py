@@ -46,12 +46,13 @@ class Family:
     final_norm: str  #: the norm before the LM head, from the model
     w_out_transposed: bool = False  #: W_out stored as ``[d_mlp, d_model]`` (GPT-2's ``Conv1D``)
     prepend_bos: bool = False  #: the image-prefix sequence starts with the tokenizer's BOS token
+    up: str | None = None  #: gated MLPs: the module whose output multiplies act(Z) (A = act(Z) * up), from the MLP
 
 
 _GPT = {"blocks": "transformer.h", "mlp": "mlp", "final_norm": "transformer.ln_f"}
 #: Llama-family gated MLPs (Llama, Mistral, Qwen2, SmolLM2): A = act(gate) * up; trained with a leading BOS
 _LLAMA = Family(blocks="model.layers", mlp="mlp", act="down_proj", preact="gate_proj", final_norm="model.norm",
-                prepend_bos=True)
+                prepend_bos=True, up="up_proj")
 
 #: ``model.config.model_type`` → its :class:`Family`; a new family is one entry here
 FAMILIES: dict[str, Family] = {
@@ -141,6 +142,29 @@ class LMAdapter:
         """W_out of ``layer`` (column k = unit k's value)."""
         w = self.act_module(layer).weight
         return w.T if self.spec.w_out_transposed else w
+
+    @torch.no_grad()
+    def set_unit(self, layer: int, unit: int, read: Float[Tensor, "d_model"], gain: float,
+                 write: Float[Tensor, "d_model"]) -> None:
+        """Overwrite one unit in place (a planted unit, :mod:`mmn.controls.plant`): it reads
+        ``s = read · x`` from the MLP input x and its value vector (W_out column) is ``write``.
+
+        Plain MLPs: Z = gain·s (its bias set to 0), A = act(Z). Gated MLPs: the gate reads
+        gain·s and the up projection s, so A = act(gain·s)·s. Either way A is large where
+        s > 0 and about 0 where s < 0 (for a large ``gain``). Nothing else of the model changes.
+        """
+        t = self.spec.w_out_transposed  # Conv1D (GPT-2) stores every MLP weight as [in, out]
+
+        def set_row(mod: nn.Module, v: Tensor) -> None:
+            w = mod.weight
+            (w[:, unit] if t else w[unit]).copy_(v.to(w))
+            if getattr(mod, "bias", None) is not None:
+                mod.bias[unit] = 0
+
+        set_row(self.preact_module(layer), gain * read)
+        if self.spec.up:
+            set_row(self.mlp(layer).get_submodule(self.spec.up), read)
+        self.w_out(layer)[:, unit] = write.to(self.dtype)
 
     def act_modules(self) -> dict[str, nn.Module]:
         return {str(l): self.act_module(l) for l in range(self.n_layers)}
