@@ -49,8 +49,9 @@ def tokenizer():
 
 
 def tiny_lm(family: str, vocab: int, seed: int = 0):
-    """A randomly initialised 3-layer causal LM of ``family`` (gptj | gpt2 | llama)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
+    """A randomly initialised 3-layer causal LM of ``family`` (gptj | gpt2 | llama | gemma3)."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTJConfig,
+                              GPTJForCausalLM, LlamaConfig, LlamaForCausalLM)
 
     torch.manual_seed(seed)
     if family == "gptj":
@@ -66,6 +67,16 @@ def tiny_lm(family: str, vocab: int, seed: int = 0):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                           bos_token_id=1, eos_token_id=2)
         model = LlamaForCausalLM(cfg)
+    elif family == "gemma3":  # a sliding layer, then a full one, as gemma-3-270m alternates them
+        cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+                               sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # HF initialises every norm to gain 1 (weight 0): random gains test the (1 + w) rule
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.3)
     else:
         raise ValueError(family)
     model.config._attn_implementation = "sdpa" if family != "gptj" else "eager"
@@ -74,10 +85,10 @@ def tiny_lm(family: str, vocab: int, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_adapters(tokenizer):
-    """{family: (adapter, tokenizer)} for tiny random GPT-J (with 7 padded head rows), GPT-2, Llama."""
+    """{family: (adapter, tokenizer)} for tiny random GPT-J (with 7 padded head rows), GPT-2, Llama, Gemma 3."""
     from mmn.models.lm import prepare_lm
 
-    return {f: prepare_lm(tiny_lm(f, len(tokenizer)), tokenizer) for f in ("gptj", "gpt2", "llama")}
+    return {f: prepare_lm(tiny_lm(f, len(tokenizer)), tokenizer) for f in ("gptj", "gpt2", "llama", "gemma3")}
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from mmn.models.planted import Plant, PlantError, apply_plant, load_plant, save_
 from mmn.models.prefix_lm import ImagePrefixLM
 from mmn.projection_training import shuffled_captions
 
-FAMILIES = ("gptj", "gpt2", "llama")
+FAMILIES = ("gptj", "gpt2", "llama", "gemma3")
 
 
 class ConceptEncoder:
@@ -106,8 +106,9 @@ def test_set_unit_changes_only_that_unit_and_computes_act_of_gain_s(tiny_adapter
     with TraceDict({"a": ad.act_module(layer)}, retain_input=True, detach=True) as tr:
         ad.mlp(layer)(x)
     s = x[0] @ read
-    act = ad.mlp(layer).act_fn if family == "llama" else ad.mlp(layer).act
-    want = act(3.0 * s) * (s if family == "llama" else 1)
+    gated = family in ("llama", "gemma3")
+    act = ad.mlp(layer).act_fn if gated else ad.mlp(layer).act
+    want = act(3.0 * s) * (s if gated else 1)
     assert torch.allclose(tr["a"].input[0, :, unit], want, atol=1e-5)
 
 

@@ -14,7 +14,8 @@ from mmn.hooks import Trace, TraceDict
 from mmn.models.prefix_lm import ImagePrefixLM, stop_token_ids
 from mmn.models.projection import Projection, ProjectionError, load_limber, load_projection, save_projection
 
-FAMILIES = ["gptj", "gpt2", "llama"]
+FAMILIES = ["gptj", "gpt2", "llama", "gemma3"]
+MODEL_TYPE = {"gemma3": "gemma3_text"}  # test key -> the FAMILIES row (config.model_type)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -59,20 +60,21 @@ _HAND_PATHS = {
     "gptj": lambda m, l: (m.transformer.h[l].mlp.fc_out, m.transformer.h[l].mlp.fc_in, m.transformer.ln_f),
     "gpt2": lambda m, l: (m.transformer.h[l].mlp.c_proj, m.transformer.h[l].mlp.c_fc, m.transformer.ln_f),
     "llama": lambda m, l: (m.model.layers[l].mlp.down_proj, m.model.layers[l].mlp.gate_proj, m.model.norm),
+    "gemma3": lambda m, l: (m.model.layers[l].mlp.down_proj, m.model.layers[l].mlp.gate_proj, m.model.norm),
 }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_table_reaches_the_hf_modules(tiny_adapters, family):
     """The table's dotted paths resolve to the HF modules named by hand; W_out is [d_model, d_mlp]
-    (GPT-2's Conv1D stores the transpose); only Llama-family models want a BOS."""
+    (GPT-2's Conv1D stores the transpose); only Llama-family and Gemma models want a BOS."""
     ad, _ = tiny_adapters[family]
     for l in range(ad.n_layers):
         act, pre, norm = _HAND_PATHS[family](ad.model, l)
         assert ad.act_module(l) is act and ad.preact_module(l) is pre and ad.final_norm is norm
         w = act.weight.T if family == "gpt2" else act.weight
         assert ad.w_out(l).data_ptr() == w.data_ptr() and ad.w_out(l).shape == (ad.d_model, ad.d_mlp)
-    assert ad.family == family and ad.prepend_bos == (family == "llama")
+    assert ad.family == MODEL_TYPE.get(family, family) and ad.prepend_bos == (family in ("llama", "gemma3"))
 
 
 def test_unsupported_family_is_a_model_error_listing_the_supported_ones(unchecked_signatures):
@@ -268,10 +270,62 @@ def test_batched_captions_equal_one_by_one(tiny_adapters, tiny_beit, family):
     # greedy = argmax of a teacher-forced pass, with the same probabilities
     batch = plm.build(soft[:1], [ids_b[0]])
     logits = plm.logits(batch)[0]
+    logits[:, ad.banned_ids] = -torch.inf  # Gemma: control tokens are never generated
     for j, t in enumerate(ids_b[0]):
         step = logits[batch.n_prefix - 1 + j]
         assert int(step.argmax()) == t
         assert float(step.softmax(-1)[t]) == pytest.approx(p_b[0][j], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_soft_tokens_equal_to_input_embeddings_give_the_models_own_logits(tiny_adapters, family):
+    """The prefix LM feeds soft tokens where the model's embedding module's OUTPUT goes (Gemma
+    scales its embeddings by sqrt(d_model) inside that module): soft tokens that are the embedding
+    of some ids give the model's logits on those ids, whatever the family."""
+    ad, tok = tiny_adapters[family]
+    plm = _plm(ad, tok)
+    img_ids = tok(" a red bus", add_special_tokens=False).input_ids
+    text = tok(" on the road", add_special_tokens=False).input_ids
+    soft = ad.embed(torch.tensor([img_ids]))
+    got = plm.logits(plm.build(soft, [text]))
+    ids = torch.tensor([plm.bos_ids + img_ids + plm.prompt_ids + text])
+    want = ad.model(input_ids=ids).logits[..., : ad.vocab_size]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if family == "gemma3":  # the scale is real: the raw rows would not match
+        torch.testing.assert_close(soft[0], ad.embed.weight[img_ids] * ad.d_model ** 0.5, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_final_norm_gain_is_what_the_rmsnorm_multiplies_by(tiny_adapters, family):
+    """RMSNorm(x) = x / rms(x) * gain: Llama's gain is its weight, Gemma's 1 + weight."""
+    ad, _ = tiny_adapters[family]
+    x = torch.randn(3, ad.d_model)
+    eps = ad.final_norm.variance_epsilon if hasattr(ad.final_norm, "variance_epsilon") else ad.final_norm.eps
+    want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * ad.final_norm_gain()
+    torch.testing.assert_close(ad.final_norm(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_ties_its_unembedding_and_drops_control_tokens(tiny_adapters):
+    """Gemma 3: the LM head is the input embedding matrix; the tokenizer's special added tokens are
+    neither real tokens (decoding) nor ever generated, except EOS, even when the head favours them."""
+    ad, tok = tiny_adapters["gemma3"]
+    assert ad.unembed.weight.data_ptr() == ad.embed.weight.data_ptr()
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert special and not special & set(ad.real_token_ids.tolist())
+    assert set(ad.banned_ids.tolist()) == special - {tok.eos_token_id}
+    assert len(ad.real_token_ids) == ad.vocab_size - len(special)
+    assert tiny_adapters["llama"][0].banned_ids.numel() == 0  # the other families: as before
+    plm = _plm(ad, tok)
+    victim = int(ad.banned_ids[0])
+    with torch.no_grad():
+        saved = ad.embed.weight[victim].clone()
+        ad.embed.weight[victim] *= 1e3  # tied: the head now favours the control token
+    try:
+        ids, _ = plm.generate(plm.soft_tokens(torch.randn(2, 16, 24)), 4, set())
+        assert not {t for row in ids for t in row} & set(ad.banned_ids.tolist())
+    finally:
+        with torch.no_grad():
+            ad.embed.weight[victim] = saved
 
 
 def test_generation_never_emits_padded_head_rows(tiny_adapters):

@@ -16,7 +16,7 @@ from mmn.neurons.attribution import attribution_maps, top_k
 from mmn.neurons.decode import _Decoder, decode_units
 from mmn.neurons.filter import apply_filter, count_words, is_word
 
-FAMILIES = ["gptj", "gpt2", "llama"]
+FAMILIES = ["gptj", "gpt2", "llama", "gemma3"]
 N_PATCH, D_ENC = 9, 12
 
 

@@ -91,9 +91,9 @@ def concept_direction(concept: Sequence[Tensor], other: Sequence[Tensor]) -> Flo
 def write_direction(adapter: LMAdapter, token_id: int) -> Float[Tensor, "d_model"]:
     """Unit vector along γ ⊙ W_U[c] (γ = the final norm's weight, when it has one)."""
     u = adapter.unembed_weight()[token_id].detach().float().cpu()
-    gamma = getattr(adapter.final_norm, "weight", None)
+    gamma = adapter.final_norm_gain()
     if gamma is not None:
-        u = u * gamma.detach().float().cpu()
+        u = u * gamma.float().cpu()
     return u / u.norm()
 
 

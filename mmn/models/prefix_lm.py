@@ -187,10 +187,11 @@ class ImagePrefixLM:
     def generate(
         self, soft: Float[Tensor, "batch patches d_model"], max_new_tokens: int, stop_ids: set[int]
     ) -> tuple[list[list[int]], list[list[float]]]:
-        """Batched greedy decoding with a KV cache.
+        """Batched greedy decoding with a KV cache, never emitting ``adapter.banned_ids``.
 
         Returns, per image, the generated ids (stop token excluded) and the softmax
-        probability of each generated token at the step that produced it.
+        probability of each generated token at the step that produced it (over the tokens it
+        may emit).
         """
         batch = self.build(soft)
         model = self.adapter.model
@@ -204,8 +205,11 @@ class ImagePrefixLM:
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=soft.device)
         toks, probs = [], []
         mask = batch.attention_mask
+        banned = self.adapter.banned_ids.to(soft.device)
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1, :v].float()
+            if banned.numel():  # control tokens (Gemma's <start_of_image>): never part of a caption
+                logits[:, banned] = -torch.inf
             nxt = logits.argmax(-1)
             p = torch.softmax(logits, -1).gather(1, nxt[:, None])[:, 0]
             toks.append(torch.where(done, -1, nxt))
