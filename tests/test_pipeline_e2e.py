@@ -78,16 +78,17 @@ def test_second_repro_does_nothing_and_param_change_reruns_only_downstream(pipel
     assert ran(r.stdout) == set()
     assert "up to date" in r.stdout.lower()
     before = (repo / "data/attributions.parquet").read_bytes()
-    # iou.quantile: read by iou alone, downstream only plot and summary (which stages read which key
-    # is checked for every key in test_dvc_deps; this checks that DVC acts on it)
-    small_params(repo, **{"iou.quantile": 0.9})
+    # iou.random_draws: read by iou alone, downstream only plot and summary (which stages read which
+    # key is checked for every key in test_dvc_deps; this checks that DVC acts on it). Not
+    # iou.quantile: controls reads it too (the planted unit's IoU)
+    small_params(repo, **{"iou.random_draws": 3})
     r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stderr
     assert ran(r.stdout) == {"iou", "plot", "summary"}
     assert (repo / "data/attributions.parquet").read_bytes() == before
     # back to the old value: DVC's run cache restores the outputs without running the stages;
     # only `summary` (cache: false outputs: no run cache) runs, a copy of the restored results
-    small_params(repo, **{"iou.quantile": 0.95})
+    small_params(repo, **{"iou.random_draws": 5})
     r = run(["dvc", "repro"], repo)
     assert r.returncode == 0, r.stderr
     assert ran(r.stdout) == {"summary"}
