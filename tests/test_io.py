@@ -78,9 +78,13 @@ def test_a_corrupt_or_missing_input_is_one_line_naming_the_file(tmp_path):
     pl.DataFrame({"layer": list(range(50)), "unit": list(range(50))}).write_parquet(good)
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    from mmn.models.planted import save_plant
+
+    save_plant(tmp_path / "plant", None)  # decode's other input (a fresh clone has no data/plant)
     for path, what in ((bad, "not a readable Parquet file"), (tmp_path / "none.parquet", "input does not exist")):
-        r = subprocess.run([sys.executable, "-m", "stages.decode", "--attributions", str(path), "--out",
-                            str(tmp_path / "out.parquet")], cwd=repo, capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, "-m", "stages.decode", "--attributions", str(path), "--plant",
+                            str(tmp_path / "plant"), "--out", str(tmp_path / "out.parquet")], cwd=repo,
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 1, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert lines[-1].startswith(f"[decode] error: {path}: {what}"), r.stderr

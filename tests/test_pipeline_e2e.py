@@ -362,8 +362,8 @@ def test_real_coco_images_through_iou_from_a_mirror(tmp_path):
         })
         r = run(["dvc", "repro", "iou"], repo)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert ran(r.stdout) == {"download_coco", "download_train", "load_projection", "caption", "attribute", "decode",
-                             "filter", "iou"}
+    assert ran(r.stdout) == {"download_coco", "download_train", "load_projection", "plant", "caption", "attribute",
+                             "decode", "filter", "iou"}
     split = json.loads((repo / "data/coco_train/split.json").read_text())
     eval_ids = {im["id"] for im in json.loads((repo / "data/coco/annotations/instances.json").read_text())["images"]}
     assert split["mode"] == "coco-train" and split["held_out"] is True

@@ -263,6 +263,10 @@ def _write_stage_inputs(repo: Path) -> None:
     (d / "results").mkdir(exist_ok=True)
     for k, v in inp.metrics.items():
         (d / "results" / f"{k}.json").write_text(json.dumps(v))
+    shutil.copy(REPO / "summary" / "controls.json", d / "results" / "controls.json")  # the committed one
+    from mmn.models.planted import save_plant
+
+    save_plant(d / "plant", None)
     build_synthetic(repo)
 
 
