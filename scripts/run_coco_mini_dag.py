@@ -19,8 +19,9 @@ to keep the projection's training images out of the evaluated ones (``--train``)
 
 Run it from the repository root (``-m``: ``scripts`` and ``tests`` are found there).
 
-Prints each stage's wall time (from the stage runner's "done in" lines) and every full-results
-file (summary/, else metrics/) at the end; the copy stays in DIR for inspection.
+Writes ``DIR/repro.log`` as the run goes and echoes each stage's "done in" line (and any WARNING
+or error) with the clock time when it comes; at the end prints the stage wall times and every
+full-results file (summary/, else metrics/); the copy stays in DIR for inspection.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import contextlib
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from tests.coco_server import coco_server, require_flickr8k, serve
-from tests.helpers.pipeline import copy_repo, run, set_keys
+from tests.helpers.pipeline import copy_repo, env, set_keys
 
 DEFAULTS = {
     "profiles.embedded.data_source": "coco",
@@ -65,6 +67,25 @@ FLICKR8K = {
     "projection.train.patience": 5,
 }
 DONE = re.compile(r"^\[(?P<stage>[\w-]+)\] done in (?P<s>[\d.]+) s", re.M)
+
+
+def repro_live(repo: Path, log: Path) -> tuple[int, str]:
+    """``dvc repro`` in ``repo``, its output (stdout and stderr merged) written to ``log`` line by
+    line as it comes, and each stage's "done in", WARNING and error line echoed with the clock
+    time: a two-hour run shows where it is, and a killed one leaves its log. Returns (exit code,
+    the whole output)."""
+    lines: list[str] = []
+    with log.open("w") as f, subprocess.Popen(["dvc", "repro"], cwd=repo, env=env(), stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            f.write(line)
+            f.flush()
+            if DONE.match(line) or "WARNING" in line or "error" in line.lower():
+                print(time.strftime("%H:%M:%S"), line.rstrip(), flush=True)
+        code = proc.wait()
+    return code, "".join(lines)
 
 
 def main() -> int:
@@ -100,17 +121,16 @@ def main() -> int:
         set_keys(p, overrides)
         (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         t0 = time.time()
-        r = run(["dvc", "repro"], repo, timeout=4 * 3600)
+        code, out = repro_live(repo, args.dir / "repro.log")
         dt = time.time() - t0
-    (args.dir / "repro.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
-    print(f"dvc repro exit {r.returncode} in {dt / 60:.1f} min (log: {args.dir / 'repro.log'})")
-    times = [(m["stage"], float(m["s"])) for m in DONE.finditer(r.stdout + r.stderr)]
+    print(f"dvc repro exit {code} in {dt / 60:.1f} min (log: {args.dir / 'repro.log'})")
+    times = [(m["stage"], float(m["s"])) for m in DONE.finditer(out)]
     if times:
         print("stage wall times: " + ", ".join(f"{s} {t:.0f} s" for s, t in times)
               + f"; sum {sum(t for _, t in times) / 60:.1f} min")
-    if r.returncode != 0:
-        print(r.stdout[-4000:], r.stderr[-4000:])
-        return r.returncode
+    if code != 0:
+        print(out[-6000:])
+        return code
     for f in sorted((repo / "summary" if (repo / "summary").is_dir() else repo / "metrics").glob("*.json")):
         print(f"== {f.name}\n{json.dumps(json.loads(f.read_text()), indent=1)}")
     return 0

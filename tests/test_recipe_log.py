@@ -1,0 +1,38 @@
+"""scripts/run_coco_mini_dag.py's live log: a one-stage DVC repo whose command prints a stage
+runner's lines; the log holds every line as written, the echo only the "done in", WARNING and
+error lines, and the exit code is the command's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from helpers.pipeline import env
+
+sys.path.insert(0, str(REPO))  # `scripts` as `python -m scripts.run_coco_mini_dag` finds it
+from scripts.run_coco_mini_dag import repro_live  # noqa: E402
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_repro_log_is_written_as_it_comes_and_keeps_the_exit_code(tmp_path, capsys, code):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    lines = ["[caption] loading", "[caption] WARNING: own vs shuffled not significant", "[caption] done in 1.5 s"]
+    (repo / "stage.py").write_text("".join(f"print({ln!r})\n" for ln in lines) + f"raise SystemExit({code})\n")
+    (repo / "dvc.yaml").write_text(f"stages:\n  caption:\n    cmd: {sys.executable} stage.py\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=env())
+    got, out = repro_live(repo, tmp_path / "repro.log")
+    assert (got == 0) == (code == 0)  # a failed stage command: dvc repro exits non-zero (255)
+    log = (tmp_path / "repro.log").read_text()
+    assert log == out and all(ln in log for ln in lines)
+    echoed = [ln.split(" ", 1)[1] for ln in capsys.readouterr().out.splitlines()]
+    want = lines[1:]
+    assert echoed[: len(want)] == want
+    if code:
+        assert any("error" in ln.lower() for ln in echoed[len(want):])  # DVC's failure line is echoed too
+    else:
+        assert echoed == want
