@@ -216,7 +216,8 @@ def test_bench_paper_gpu_smoke():
         if ips is None:
             continue
         assert ips == pytest.approx(n / secs, rel=0.05 + 0.01 / secs)
-        assert t1000 == pytest.approx(1000 / ips, rel=0.01, abs=0.06)
+        # ips is printed to 2 decimals, t1000 from the unrounded rate: allow the rounding (0.005/ips)
+        assert t1000 == pytest.approx(1000 / ips, rel=0.01 + 0.005 / ips, abs=0.06)
         assert t5000 == pytest.approx(5 * t1000, rel=0.01, abs=0.3)
         if name in stages[:6]:
             per_image += 1 / ips
