@@ -21,7 +21,10 @@ Run it from the repository root (``-m``: ``scripts`` and ``tests`` are found the
 
 Writes ``DIR/repro.log`` as the run goes and echoes each stage's "done in" line (and any WARNING
 or error) with the clock time when it comes; at the end prints the stage wall times and every
-full-results file (summary/, else metrics/); the copy stays in DIR for inspection.
+full-results file (summary/, else metrics/); the copy stays in DIR for inspection. Run again on
+the same DIR after an interruption: the copy is refreshed from the repository and keeps its
+outputs and ``.cache``, so DVC reruns what changed and the training resumes from its checkpoint
+(the feature store is reused; keys hold file contents, not the mirror's port).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import contextlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -97,6 +101,7 @@ def main() -> int:
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     repo = copy_repo(args.dir / "repo")
+    shutil.rmtree(args.dir / "mirror", ignore_errors=True)  # rebuilt each run (links to coco-mini)
     with coco_server(args.dir / "mirror") as srv, contextlib.ExitStack() as stack:
         p = yaml.safe_load((repo / "params.yaml").read_text())
         overrides = dict(DEFAULTS)

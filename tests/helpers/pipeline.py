@@ -37,7 +37,11 @@ def run(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 15
 
 def copy_repo(dst: Path) -> Path:
     """Copy the repository's git-listed files (tracked and untracked, not ignored) and the word list
-    into ``dst``, and make it a git repository of one commit with the word list in its DVC cache."""
+    into ``dst``, and make it a git repository of one commit with the word list in its DVC cache.
+
+    An existing ``dst`` (an earlier, interrupted run) is refreshed in place: its outputs, DVC cache
+    and ``.cache`` (feature store, training checkpoint) stay, so ``dvc repro`` there reruns only
+    what changed and a training resumes from its checkpoint."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for f in files:
@@ -45,11 +49,11 @@ def copy_repo(dst: Path) -> Path:
         if src.is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
-    (dst / ".cache").mkdir()
+    (dst / ".cache").mkdir(exist_ok=True)
     wordlist = "data/wordlist/american-english"  # DVC-tracked input, git-ignored (scripts/setup.sh)
     shutil.copy2(REPO / wordlist, dst / wordlist)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "copy"],
                 ["dvc", "commit", "-q", "-f", f"{wordlist}.dvc"]):  # into the copy's cache, as setup.sh does
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True, env=env())
     return dst
