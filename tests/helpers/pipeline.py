@@ -80,6 +80,7 @@ def small_params(repo: Path, **overrides) -> None:
     p["attribute"]["ig_steps"] = 2  # per-layer IG: steps x 30 layers path rows per image
     p["compare"].update(candidates=8, precision_k=4, max_images=3, sample=8)
     p["plot"].update(cards=3, images=4)  # fewer figures: matplotlib is most of the plot stage
+    p["controls"].update(cascade=[1, 2], max_images=3)  # one attribution per step and image
     set_keys(p, overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
