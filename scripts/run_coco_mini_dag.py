@@ -23,8 +23,9 @@ Writes ``DIR/repro.log`` as the run goes and echoes each stage's "done in" line 
 or error) with the clock time when it comes; at the end prints the stage wall times and every
 full-results file (summary/, else metrics/); the copy stays in DIR for inspection. Run again on
 the same DIR after an interruption: the copy is refreshed from the repository and keeps its
-outputs and ``.cache``, so DVC reruns what changed and the training resumes from its checkpoint
-(the feature store is reused; keys hold file contents, not the mirror's port).
+outputs and ``.cache``, so DVC reruns what changed and the training's feature store is reused
+(its key holds the images' contents). The training itself restarts from step 0: its resume key
+hashes the layout's captions.json, which records the fetch URL, and the mirror's port changes.
 """
 
 from __future__ import annotations
