@@ -23,9 +23,12 @@ Writes ``DIR/repro.log`` as the run goes and echoes each stage's "done in" line 
 or error) with the clock time when it comes; at the end prints the stage wall times and every
 full-results file (summary/, else metrics/); the copy stays in DIR for inspection. Run again on
 the same DIR after an interruption: the copy is refreshed from the repository and keeps its
-outputs and ``.cache``, so DVC reruns what changed and the training's feature store is reused
-(its key holds the images' contents). The training itself restarts from step 0: its resume key
-hashes the layout's captions.json, which records the fetch URL, and the mirror's port changes.
+outputs and ``.cache``. Pass the first run's ports (``--ports COCO FLICKR``, printed at its
+start and kept in ``DIR/ports``; the default reuses them) so that the URLs in params.yaml, and
+so every finished stage, stay unchanged: DVC then reruns only the stages that had not finished.
+With other ports the downloads rerun and the URL they record changes every later stage's
+inputs; the training's feature store is still reused (its key holds the images' contents),
+but the training restarts (its resume key hashes captions.json, which records the URL).
 """
 
 from __future__ import annotations
@@ -99,11 +102,16 @@ def main() -> int:
     ap.add_argument("-S", dest="sets", action="append", default=[], help="params override key=yaml-value")
     ap.add_argument("--train", choices=("split", "flickr8k"), default="split")
     ap.add_argument("--flickr", type=Path, default=None, help="the Flickr8k sample (captions.csv + images/)")
+    ap.add_argument("--ports", type=int, nargs=2, metavar=("COCO", "FLICKR"), default=None,
+                    help="the mirrors' ports (default: those of DIR/ports, else free ones)")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    ports_file = args.dir / "ports"
+    if args.ports is None:
+        args.ports = [int(p) for p in ports_file.read_text().split()] if ports_file.is_file() else [0, 0]
     repo = copy_repo(args.dir / "repo")
     shutil.rmtree(args.dir / "mirror", ignore_errors=True)  # rebuilt each run (links to coco-mini)
-    with coco_server(args.dir / "mirror") as srv, contextlib.ExitStack() as stack:
+    with coco_server(args.dir / "mirror", args.ports[0]) as srv, contextlib.ExitStack() as stack:
         p = yaml.safe_load((repo / "params.yaml").read_text())
         overrides = dict(DEFAULTS)
         overrides.update({"data.coco.base_url": srv.base_url, "data.coco.annotations_sha1": srv.sha1})
@@ -116,14 +124,18 @@ def main() -> int:
             if not (flickr / "captions.csv").is_file():
                 print(f"error: --flickr {flickr}: no captions.csv there", file=sys.stderr)
                 return 2
-            httpd = stack.enter_context(serve(flickr))
+            httpd = stack.enter_context(serve(flickr, args.ports[1]))
             base = "http://%s:%d" % httpd.server_address[:2]
+            args.ports[1] = httpd.server_address[1]
             overrides.update(FLICKR8K)
             overrides.update({"projection.train.captions.path": f"{base}/captions.csv",
                               "projection.train.captions.images": f"{base}/images"})
         for s in args.sets:
             k, v = s.split("=", 1)
             overrides[k] = yaml.safe_load(v)
+        args.ports[0] = int(srv.base_url.rsplit(":", 1)[1])
+        ports_file.write_text(f"{args.ports[0]} {args.ports[1]}\n")
+        print(f"mirrors on ports {args.ports[0]} {args.ports[1]} (kept in {ports_file})", flush=True)
         set_keys(p, overrides)
         (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         t0 = time.time()

@@ -288,10 +288,10 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(root: Path) -> Iterator[_Server]:
-    """Serve ``root`` on 127.0.0.1:<free port> in a daemon thread until the block exits."""
+def serve(root: Path, port: int = 0) -> Iterator[_Server]:
+    """Serve ``root`` on 127.0.0.1:``port`` (0 = a free one) in a daemon thread until the block exits."""
     handler = functools.partial(RangeRequestHandler, directory=str(root))
-    httpd = _Server(("127.0.0.1", 0), handler)
+    httpd = _Server(("127.0.0.1", port), handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -324,10 +324,11 @@ class CocoServer:
 
 
 @contextlib.contextmanager
-def coco_server(tmp_dir: Path, **build_kwargs: Any) -> Iterator[CocoServer]:
-    """Build the official layout in ``tmp_dir`` from coco-mini and serve it (see build_site)."""
+def coco_server(tmp_dir: Path, port: int = 0, **build_kwargs: Any) -> Iterator[CocoServer]:
+    """Build the official layout in ``tmp_dir`` from coco-mini and serve it (see build_site) on
+    127.0.0.1:``port`` (0 = a free one)."""
     site = build_site(Path(tmp_dir), **build_kwargs)
-    with serve(site.root) as httpd:
+    with serve(site.root, port) as httpd:
         host, port = httpd.server_address[:2]
         yield CocoServer(f"http://{host}:{port}", site.root, site.sha1, site, httpd)
 

@@ -36,3 +36,20 @@ def test_repro_log_is_written_as_it_comes_and_keeps_the_exit_code(tmp_path, caps
         assert any("error" in ln.lower() for ln in echoed[len(want):])  # DVC's failure line is echoed too
     else:
         assert echoed == want
+
+
+def test_a_refreshed_copy_keeps_its_results_and_takes_the_new_code(tmp_path):
+    """Rerunning the recipe on the same DIR: copy_repo updates the code but keeps the copy's
+    dvc.lock and stage outputs (else DVC would rerun every finished stage: stages with
+    ``cache: false`` metrics are not in its run cache)."""
+    from helpers.pipeline import copy_repo
+
+    dst = copy_repo(tmp_path / "repo")
+    assert (dst / "dvc.lock").read_bytes() == (REPO / "dvc.lock").read_bytes()
+    (dst / "dvc.lock").write_text("# the copy's own lock\n")
+    (dst / "metrics" / "captions.json").write_text('{"own": 1}\n')
+    (dst / "stages" / "caption.py").write_text("# stale code\n")
+    copy_repo(dst)
+    assert (dst / "dvc.lock").read_text() == "# the copy's own lock\n"
+    assert (dst / "metrics" / "captions.json").read_text() == '{"own": 1}\n'
+    assert (dst / "stages" / "caption.py").read_bytes() == (REPO / "stages" / "caption.py").read_bytes()

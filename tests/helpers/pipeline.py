@@ -39,13 +39,18 @@ def copy_repo(dst: Path) -> Path:
     """Copy the repository's git-listed files (tracked and untracked, not ignored) and the word list
     into ``dst``, and make it a git repository of one commit with the word list in its DVC cache.
 
-    An existing ``dst`` (an earlier, interrupted run) is refreshed in place: its outputs, DVC cache
-    and ``.cache`` (feature store, training checkpoint) stay, so ``dvc repro`` there reruns only
-    what changed and a training resumes from its checkpoint."""
+    An existing copy (an earlier, interrupted run) is refreshed in place: the code is updated,
+    but its ``dvc.lock``, its stage outputs (``data/``, ``metrics/``, ``summary/``, DVC cache) and
+    ``.cache`` (feature store, training checkpoint) stay, so ``dvc repro`` there reruns only the
+    stages whose code, params or inputs changed or that had not finished. (Stages with
+    ``cache: false`` metrics are not in DVC's run cache: their record is dvc.lock alone.)"""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
+    refresh = (dst / ".git").is_dir()
     for f in files:
         src = REPO / f
+        if refresh and (f == "dvc.lock" or f.startswith(("data/", "metrics/", "summary/"))) and (dst / f).exists():
+            continue  # the copy's own results
         if src.is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
