@@ -25,7 +25,8 @@ full-results file (summary/, else metrics/); the copy stays in DIR for inspectio
 the same DIR after an interruption: the copy is refreshed from the repository and keeps its
 outputs and ``.cache``. Pass the first run's ports (``--ports COCO FLICKR``, printed at its
 start and kept in ``DIR/ports``; the default reuses them) so that the URLs in params.yaml, and
-so every finished stage, stay unchanged: DVC then reruns only the stages that had not finished.
+so every finished stage, stay unchanged (pass the same ``-S`` too): DVC then reruns only the
+stages that had not finished.
 With other ports the downloads rerun and the URL they record changes every later stage's
 inputs; the training's feature store is still reused (its key holds the images' contents),
 but the training restarts (its resume key hashes captions.json, which records the URL).
@@ -107,11 +108,11 @@ def main() -> int:
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     ports_file = args.dir / "ports"
-    if args.ports is None:
-        args.ports = [int(p) for p in ports_file.read_text().split()] if ports_file.is_file() else [0, 0]
+    coco_port, flickr_port = args.ports or (
+        [int(p) for p in ports_file.read_text().split()] if ports_file.is_file() else [0, 0])
     repo = copy_repo(args.dir / "repo")
     shutil.rmtree(args.dir / "mirror", ignore_errors=True)  # rebuilt each run (links to coco-mini)
-    with coco_server(args.dir / "mirror", args.ports[0]) as srv, contextlib.ExitStack() as stack:
+    with coco_server(args.dir / "mirror", coco_port) as srv, contextlib.ExitStack() as stack:
         p = yaml.safe_load((repo / "params.yaml").read_text())
         overrides = dict(DEFAULTS)
         overrides.update({"data.coco.base_url": srv.base_url, "data.coco.annotations_sha1": srv.sha1})
@@ -124,18 +125,18 @@ def main() -> int:
             if not (flickr / "captions.csv").is_file():
                 print(f"error: --flickr {flickr}: no captions.csv there", file=sys.stderr)
                 return 2
-            httpd = stack.enter_context(serve(flickr, args.ports[1]))
+            httpd = stack.enter_context(serve(flickr, flickr_port))
             base = "http://%s:%d" % httpd.server_address[:2]
-            args.ports[1] = httpd.server_address[1]
+            flickr_port = httpd.server_address[1]
             overrides.update(FLICKR8K)
             overrides.update({"projection.train.captions.path": f"{base}/captions.csv",
                               "projection.train.captions.images": f"{base}/images"})
         for s in args.sets:
             k, v = s.split("=", 1)
             overrides[k] = yaml.safe_load(v)
-        args.ports[0] = int(srv.base_url.rsplit(":", 1)[1])
-        ports_file.write_text(f"{args.ports[0]} {args.ports[1]}\n")
-        print(f"mirrors on ports {args.ports[0]} {args.ports[1]} (kept in {ports_file})", flush=True)
+        ports = f"{srv.httpd.server_address[1]} {flickr_port}"
+        ports_file.write_text(ports + "\n")
+        print(f"mirrors on ports {ports} (kept in {ports_file})", flush=True)
         set_keys(p, overrides)
         (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         t0 = time.time()

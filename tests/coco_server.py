@@ -361,17 +361,13 @@ def _main() -> None:
     if mini is None:
         raise SystemExit(f"coco-mini not found (set ${COCO_MINI_ENV})")
     site = build_site(args.root, mini, merged_val=not args.val_only)
-    handler = functools.partial(RangeRequestHandler, directory=str(site.root))
-    httpd = _Server(("127.0.0.1", args.port), handler)
-    host, port = httpd.server_address[:2]
-    print(f"-S data.coco.base_url='http://{host}:{port}' -S data.coco.annotations_sha1='{site.sha1}'", flush=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        httpd.shutdown()
+    with serve(site.root, args.port) as httpd:
+        host, port = httpd.server_address[:2]
+        print(f"-S data.coco.base_url='http://{host}:{port}' -S data.coco.annotations_sha1='{site.sha1}'",
+              flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
 
 
 if __name__ == "__main__":

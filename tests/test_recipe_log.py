@@ -53,3 +53,22 @@ def test_a_refreshed_copy_keeps_its_results_and_takes_the_new_code(tmp_path):
     assert (dst / "dvc.lock").read_text() == "# the copy's own lock\n"
     assert (dst / "metrics" / "captions.json").read_text() == '{"own": 1}\n'
     assert (dst / "stages" / "caption.py").read_bytes() == (REPO / "stages" / "caption.py").read_bytes()
+
+
+def test_a_mirror_serves_on_the_port_it_is_given_again_after_closing(tmp_path):
+    """The recipe's continuation keeps its mirrors' URLs: serve() binds the port it is given,
+    and the same port again once the first server has closed."""
+    import socket
+    import urllib.request
+
+    from coco_server import serve
+
+    (tmp_path / "a.txt").write_text("hello")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for _ in range(2):
+        with serve(tmp_path, port) as httpd:
+            assert httpd.server_address[1] == port
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/a.txt", timeout=10) as r:
+                assert r.read() == b"hello"
