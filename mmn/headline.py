@@ -79,14 +79,10 @@ HEADLINE: dict[str, dict[str, str]] = {
         "n_images": "n_images",
     },
     "controls": {
+        # median rank, the ablation's size, every cascade step: summary/controls.json
         "plant.top1": "plant.top1.mean",
-        "plant.median_rank": "plant.median_rank",
-        "plant.ablation_drop": "plant.ablation.rel_drop",
         "plant.ablation_p": "plant.ablation.p",
         "plant.false_positive": "plant.false_positive.rate",
-        "plant.target_images": "plant.target_images",
-        "cascade.first.overlap": "cascade.{k_small}.overlap.mean",
-        "cascade.first.spearman": "cascade.{k_small}.spearman.mean",
         "cascade.last.overlap": "cascade.{k_large}.overlap.mean",
         "cascade.last.spearman": "cascade.{k_large}.spearman.mean",
         "n_images": "n_images",

@@ -472,6 +472,17 @@ def train_from_layout(
     return res.projection, res, meta
 
 
+def training_key(layout: CocoLayout, features_key: str, params: Params, val_ids: list[int]) -> str:
+    """What a resumable checkpoint's state depends on: the feature store, LM, prompt, validation
+    ids, the caption texts per image and the loop's settings. Keyed on the captions' texts, not
+    the captions file's bytes: the file also records where it was fetched from (a mirror's port
+    changes from run to run), which must not throw away an hour of training."""
+    tp = params.train_loop
+    return store_key(features=features_key, lm=params.model.lm, prompt=params.caption.prompt, val=val_ids,
+                     captions=sorted(layout.captions.items()),
+                     loop=tp.model_dump(exclude={"data", "holdout", "subset", "split", "captions"}))
+
+
 def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, params: Params, fit_ids: list[int],
            val_ids: list[int], dtype: torch.dtype, cache_dir: Path | None,
            log: Callable[[str, int, float], None] | None = None) -> tuple[TrainResult, int]:
@@ -491,9 +502,7 @@ def _train(layout: CocoLayout, adapter: LMAdapter, tok, enc: PatchEncoder, param
                                     iter_views(layout, fit_ids, enc, tp.views, params.seed), feat_dtype)
         owner = feats.owner
         checkpoint = str(Path(cache_dir) / "checkpoint.pt")
-        resume_key = store_key(features=key, lm=m.lm, prompt=params.caption.prompt, val=val_ids,
-                               captions=file_sha256(layout.captions_path),
-                               loop=tp.model_dump(exclude={"data", "holdout", "subset", "split", "captions"}))
+        resume_key = training_key(layout, key, params, val_ids)
     caps = tokenised_captions(layout, tok, sorted([*fit_ids, *val_ids]))
     if tp.shuffle_captions:
         caps = shuffled_captions(caps, params.seed)

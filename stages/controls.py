@@ -46,7 +46,7 @@ def main(run: Run) -> None:
     allowed = torch.zeros(ad.n_layers, ad.d_mlp, dtype=torch.bool)
     allowed[layers] = True
     ap = params.attribute
-    full: dict = {"plant": None, "cascade": {}}
+    full: dict = {"plant": None, "cascade": None}
     per = pl.DataFrame(schema=P.PLANT_IMAGE_SCHEMA)
     if plant is not None:
         yes, no = split_by_concept(layout.captions, plant.word)
@@ -74,13 +74,10 @@ def main(run: Run) -> None:
         df = R.cascade(plm, caps, layout.load_image, allowed, cp.cascade, k=cp.top_k, aggregate=ap.aggregate,
                        preactivation=ap.preactivation, seed=params.seed, max_images=cp.max_images)
         table = R.cascade_table(df, params.seed)
+        full["cascade"] = R.cascade_results(table)  # None = skipped: null headline columns
         for r in table.iter_rows(named=True):
-            full["cascade"][f"k{r['layers_randomised']}"] = {
-                "overlap": {"mean": r["overlap"], "lo": r["overlap_lo"], "hi": r["overlap_hi"], "n": r["n"]},
-                "spearman": {"mean": r["spearman"], "lo": r["spearman_lo"], "hi": r["spearman_hi"]}}
             run.log(f"cascade: top {r['layers_randomised']} MLP layers randomised: top-{cp.top_k} overlap "
                     f"{r['overlap']:.3f}, Spearman {r['spearman']:.3f} (n={r['n']})")
-    full["cascade"] = full["cascade"] or None  # skipped: null headline columns
     full["n_images"] = int(table["n"][0]) if table.height else per.height
     run.write_csv("plant_out", per, float_precision=6)
     run.write_csv("cascade_out", table, float_precision=6)

@@ -215,6 +215,25 @@ def test_report_tables_put_the_paper_values_beside_ours(built):
     assert "not computed" in html
 
 
+def test_report_tables_show_the_controls(built):
+    """The controls section: the plant as one row per figure (hand-computed from
+    synthetic_controls' three concept images) and the cascade as one row per step."""
+    from mmn.controls.report import controls_view
+
+    _, report, _ = built
+    html = (report / "tables.html").read_text()
+    sec = html[html.index("controls / plant"):]
+    cell = {k: re.search(rf"<th>{k}</th><td>([^<]*)</td>", sec).group(1)
+            for k in ("top1_rate", "median_rank", "ablation_rel_drop", "iou", "iou_random", "decoded")}
+    assert cell == {"top1_rate": f"{2 / 3:.4g}", "median_rank": "1",
+                    "ablation_rel_drop": f"{1 - (0.1 + 0.2 + 0.25) / (0.5 + 0.4 + 0.3):.4g}",
+                    "iou": "0.35", "iou_random": "0.075", "decoded": "cat, cats, kitten"}
+    rows = re.findall(r"<tr><th>(k\d+)</th><td>([^<]*)</td>", sec)
+    assert rows == [("k1", "0.55"), ("k2", "0.45"), ("k4", "0.25")]  # mean overlap of images 1 and 2
+    assert controls_view({"plant": None, "cascade": None}) == {
+        "plant": {"plant": "none (controls.plant: null)"}, "cascade": {"cascade": "not run (controls.cascade: [])"}}
+
+
 def test_report_page_shows_the_target_word_marked(built):
     _, report, _ = built
     html = (report / "images" / "1.html").read_text()
@@ -263,7 +282,6 @@ def _write_stage_inputs(repo: Path) -> None:
     (d / "results").mkdir(exist_ok=True)
     for k, v in inp.metrics.items():
         (d / "results" / f"{k}.json").write_text(json.dumps(v))
-    shutil.copy(REPO / "summary" / "controls.json", d / "results" / "controls.json")  # the committed one
     from mmn.models.planted import save_plant
 
     save_plant(d / "plant", None)

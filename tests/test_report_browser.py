@@ -21,11 +21,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import polars as pl
 import pytest
 
 from conftest import REPO
-from helpers.report import build_synthetic, build_template, check_internal_links, make_inputs
+from helpers.report import build_synthetic, build_template, check_internal_links, make_inputs, synthetic_controls
 
 websocket = pytest.importorskip("websocket", reason="websocket-client not installed (pip install -e '.[dev]')")
 
@@ -245,12 +244,7 @@ def plots_repo(tmp_path_factory):
         "category,n_images,multimodal,multimodal_lo,multimodal_hi,random,random_lo,random_hi,diff,diff_lo,diff_hi,p\n"
         "cat,3,0.12,0.08,0.16,0.06,0.04,0.08,0.06,0.02,0.1,0.25\n"
         "dog,2,0.10,0.07,0.13,0.07,0.05,0.09,0.03,0.0,0.06,0.5\n")
-    from mmn.controls.randomization import cascade_table
-
-    cascade = pl.DataFrame({"image_id": [1, 2] * 3, "layers_randomised": [1, 1, 2, 2, 4, 4],
-                            "top_layer_randomised": [2, 2, 1, 1, 0, 0], "overlap": [0.6, 0.5, 0.5, 0.4, 0.3, 0.2],
-                            "spearman": [0.9, 0.8, 0.8, 0.7, 0.5, 0.4]})
-    cascade_table(cascade).write_csv(repo / "data" / "controls_cascade.csv")  # the controls stage's table
+    synthetic_controls()[0].write_csv(repo / "data" / "controls_cascade.csv")  # the controls stage's table
     for split, rows in (("train", "10\t3.5\n20\t3.1\n30\t2.9\n"), ("val", "0\t3.9\n10\t3.6\n30\t3.2\n")):
         tsv = repo / "data" / "projection_live" / "plots" / "metrics" / split / "loss.tsv"
         tsv.parent.mkdir(parents=True)

@@ -212,3 +212,28 @@ def test_bfloat16_autocast_trains_the_lm_in_bf16_and_keeps_the_projection_float3
     assert abs(res16.initial_val_loss - res32.initial_val_loss) < 0.05 * abs(res32.initial_val_loss)
     assert torch.allclose(p16.weight, p32.weight, atol=0.05)
     assert meta16["n_pairs"] == 5 * 5 and meta16["epochs"] == round(6 * 4 / 25, 3)
+
+
+def test_the_resume_key_follows_the_caption_texts_not_the_file_bytes(tmp_path: Path) -> None:
+    """A rerun that fetched the same captions from another URL (a mirror on another port) writes
+    another captions.json; its checkpoint must still resume. Other caption texts must not."""
+    import json
+
+    from mmn.data.layout import CocoLayout
+    from mmn.data.sample import materialize_sample
+    from mmn.params import load_params
+    from mmn.projection_training import training_key
+
+    materialize_sample(tmp_path / "coco")
+    layout, params = CocoLayout(tmp_path / "coco"), load_params()
+    key = training_key(layout, "feat", params, [1])
+    path = layout.captions_path
+    d = json.loads(path.read_text())
+    d["info"] = {**d.get("info", {}), "url": "http://127.0.0.1:40000/captions.csv"}
+    path.write_text(json.dumps(d))
+    moved = CocoLayout(tmp_path / "coco")
+    assert training_key(moved, "feat", params, [1]) == key
+    assert training_key(moved, "feat", params, [2]) != key  # other validation images
+    d["annotations"][0]["caption"] += " again"
+    path.write_text(json.dumps(d))
+    assert training_key(CocoLayout(tmp_path / "coco"), "feat", params, [1]) != key

@@ -93,3 +93,13 @@ def cascade_table(df: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
                      "overlap": o["mean"], "overlap_lo": o["lo"], "overlap_hi": o["hi"],
                      "spearman": s["mean"], "spearman_lo": s["lo"], "spearman_hi": s["hi"]})
     return pl.DataFrame(rows)
+
+
+def cascade_results(table: pl.DataFrame) -> dict | None:
+    """:func:`cascade_table` as data/results/controls.json's ``cascade``: ``{"k<n>": {"overlap":
+    {mean, lo, hi, n}, "spearman": {mean, lo, hi}}}``; None for an empty table (no cascade run)."""
+    out = {f"k{r['layers_randomised']}": {
+        "overlap": {"mean": r["overlap"], "lo": r["overlap_lo"], "hi": r["overlap_hi"], "n": r["n"]},
+        "spearman": {"mean": r["spearman"], "lo": r["spearman_lo"], "hi": r["spearman_hi"]}}
+        for r in table.iter_rows(named=True)}
+    return out or None

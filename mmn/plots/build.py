@@ -260,6 +260,8 @@ def _write_report(shown: _Shown, image_units: dict[int, list[dict]], top: dict[t
                   summary_figs: list[tuple[str, str, str, object]], quantile: float, plots_dir: Path, rd: Path
                   ) -> list[Path]:
     """The static report under ``rd`` (every picture copied into ``rd/img``): its pages."""
+    from mmn.controls.report import controls_view
+
     inp = shown.inp
     pics = _ReportPictures(shown, quantile, rd)
     image_pages = [_image_page(shown, pics, img, rows, plots_dir) for img, rows in image_units.items()]
@@ -269,9 +271,9 @@ def _write_report(shown: _Shown, image_units: dict[int, list[dict]], top: dict[t
     unit_pages.sort(key=lambda p: (-p.max_g, p.layer, p.unit))
     report = Report(
         inp.title, inp.subtitle, image_pages, unit_pages,
-        metric_tables({k: inp.metrics[k] for k in ("captions", "projection", "scores", "iou", "ablation", "neurons",
-                                                   "methods")
-                       if k in inp.metrics}),
+        metric_tables({k: controls_view(inp.metrics[k]) if k == "controls" else inp.metrics[k]
+                       for k in ("captions", "projection", "scores", "iou", "ablation", "neurons", "methods",
+                                 "controls") if k in inp.metrics}),
         figures=[(title, pics.copy(plots_dir / name, f"img/fig/{name}"), cap) for name, title, cap, _ in summary_figs],
         cards=[(T.unit_key(*u), f"img/cards/{T.unit_key(*u)}.png") for u in shown.sel.card_units],
         quality=caption_quality_box(inp, "img/fig/projection_loss.png" if any(

@@ -66,6 +66,14 @@ NOTES: dict[str, str] = {
                "images, 95% bootstrap CI), precision@k of the exact top k, area of its ablation curve; "
                "a_vs_b_spearman_p = paired permutation test over images. Definitions: "
                "data/info/compare_methods.json; all CIs and paired differences: data/compare_methods.csv.",
+    "controls": "Not in the paper. plant: a multimodal neuron written into the LM (controls.plant; null = none): "
+                "on the evaluated images whose references name its word, its attribution rank (top-1 rate with a "
+                "95% bootstrap CI over images, median rank), the drop of p(c) when it alone is ablated (paired "
+                "test over images), its IoU with the word's masks vs a random unit of its layer, whether it "
+                "decodes to the word and passes the filter; false_positive = other images where it is attributed. "
+                "cascade: kN = the top N MLP layers re-initialised; top-k overlap and Spearman correlation of g "
+                "with the trained model's (mean over images, 95% bootstrap CI). Per image: data/controls_plant.csv, "
+                "data/controls_cascade.csv.",
 }
 
 

@@ -136,12 +136,33 @@ def make_inputs(seed: int = 0, iou_shift: float = 0.0) -> PlotInputs:
                        "best_val_loss": 2.0, "initial_val_loss": 4.0, "held_out": 0},
     }
     m_curve, m_summary, metrics["methods"] = _methods_tables(rng)
+    metrics["controls"] = synthetic_controls(seed)[1]
     return PlotInputs(
         captions=captions, attributions=att, interpretable=interp, scores=scores, iou=iou, selectivity=sel,
         ablation=ablation, layers=layers, metrics=metrics, methods_curve=m_curve, methods_summary=m_summary,
         refs={i: [f"reference {j} for image {i}" for j in range(2)] for i in ids},
         file_names={i: f"img{i}.png" for i in ids}, load_image=_photo, categories=CATS, subtitle="synthetic test",
     )
+
+
+def synthetic_controls(seed: int = 0) -> tuple[pl.DataFrame, dict]:
+    """Stage controls' outputs for :func:`make_inputs`' images: the cascade table
+    (data/controls_cascade.csv) and the full results (data/results/controls.json), with a
+    planted unit L1.u3 'cat' ranked 1, 1, 2 on three concept images."""
+    from mmn.controls.randomization import cascade_results, cascade_table
+    from mmn.controls.report import PLANT_IMAGE_SCHEMA, plant_summary
+
+    cascade = pl.DataFrame({"image_id": [1, 2] * 3, "layers_randomised": [1, 1, 2, 2, 4, 4],
+                            "top_layer_randomised": [2, 2, 1, 1, 0, 0], "overlap": [0.6, 0.5, 0.5, 0.4, 0.3, 0.2],
+                            "spearman": [0.9, 0.8, 0.8, 0.7, 0.5, 0.4]})
+    table = cascade_table(cascade, seed)
+    per = pl.DataFrame({"image_id": [1, 3, 5], "rank": [1, 1, 2], "score": [3.0, 2.5, 1.0],
+                        "p_clean": [0.5, 0.4, 0.3], "p_ablated": [0.1, 0.2, 0.25], "iou": [0.4, 0.3, None],
+                        "iou_random": [0.1, 0.05, None]}, schema=PLANT_IMAGE_SCHEMA)
+    plant = plant_summary(per, {"tokens": [" cat", " cats", " kitten"], "has_word": True, "interpretable": True},
+                          {"rate": 0.5, "n": 2, "hits": 1}, 3, seed)
+    plant["unit"] = {"layer": 1, "unit": 3, "word": "cat", "strength": 20.0, "train_auc": 0.9}
+    return table, {"plant": plant, "cascade": cascade_results(table), "n_images": int(table["n"][0])}
 
 
 def _methods_tables(rng) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
