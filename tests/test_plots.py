@@ -218,7 +218,7 @@ def test_report_tables_put_the_paper_values_beside_ours(built):
 def test_report_tables_show_the_controls(built):
     """The controls section: the plant as one row per figure (hand-computed from
     synthetic_controls' three concept images) and the cascade as one row per step."""
-    from mmn.controls.report import controls_view
+    from mmn.report.controls import controls_view
 
     _, report, _ = built
     html = (report / "tables.html").read_text()

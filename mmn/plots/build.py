@@ -260,7 +260,7 @@ def _write_report(shown: _Shown, image_units: dict[int, list[dict]], top: dict[t
                   summary_figs: list[tuple[str, str, str, object]], quantile: float, plots_dir: Path, rd: Path
                   ) -> list[Path]:
     """The static report under ``rd`` (every picture copied into ``rd/img``): its pages."""
-    from mmn.controls.report import controls_view
+    from mmn.report.controls import controls_view
 
     inp = shown.inp
     pics = _ReportPictures(shown, quantile, rd)
