@@ -28,8 +28,8 @@ start and kept in ``DIR/ports``; the default reuses them) so that the URLs in pa
 so every finished stage, stay unchanged (pass the same ``-S`` too): DVC then reruns only the
 stages that had not finished.
 With other ports the downloads rerun and the URL they record changes every later stage's
-inputs; the training's feature store is still reused (its key holds the images' contents),
-but the training restarts (its resume key hashes captions.json, which records the URL).
+inputs; the training still reuses its feature store (keyed on the images' contents) and resumes
+from its last checkpoint (keyed on the caption texts, not on captions.json, which records the URL).
 """
 
 from __future__ import annotations

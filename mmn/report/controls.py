@@ -13,7 +13,8 @@ def controls_view(full: dict) -> dict:
     out: dict = {}
     pl_ = full.get("plant")
     if pl_:
-        u, top1, abl, iou, fp = (pl_.get(k) or {} for k in ("unit", "top1", "ablation", "iou", "false_positive"))
+        u, top1, abl, iou, fp, dec = (pl_.get(k) or {}
+                                      for k in ("unit", "top1", "ablation", "iou", "false_positive", "decoded"))
         out["plant"] = {
             "unit": f"L{u.get('layer')}.u{u.get('unit')} {u.get('word')!r}, strength {u.get('strength')}",
             "train_auc": u.get("train_auc"),
@@ -23,9 +24,8 @@ def controls_view(full: dict) -> dict:
             "ablation_rel_drop": abl.get("rel_drop"), "ablation_diff": abl.get("diff"),
             "ablation_diff_lo": abl.get("lo"), "ablation_diff_hi": abl.get("hi"), "ablation_p": abl.get("p"),
             "iou": iou.get("mean"), "iou_random": iou.get("random"), "iou_n": iou.get("n"), "iou_p": iou.get("p"),
-            "decoded": ", ".join(t.strip() for t in (pl_.get("decoded") or {}).get("tokens", [])[:10]),
-            "decodes_to_word": (pl_.get("decoded") or {}).get("has_word"),
-            "kept_by_filter": (pl_.get("decoded") or {}).get("interpretable"),
+            "decoded": ", ".join(t.strip() for t in dec.get("tokens", [])[:10]),
+            "decodes_to_word": dec.get("has_word"), "kept_by_filter": dec.get("interpretable"),
             "false_positive_rate": fp.get("rate"), "false_positive_images": fp.get("n"),
         }
     else:
