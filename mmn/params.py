@@ -310,6 +310,9 @@ class PlantParams(_Strict):
                             "direction) at the concept's mean activation on the training images")
     max_images: int = Field(default=500, gt=1, description="training images (seeded sample) the direction is "
                             "estimated from")
+    write_mix: float = Field(default=0.0, ge=0, le=1, description="share of the gradient of log p(word) at the "
+                             "image positions in the output direction: 0 = the word's unembedding only, 1 = the "
+                             "gradient only (raises p(word) where it is predicted, does not decode to it)")
 
 
 class ControlsParams(_Strict):

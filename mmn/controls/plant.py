@@ -17,6 +17,13 @@ that it detects a concept in the image positions and writes the concept word:
   at the concept images' positions: at the concept's mean activation the unit adds a vector of
   norm ``strength`` to the residual stream. ``residual_norm`` (the mean norm of the residual
   stream entering layer l at those positions) puts it on a scale.
+* **write mix** (``write_mix`` m > 0): the output direction is ``(1 − m) u + m v``, renormed,
+  with v the unit vector along the mean gradient of log p(word) w.r.t. the layer's MLP output
+  at the image positions, each position weighted by the planted unit's activation there
+  (:func:`gradient_direction`; from the training images naming the word, the word predicted
+  where a reference caption names it). Gotcha: u alone is read at the image positions only
+  through attention, and in SmolLM2 zeroing it *raises* p(word) at the text position that
+  predicts it; v is what, to first order, raises p(word) there, but it does not decode to the word.
 
 Gotcha: the plant is a property of (LM, projection, training images); it is recomputed when
 any of them changes (stage ``plant``), and every stage that builds the LM applies it
@@ -97,6 +104,47 @@ def write_direction(adapter: LMAdapter, token_id: int) -> Float[Tensor, "d_model
     return u / u.norm()
 
 
+def word_prefix(caption: str, word: str, tokenizer) -> list[int] | None:
+    """Token ids of a caption's text before its first mention of ``word`` (the continuation of
+    the prompt, as the training sees it), or None when no whole-word mention follows a space
+    (or the caption's start)."""
+    from mmn.text import caption_target_text
+
+    text = caption_target_text(caption)
+    m = concept_pattern(word).search(text)
+    if m is None or text[m.start() - 1] != " ":
+        return None
+    before = text[: m.start() - 1]
+    return tokenizer(before, add_special_tokens=False).input_ids if before else []
+
+
+def word_gradient(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], prefix: list[int], token_id: int,
+                  layer: int) -> Float[Tensor, "patches d_model"]:
+    """d log p(token | image, prompt + prefix) / d (``layer``'s MLP output) at the image positions
+    (fp32 CPU): through a zero tensor added to that output, so the frozen LM needs no grads."""
+    ad = plm.adapter
+    batch = plm.build(soft, [prefix])
+    e = batch.inputs_embeds
+    delta = torch.zeros(e.shape, dtype=e.dtype, device=e.device, requires_grad=True)
+    with torch.enable_grad(), TraceDict({"o": ad.act_module(layer)}, edit_output={"o": lambda o: o + delta}):
+        out = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=1)
+        logp = torch.log_softmax(out.logits[0, -1, : ad.vocab_size].float(), -1)[token_id]
+        (grad,) = torch.autograd.grad(logp, delta)
+    return grad[0, batch.image_slice].float().cpu()
+
+
+def gradient_direction(grads: Sequence[Tensor], acts: Sequence[Tensor]) -> Float[Tensor, "d_model"]:
+    """Unit vector along the mean over images of ``mean_p A(p) g(p)`` (``grads[i]``: ``[patches,
+    d_model]``, ``acts[i]``: ``[patches]``): the direction whose write, scaled by the unit's
+    activation at each position, raises log p(word) most to first order, averaged over images."""
+    if not grads:
+        raise PlantError("write_mix: no training caption names the word after a space (no gradient to average)")
+    v = torch.stack([(a.double()[:, None] * g.double()).mean(0) for g, a in zip(grads, acts, strict=True)]).mean(0)
+    if float(v.norm()) == 0.0:
+        raise PlantError("write_mix: the planted unit does not fire where the gradient is (zero direction)")
+    return (v / v.norm()).float()
+
+
 def _auc(pos: Sequence[float], neg: Sequence[float]) -> float:
     """P(a concept image's value > another's), ties count half (Mann-Whitney U / n1 n2)."""
     from scipy.stats import mannwhitneyu
@@ -114,10 +162,10 @@ def unit_activation(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"]
 
 def estimate_plant(plm: ImagePrefixLM, captions: Mapping[int, Sequence[str]],
                    load_image: Callable[[int], Image.Image], *, layer: int, unit: int, word: str, strength: float,
-                   max_images: int, seed: int, progress: bool = False) -> Plant:
+                   max_images: int, seed: int, write_mix: float = 0.0, progress: bool = False) -> Plant:
     """Estimate the plant from the training images (``captions``: id -> their captions) and
     plant it into ``plm``'s LM (in place). ``max_images``: a seeded sample of them, keeping the
-    concept share."""
+    concept share. ``write_mix``: share of the gradient direction in the write (module doc)."""
     from tqdm import tqdm
 
     ad = plm.adapter
@@ -143,7 +191,18 @@ def estimate_plant(plm: ImagePrefixLM, captions: Mapping[int, Sequence[str]],
     a1 = float(torch.cat([acts[i] for i in yes]).mean())
     if a1 <= 0:
         raise PlantError(f"the planted unit does not fire on the concept images (mean A {a1:.3g})")
-    ad.set_unit(layer, unit, w, GAIN, strength * u / a1)
+    out_dir, cos = u, None
+    if write_mix > 0:  # the clean LM but for the unit's zeroed W_out column: A (its read) is already final
+        prefixes = {i: next((q for c in captions[i] if (q := word_prefix(c, word, plm.tokenizer)) is not None), None)
+                    for i in yes}
+        with_prefix = [i for i in yes if prefixes[i] is not None]
+        grads = [word_gradient(plm, softs[i], prefixes[i], token_ids[0], layer)
+                 for i in tqdm(with_prefix, desc="plant: gradients", disable=not progress)]
+        v = gradient_direction(grads, [acts[i] for i in with_prefix])
+        cos = float(u @ v)
+        mixed = (1 - write_mix) * u + write_mix * v
+        out_dir = mixed / mixed.norm()
+    ad.set_unit(layer, unit, w, GAIN, strength * out_dir / a1)
     auc = _auc([float(acts[i].max()) for i in yes], [float(acts[i].max()) for i in no]) if no else float("nan")
-    return Plant(layer, unit, word, int(token_ids[0]), float(strength), GAIN, w, strength * u / a1, a1,
-                 float(torch.cat([norms[i] for i in yes]).mean()), len(yes), len(no), auc)
+    return Plant(layer, unit, word, int(token_ids[0]), float(strength), GAIN, w, strength * out_dir / a1, a1,
+                 float(torch.cat([norms[i] for i in yes]).mean()), len(yes), len(no), auc, float(write_mix), cos)

@@ -37,6 +37,8 @@ class Plant:
     n_concept: int  #: training images naming the word
     n_other: int
     train_auc: float  #: AUC of an image's max-over-positions A, concept vs other training images
+    write_mix: float = 0.0  #: share of the gradient direction in the write (0: the word's unembedding only)
+    write_cos: float | None = None  #: cosine of the unembedding and gradient directions (None when write_mix is 0)
 
 
 def apply_plant(adapter: LMAdapter, plant: Plant) -> None:

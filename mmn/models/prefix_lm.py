@@ -164,9 +164,16 @@ class ImagePrefixLM:
         rows = torch.arange(len(batch.lengths), device=dev)
         return TargetForward(out.logits[rows, col], torch.tensor(list(targets), device=dev), ad.vocab_size, acts)
 
-    def logits(self, batch: PrefixBatch) -> Float[Tensor, "batch seq vocab"]:
-        """Full-sequence logits restricted to the generation vocabulary (``adapter.vocab_size``)."""
-        out = self.adapter.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
+    def logits(self, batch: PrefixBatch, start: int = 0) -> Float[Tensor, "batch seq_from_start vocab"]:
+        """Logits of positions ``start..`` (all by default) restricted to the generation vocabulary
+        (``adapter.vocab_size``): row ``j`` of the result is position ``start + j``. The LM head
+        runs only there (``logits_to_keep``): with Gemma's 262k vocabulary it costs more than the
+        blocks, so the caption loss skips the image and prompt positions."""
+        seq = batch.inputs_embeds.shape[1]
+        if not 0 <= start < seq:
+            raise ValueError(f"logits from position {start}: the batch has {seq} positions")
+        out = self.adapter.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                 logits_to_keep=seq - start)
         return out.logits[..., : self.adapter.vocab_size]
 
     def caption_loss(self, soft: Float[Tensor, "batch patches d_model"], captions: list[list[int]]
@@ -175,11 +182,11 @@ class ImagePrefixLM:
         eos = self.tokenizer.eos_token_id
         texts = [list(c) + ([eos] if eos is not None else []) for c in captions]
         batch = self.build(soft, texts)
-        logits = self.logits(batch)
+        start = batch.n_prefix - 1  # position p predicts token p + 1: the prompt's last predicts the caption's first
+        logits = self.logits(batch, start)  # only the caption's positions (right padding after them)
         labels = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
         for i, t in enumerate(texts):
-            start = batch.n_prefix - 1  # position p predicts token p + 1
-            labels[i, start : start + len(t)] = torch.tensor(t, device=logits.device)
+            labels[i, : len(t)] = torch.tensor(t, device=logits.device)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 

@@ -25,7 +25,7 @@ def image_activations(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model
     ad = plm.adapter
     batch = plm.build(soft)
     with TraceDict(ad.act_modules(), retain_input=True, detach=True) as tr:
-        plm.logits(batch)
+        plm.logits(batch, batch.inputs_embeds.shape[1] - 1)  # the head's output is not needed: one position
     sl = batch.image_slice
     return torch.stack([tr[str(l)].input[0, sl].float().cpu() for l in range(ad.n_layers)])
 
