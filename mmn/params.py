@@ -312,7 +312,9 @@ class PlantParams(_Strict):
                             "estimated from")
     write_mix: float = Field(default=0.0, ge=0, le=1, description="share of the gradient of log p(word) at the "
                              "image positions in the output direction: 0 = the word's unembedding only, 1 = the "
-                             "gradient only (raises p(word) where it is predicted, does not decode to it)")
+                             "gradient only (raises the word where it is predicted, need not decode to it)")
+    gradient_of: Literal["logit", "logprob"] = Field(default="logit", description="write_mix's gradient: of the "
+                                                     "word's logit (what attribution's g explains) or of log p(word)")
 
 
 class ControlsParams(_Strict):

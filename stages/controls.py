@@ -64,7 +64,8 @@ def main(run: Run) -> None:
         full["plant"] = P.plant_summary(per, dec, P.false_positive_rate(att, caps, no, plant), len(yes), params.seed)
         full["plant"]["unit"] = {"layer": plant.layer, "unit": plant.unit, "word": plant.word,
                                  "strength": plant.strength, "train_auc": plant.train_auc,
-                                 "write_mix": plant.write_mix, "write_cos": plant.write_cos}
+                                 "write_mix": plant.write_mix, "write_cos": plant.write_cos,
+                                 "gradient_of": plant.gradient_of}
         s = full["plant"]
         run.log(f"plant L{plant.layer}.u{plant.unit} {plant.word!r}: {len(yes)} concept images, {per.height} with the "
                 f"word as target; top-1 {s['top1'] and s['top1']['mean']}, median rank {s['median_rank']}; decoded "

@@ -40,12 +40,12 @@ def main(run: Run) -> None:
         plm = build_prefix_lm(params, run.path("projection"))  # the clean LM: the plant is estimated on it
         p = estimate_plant(plm, layout.captions, layout.load_image, layer=cp.layer, unit=cp.unit, word=cp.word,
                            strength=cp.strength, max_images=cp.max_images, seed=params.seed,
-                           write_mix=cp.write_mix, progress=True)
+                           write_mix=cp.write_mix, gradient_of=cp.gradient_of, progress=True)
         save_plant(tmp, p)
         run.log(f"planted L{p.layer}.u{p.unit} for {p.word!r} (token {p.token_id}) from {p.n_concept} training images "
                 f"naming it vs {p.n_other}: strength {p.strength:g} (residual stream norm there {p.residual_norm:.1f}), "
                 f"training AUC of its max activation {p.train_auc:.3f}"
-                + (f"; write {p.write_mix:g} gradient (its cosine with the unembedding {p.write_cos:.3f})"
+                + (f"; write {p.write_mix:g} gradient of the {p.gradient_of} (its cosine with the unembedding {p.write_cos:.3f})"
                    if p.write_mix else ""))
     run.log(f"wrote {run.wrote()}")
 

@@ -156,8 +156,9 @@ def test_gradient_direction_by_hand():
         gradient_direction(g, [torch.zeros(2), torch.zeros(2)])
 
 
+@pytest.mark.parametrize("of", ("logit", "logprob"))
 @pytest.mark.parametrize(("family", "eps"), [("llama", 1e-2), ("gemma3", 1e-4)])
-def test_word_gradient_matches_a_finite_difference(tiny_adapters, family, eps):
+def test_word_gradient_matches_a_finite_difference(tiny_adapters, family, eps, of):
     """d log p(word) / d(MLP output) at an image position, against (f(x + eps d) - f(x - eps d)) / 2 eps
     with d added to that layer's MLP output at that position only (float64 model). The step
     differs: HF's RMSNorms compute in float32, so Llama needs a step well above that rounding;
@@ -168,7 +169,7 @@ def test_word_gradient_matches_a_finite_difference(tiny_adapters, family, eps):
     ad.model.double()
     soft = plm.image_soft_tokens([4]).double()
     prefix, tok_id, layer = plm.tokenizer(" two", add_special_tokens=False).input_ids, 7, 1
-    g = word_gradient(plm, soft, prefix, tok_id, layer)
+    g = word_gradient(plm, soft, prefix, tok_id, layer, of)
     assert g.shape == (ConceptEncoder.n_patch, ad.d_model)
     batch = plm.build(soft, [prefix])
     d = torch.randn(ad.d_model, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -181,7 +182,8 @@ def test_word_gradient_matches_a_finite_difference(tiny_adapters, family, eps):
             return o
         with torch.no_grad(), TraceDict({"o": ad.act_module(layer)}, edit_output={"o": edit}):
             out = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
-        return float(torch.log_softmax(out.logits[0, -1, : ad.vocab_size], -1)[tok_id])
+        last = out.logits[0, -1, : ad.vocab_size]
+        return float(last[tok_id] if of == "logit" else torch.log_softmax(last, -1)[tok_id])
 
     def central(h: float) -> float:
         return (logp(h) - logp(-h)) / (2 * h)
@@ -189,12 +191,15 @@ def test_word_gradient_matches_a_finite_difference(tiny_adapters, family, eps):
     fd = (4 * central(eps / 2) - central(eps)) / 3  # Richardson: the O(eps^2) terms cancel
     assert float(g[pos].double() @ d) == pytest.approx(fd, rel=5e-3)
     assert abs(fd) > 1e-6  # the image position does reach the prediction
+    with pytest.raises(ValueError, match="logit or logprob"):
+        word_gradient(plm, soft, prefix, tok_id, layer, "prob")
 
 
-@pytest.mark.parametrize("mix", (0.5, 1.0))
-def test_a_gradient_write_mixes_the_directions_and_raises_p_word(tiny_adapters, mix):
+@pytest.mark.parametrize(("mix", "of"), [(0.5, "logit"), (1.0, "logit"), (1.0, "logprob")])
+def test_a_gradient_write_mixes_the_directions_and_raises_the_word(tiny_adapters, mix, of):
     """write_mix m: the W_out column is strength (1-m) u + m v (renormed) / A1; at m = 1 the
-    plant raises the mean log p(word) on the concept images (first order: v is its gradient)."""
+    plant raises the mean of the gradient's objective (the word's logit or log p) on held-out
+    concept images (first order: v is its gradient)."""
     plm = _plm(tiny_adapters, "llama")
     ad = plm.adapter
     train = list(range(40))
@@ -203,29 +208,30 @@ def test_a_gradient_write_mixes_the_directions_and_raises_p_word(tiny_adapters, 
     base = copy.deepcopy(ad.w_out(1)[:, 3])
     prefix = plm.tokenizer(" two", add_special_tokens=False).input_ids
 
-    def mean_logp() -> float:
+    def mean_objective() -> float:
         vals = []
         for i in range(100, 120, 2):
             batch = plm.build(plm.image_soft_tokens([i]), [prefix])
             with torch.no_grad():
                 out = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask)
-            vals.append(float(torch.log_softmax(out.logits[0, -1, : ad.vocab_size].float(), -1)[tok_id]))
+            last = out.logits[0, -1, : ad.vocab_size].float()
+            vals.append(float(last[tok_id] if of == "logit" else torch.log_softmax(last, -1)[tok_id]))
         return float(np.mean(vals))
 
     p = estimate_plant(plm, caps, lambda i: i, layer=1, unit=3, word="dogs", strength=0.5, max_images=500, seed=0,
-                       write_mix=mix)
+                       write_mix=mix, gradient_of=of)
     u = write_direction(ad, tok_id)
     col = ad.w_out(1)[:, 3].float() * p.a_concept / 0.5
-    assert float(col.norm()) == pytest.approx(1.0, abs=1e-4) and p.write_mix == mix
+    assert float(col.norm()) == pytest.approx(1.0, abs=1e-4) and (p.write_mix, p.gradient_of) == (mix, of)
     # the column lies in span(u, v) with the given mix: its u-component beyond cos * v is (1 - m)/norm
     c = p.write_cos
     assert float(col @ u) == pytest.approx(((1 - mix) + mix * c) / ((1 - mix) ** 2 + mix ** 2 + 2 * mix * (1 - mix) * c)
                                            ** 0.5, abs=1e-4)
     if mix == 1.0:
-        planted = mean_logp()
+        planted = mean_objective()
         with torch.no_grad():
             ad.w_out(1)[:, 3] = 0
-        zeroed = mean_logp()
+        zeroed = mean_objective()
         with torch.no_grad():
             ad.w_out(1)[:, 3] = base
         assert planted > zeroed

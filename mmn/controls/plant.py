@@ -18,12 +18,13 @@ that it detects a concept in the image positions and writes the concept word:
   norm ``strength`` to the residual stream. ``residual_norm`` (the mean norm of the residual
   stream entering layer l at those positions) puts it on a scale.
 * **write mix** (``write_mix`` m > 0): the output direction is ``(1 − m) u + m v``, renormed,
-  with v the unit vector along the mean gradient of log p(word) w.r.t. the layer's MLP output
-  at the image positions, each position weighted by the planted unit's activation there
+  with v the unit vector along the mean gradient of the word's logit y (``gradient_of: logit``,
+  the quantity attribution's g explains) or of log p(word) (``logprob``) w.r.t. the layer's MLP
+  output at the image positions, each position weighted by the planted unit's activation there
   (:func:`gradient_direction`; from the training images naming the word, the word predicted
   where a reference caption names it). Gotcha: u alone is read at the image positions only
   through attention, and in SmolLM2 zeroing it *raises* p(word) at the text position that
-  predicts it; v is what, to first order, raises p(word) there, but it does not decode to the word.
+  predicts it; v is what, to first order, raises y (or p) there, but it need not decode to the word.
 
 Gotcha: the plant is a property of (LM, projection, training images); it is recomputed when
 any of them changes (stage ``plant``), and every stage that builds the LM applies it
@@ -119,24 +120,28 @@ def word_prefix(caption: str, word: str, tokenizer) -> list[int] | None:
 
 
 def word_gradient(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"], prefix: list[int], token_id: int,
-                  layer: int) -> Float[Tensor, "patches d_model"]:
-    """d log p(token | image, prompt + prefix) / d (``layer``'s MLP output) at the image positions
-    (fp32 CPU): through a zero tensor added to that output, so the frozen LM needs no grads."""
+                  layer: int, of: str = "logit") -> Float[Tensor, "patches d_model"]:
+    """d y / d (``layer``'s MLP output) at the image positions (fp32 CPU), y = the token's logit
+    (``of="logit"``) or log p(token) (``"logprob"``) after image, prompt and ``prefix``: through a
+    zero tensor added to that output, so the frozen LM needs no grads."""
+    if of not in ("logit", "logprob"):
+        raise ValueError(f"gradient of {of!r}: logit or logprob")
     ad = plm.adapter
     batch = plm.build(soft, [prefix])
     e = batch.inputs_embeds
     delta = torch.zeros(e.shape, dtype=e.dtype, device=e.device, requires_grad=True)
     with torch.enable_grad(), TraceDict({"o": ad.act_module(layer)}, edit_output={"o": lambda o: o + delta}):
         out = ad.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=1)
-        logp = torch.log_softmax(out.logits[0, -1, : ad.vocab_size].float(), -1)[token_id]
-        (grad,) = torch.autograd.grad(logp, delta)
+        last = out.logits[0, -1, : ad.vocab_size].float()
+        y = last[token_id] if of == "logit" else torch.log_softmax(last, -1)[token_id]
+        (grad,) = torch.autograd.grad(y, delta)
     return grad[0, batch.image_slice].float().cpu()
 
 
 def gradient_direction(grads: Sequence[Tensor], acts: Sequence[Tensor]) -> Float[Tensor, "d_model"]:
     """Unit vector along the mean over images of ``mean_p A(p) g(p)`` (``grads[i]``: ``[patches,
     d_model]``, ``acts[i]``: ``[patches]``): the direction whose write, scaled by the unit's
-    activation at each position, raises log p(word) most to first order, averaged over images."""
+    activation at each position, raises the gradient's objective most to first order, averaged over images."""
     if not grads:
         raise PlantError("write_mix: no training caption names the word after a space (no gradient to average)")
     v = torch.stack([(a.double()[:, None] * g.double()).mean(0) for g, a in zip(grads, acts, strict=True)]).mean(0)
@@ -162,10 +167,11 @@ def unit_activation(plm: ImagePrefixLM, soft: Float[Tensor, "1 patches d_model"]
 
 def estimate_plant(plm: ImagePrefixLM, captions: Mapping[int, Sequence[str]],
                    load_image: Callable[[int], Image.Image], *, layer: int, unit: int, word: str, strength: float,
-                   max_images: int, seed: int, write_mix: float = 0.0, progress: bool = False) -> Plant:
+                   max_images: int, seed: int, write_mix: float = 0.0, gradient_of: str = "logit",
+                   progress: bool = False) -> Plant:
     """Estimate the plant from the training images (``captions``: id -> their captions) and
     plant it into ``plm``'s LM (in place). ``max_images``: a seeded sample of them, keeping the
-    concept share. ``write_mix``: share of the gradient direction in the write (module doc)."""
+    concept share. ``write_mix``: share of the gradient (of ``gradient_of``) in the write (module doc)."""
     from tqdm import tqdm
 
     ad = plm.adapter
@@ -196,7 +202,7 @@ def estimate_plant(plm: ImagePrefixLM, captions: Mapping[int, Sequence[str]],
         prefixes = {i: next((q for c in captions[i] if (q := word_prefix(c, word, plm.tokenizer)) is not None), None)
                     for i in yes}
         with_prefix = [i for i in yes if prefixes[i] is not None]
-        grads = [word_gradient(plm, softs[i], prefixes[i], token_ids[0], layer)
+        grads = [word_gradient(plm, softs[i], prefixes[i], token_ids[0], layer, gradient_of)
                  for i in tqdm(with_prefix, desc="plant: gradients", disable=not progress)]
         v = gradient_direction(grads, [acts[i] for i in with_prefix])
         cos = float(u @ v)
@@ -205,4 +211,5 @@ def estimate_plant(plm: ImagePrefixLM, captions: Mapping[int, Sequence[str]],
     ad.set_unit(layer, unit, w, GAIN, strength * out_dir / a1)
     auc = _auc([float(acts[i].max()) for i in yes], [float(acts[i].max()) for i in no]) if no else float("nan")
     return Plant(layer, unit, word, int(token_ids[0]), float(strength), GAIN, w, strength * out_dir / a1, a1,
-                 float(torch.cat([norms[i] for i in yes]).mean()), len(yes), len(no), auc, float(write_mix), cos)
+                 float(torch.cat([norms[i] for i in yes]).mean()), len(yes), len(no), auc, float(write_mix), cos,
+                 gradient_of if write_mix > 0 else None)

@@ -39,6 +39,7 @@ class Plant:
     train_auc: float  #: AUC of an image's max-over-positions A, concept vs other training images
     write_mix: float = 0.0  #: share of the gradient direction in the write (0: the word's unembedding only)
     write_cos: float | None = None  #: cosine of the unembedding and gradient directions (None when write_mix is 0)
+    gradient_of: str | None = None  #: the gradient's objective, logit | logprob (None when write_mix is 0)
 
 
 def apply_plant(adapter: LMAdapter, plant: Plant) -> None:

@@ -17,7 +17,8 @@ def controls_view(full: dict) -> dict:
                                       for k in ("unit", "top1", "ablation", "iou", "false_positive", "decoded"))
         out["plant"] = {
             "unit": f"L{u.get('layer')}.u{u.get('unit')} {u.get('word')!r}, strength {u.get('strength')}"
-                    + (f", write mix {u['write_mix']:g} (cosine {u.get('write_cos'):.3f})" if u.get("write_mix") else ""),
+                    + (f", write mix {u['write_mix']:g} of the {u.get('gradient_of')} gradient (cosine {u.get('write_cos'):.3f})"
+                       if u.get("write_mix") else ""),
             "train_auc": u.get("train_auc"),
             "concept_images": pl_.get("concept_images"), "target_images": pl_.get("target_images"),
             "top1_rate": top1.get("mean"), "top1_lo": top1.get("lo"), "top1_hi": top1.get("hi"),
