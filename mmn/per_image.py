@@ -77,8 +77,9 @@ def relative_depth(run: Path, n_layers: int) -> PerImage | None:
     return {i: float(v) / max(n_layers - 1, 1) for i, v in zip(per["image_id"].to_list(), per["layer"].to_list())}
 
 
-def table1(run: Path, item: str, control: str) -> PerImage | None:
-    """BERTScore of ``item`` minus its random ``control`` per image (scores stage, max over units)."""
+def score_minus_control(run: Path, item: str, control: str) -> PerImage | None:
+    """BERTScore of ``item`` minus its random ``control`` per image (scores stage): Table 1 items
+    compare their max over units, Table 2's ``prompts`` their mean over patches."""
     from mmn.experiments.scores import per_image_scores
 
     df = _read(run, "scores", ("item", "image_id", "bertscore"))
@@ -148,12 +149,12 @@ def metrics() -> dict[str, tuple[str, Reader]]:
         "relative_depth": ("mean layer of the top units / (layers − 1)",
                            lambda r, n: None if n is None else relative_depth(r, n)),
         "table1_multimodal_minus_random": ("Table 1: all top units − random pairing (BERTScore)",
-                                           lambda r, n: table1(r, "multimodal_all", "random_pairing")),
+                                           lambda r, n: score_minus_control(r, "multimodal_all", "random_pairing")),
         "table1_interpretable_minus_random": ("Table 1: interpretable − count-matched random interpretable",
-                                              lambda r, n: table1(r, "multimodal_interpretable",
+                                              lambda r, n: score_minus_control(r, "multimodal_interpretable",
                                                                   "random_pairing_interpretable")),
         "table2_prompts_minus_random": ("Table 2: image prompts − random prompt vectors (mean over patches)",
-                                        lambda r, n: table1(r, "prompts", "random_prompts")),
+                                        lambda r, n: score_minus_control(r, "prompts", "random_prompts")),
         "iou_multimodal_minus_random": ("IoU: multimodal − random units", lambda r, n: iou(r)),
         **{f"ablation_k{k}": (f"relative drop of p(c), top {k} units by g", lambda r, n, k=k: ablation(r, k))
            for k in (50, 100, 400)},

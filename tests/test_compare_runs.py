@@ -132,12 +132,13 @@ def test_per_image_values_average_to_the_stages_summaries(reproduced_pipeline):
     assert mean(P.captions(src, "own_minus_shuffled")) == approx(res["captions"]["own_vs_shuffled"]["diff"])
     assert mean(P.kept_fraction(src)) == approx(res["neurons"]["kept_fraction"]["mean"])
     paired = res["scores"]["bertscore"]["paired"]
-    assert mean(P.table1(src, "multimodal_all", "random_pairing")) == approx(paired["multimodal_vs_random"]["diff"])
+    assert mean(P.score_minus_control(src, "multimodal_all", "random_pairing")) == approx(
+        paired["multimodal_vs_random"]["diff"])
     if paired["interpretable_vs_random"] is not None:  # the small run may keep no interpretable unit
-        assert mean(P.table1(src, "multimodal_interpretable", "random_pairing_interpretable")) == approx(
+        assert mean(P.score_minus_control(src, "multimodal_interpretable", "random_pairing_interpretable")) == approx(
             paired["interpretable_vs_random"]["diff"])
     t2 = res["scores"]["bertscore"]["table2"]
-    assert mean(P.table1(src, "prompts", "random_prompts")) == approx(
+    assert mean(P.score_minus_control(src, "prompts", "random_prompts")) == approx(
         t2["prompts"]["mean"] - t2["random_prompts"]["mean"])
     if res["iou"]["multimodal_vs_random"] is not None:
         assert mean(P.iou(src)) == approx(res["iou"]["multimodal_vs_random"]["diff"])

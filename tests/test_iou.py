@@ -303,6 +303,23 @@ def test_summary_and_category_table_are_bootstrap_and_paired_test_of_per_image_v
         assert row["multimodal_lo"] <= row["multimodal"] <= row["multimodal_hi"]
 
 
+def test_per_image_iou_does_not_depend_on_the_row_order():
+    """Means over units and over an image's categories sum in one fixed order: a permuted table
+    gives the same bits."""
+    from mmn.experiments.iou import per_image_iou
+
+    rng = np.random.default_rng(1)
+    rows = [(img, cat, kind, d, 0, u, round(float(rng.random()), 6))
+            for img in range(40) for cat in ("cat", "dog", "bus")
+            for kind, draws in (("multimodal", 1), ("random", 5)) for d in range(draws) for u in range(15)]
+    df = pl.DataFrame(rows, schema=_scored_rows().schema, orient="row")
+    for by_category in (False, True):
+        ref = per_image_iou(df, by_category)
+        for seed in range(3):
+            got = per_image_iou(df[np.random.default_rng(seed).permutation(df.height).tolist()], by_category)
+            assert got.rows() == ref.rows(), (by_category, seed)
+
+
 def test_fig5_bars_draw_the_category_cis():
     from mmn.experiments.iou import category_table
     from mmn.plots.tables import iou_bars

@@ -146,6 +146,21 @@ def test_per_image_scores_by_hand():
     assert pi["clipscore"].null_count() == pi.height
 
 
+def test_per_image_scores_do_not_depend_on_the_row_order():
+    """Every per-image mean sums in one fixed order: a permuted table gives the same bits (it did
+    not: polars' unordered group_by averaged the draws in a varying order, so two calls on the
+    stage's own table differed in the last bits)."""
+    rng = np.random.default_rng(3)
+    vals = {(item, i, d, j): round(float(rng.random()), 6) for item in ("random_pairing", "prompts")
+            for i in range(60) for d in range(5 if item == "random_pairing" else 1) for j in range(20)}
+    df = _long(vals)
+    ref = S.per_image_scores(df)
+    for seed in range(3):
+        perm = df[np.random.default_rng(seed).permutation(df.height).tolist()]
+        got = S.per_image_scores(perm)
+        assert got["bertscore"].to_list() == ref["bertscore"].to_list(), seed
+
+
 @pytest.mark.parametrize("n_images", [3, 12])
 def test_summarise_ks_over_images_n_is_image_count(n_images):
     df, _ = _synthetic(n_images, np.random.default_rng(n_images))

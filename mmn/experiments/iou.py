@@ -271,11 +271,15 @@ def per_image_iou(df: pl.DataFrame, by_category: bool = False) -> pl.DataFrame:
     the image's rows of that kind (its multimodal units; all its random units and draws).
     Overall (``by_category=False``) an image scored for several categories
     (``iou.single: one_instance``) gets the mean over its categories.
-    Wide: ``[category,] image_id, multimodal, random``; images lacking a kind are dropped."""
-    per = df.group_by(["category", "image_id", "kind"]).agg(pl.col("iou").mean())
+    Wide: ``[category,] image_id, multimodal, random``; images lacking a kind are dropped.
+    Gotcha: rows are sorted by :data:`IOU_SORT` first and groups keep that order, so every mean
+    sums in one fixed order, whatever the table's row order."""
+    df = df.sort([c for c in IOU_SORT if c in df.columns])
+    per = df.group_by(["category", "image_id", "kind"], maintain_order=True).agg(pl.col("iou").mean())
     key = ["category", "image_id"] if by_category else ["image_id"]
     if not by_category:
-        per = per.group_by(["image_id", "kind"]).agg(pl.col("iou").mean())
+        per = per.sort("image_id", "kind", "category").group_by(["image_id", "kind"], maintain_order=True).agg(
+            pl.col("iou").mean())
     if per.height == 0:
         return pl.DataFrame(schema={**{k: PLAN_SCHEMA[k] for k in key}, "multimodal": pl.Float64,
                                     "random": pl.Float64})

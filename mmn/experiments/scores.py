@@ -282,16 +282,22 @@ def per_image_scores(df: pl.DataFrame) -> pl.DataFrame:
     Units: ``max`` over the image's units; random pairings: ``max`` within each draw, then the
     mean over draws; captions / nouns: ``value`` (their one text); prompts: ``mean`` and ``max``
     over patches. CLIPScore stays null where it was not computed.
+
+    Gotcha: the rows are sorted by their keys first and every group keeps that order, so each
+    mean sums in one fixed order: the result does not depend on the table's row order, and two
+    calls give the same bits (polars' unordered group_by summed the draws in a varying order).
     """
     metrics = [pl.col("bertscore"), pl.col("clipscore")]
+    df = df.sort([c for c in ("item", "image_id", "draw", "index") if c in df.columns])
     units = (df.filter(pl.col("item").is_in(UNIT_ITEMS + RANDOM_ITEMS))
-             .group_by("item", "draw", "image_id").agg(c.max() for c in metrics)
-             .group_by("item", "image_id").agg(c.mean() for c in metrics)
+             .group_by("item", "image_id", "draw", maintain_order=True).agg(c.max() for c in metrics)
+             .group_by("item", "image_id", maintain_order=True).agg(c.mean() for c in metrics)
              .with_columns(pl.lit("max").alias("stat")))
-    single = (df.filter(pl.col("item").is_in(SINGLE_ITEMS)).group_by("item", "image_id")
+    single = (df.filter(pl.col("item").is_in(SINGLE_ITEMS)).group_by("item", "image_id", maintain_order=True)
               .agg(c.mean() for c in metrics).with_columns(pl.lit("value").alias("stat")))
     prompts = df.filter(pl.col("item").is_in(PROMPT_ITEMS))
-    parts = [units, single] + [prompts.group_by("item", "image_id").agg(getattr(c, s)() for c in metrics)
+    parts = [units, single] + [prompts.group_by("item", "image_id", maintain_order=True)
+                               .agg(getattr(c, s)() for c in metrics)
                                .with_columns(pl.lit(s).alias("stat")) for s in ("mean", "max")]
     return (pl.concat([p.select(list(PER_IMAGE_SCHEMA)).cast(PER_IMAGE_SCHEMA) for p in parts])
             .sort("item", "stat", "image_id"))
