@@ -15,6 +15,20 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: the xdist group of every test that uses the session's one reproduced DAG (``reproduced_pipeline``)
+DAG_GROUP = "dag"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The suite runs on two xdist workers (pyproject's ``-n 2 --dist loadgroup``). A session
+    fixture is built once per *worker*, so every test that needs the reproduced DAG (directly or
+    through another fixture) goes to one worker: the DAG runs once, the other worker takes the
+    rest. Gotcha: a new fixture built on ``reproduced_pipeline`` is found here by itself
+    (``item.fixturenames`` is the transitive closure)."""
+    for item in items:
+        if "reproduced_pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(DAG_GROUP))
 def _coco_mini() -> Path:
     """coco-mini: $MMN_COCO_MINI, <repo>/../shared/..., or the development machines' /work/shared/..."""
     for c in (os.environ.get("MMN_COCO_MINI"), REPO.parent / "shared" / "data" / "coco-mini",
