@@ -16,19 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: the xdist group of every test that uses the session's one reproduced DAG (``reproduced_pipeline``)
-DAG_GROUP = "dag"
+DAG_FIXTURE = "reproduced_pipeline"
 
 
 def pytest_collection_modifyitems(config, items):
-    """The suite runs on two xdist workers (pyproject's ``-n 2 --dist loadgroup``). A session
-    fixture is built once per *worker*, so every test that needs the reproduced DAG (directly or
-    through another fixture) goes to one worker: the DAG runs once, the other worker takes the
-    rest. Gotcha: a new fixture built on ``reproduced_pipeline`` is found here by itself
-    (``item.fixturenames`` is the transitive closure)."""
-    for item in items:
-        if "reproduced_pipeline" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(DAG_GROUP))
+    """The suite runs on two pytest-xdist workers (pyproject's ``-n 2``), which take tests in
+    collection order. The first test that needs the shared DAG (:func:`reproduced_pipeline`,
+    built once per session) is moved to the front, so one worker starts building it at once
+    while the other runs the tests that do not need it. Gotcha: ``item.fixturenames`` is the
+    transitive closure, so a fixture built on the DAG counts too."""
+    first = next((i for i, item in enumerate(items) if DAG_FIXTURE in getattr(item, "fixturenames", ())), None)
+    if first:
+        items.insert(0, items.pop(first))
+
+
 def _coco_mini() -> Path:
     """coco-mini: $MMN_COCO_MINI, <repo>/../shared/..., or the development machines' /work/shared/..."""
     for c in (os.environ.get("MMN_COCO_MINI"), REPO.parent / "shared" / "data" / "coco-mini",
@@ -134,17 +135,26 @@ def embedded_encoder():
 
 
 @pytest.fixture(scope="session")
-def reproduced_pipeline(tmp_path_factory):
+def reproduced_pipeline(tmp_path_factory, worker_id):
     """``(repo, result)``: ONE small ``dvc repro`` of the whole DAG per session (``small_params``),
-    never modified. Tests that need a reproduced pipeline take a copy
+    shared by the xdist workers (``helpers.shared.build_once``: the first to ask builds it, the
+    other waits) and never modified. Tests that need a reproduced pipeline take a copy
     (``helpers.pipeline.copy_reproduced``), so the DAG runs once for the e2e and remote tests."""
-    from helpers.pipeline import copy_repo, run, small_params
+    import subprocess
 
-    repo = copy_repo(tmp_path_factory.mktemp("pristine") / "repo")
-    small_params(repo)
-    r = run(["dvc", "repro"], repo)
+    from helpers.pipeline import copy_repo, run, small_params
+    from helpers.shared import build_once, session_root
+
+    def build(folder: Path) -> dict:
+        repo = copy_repo(folder / "repo")
+        small_params(repo)
+        r = run(["dvc", "repro"], repo)
+        return {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+
+    folder, rec = build_once(session_root(tmp_path_factory, worker_id), "pristine", build)
+    r = subprocess.CompletedProcess(["dvc", "repro"], rec["returncode"], rec["stdout"], rec["stderr"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return repo, r
+    return folder / "repo", r
 
 
 def tiny_prefix_setup(tiny_adapters, family: str, n_patch: int = 6, d_enc: int = 12):
