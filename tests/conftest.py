@@ -22,12 +22,14 @@ DAG_FIXTURE = "reproduced_pipeline"
 def pytest_collection_modifyitems(config, items):
     """The suite runs on two pytest-xdist workers (pyproject's ``-n 2``), which take tests in
     collection order. The first test that needs the shared DAG (:func:`reproduced_pipeline`,
-    built once per session) is moved to the front, so one worker starts building it at once
-    while the other runs the tests that do not need it. Gotcha: ``item.fixturenames`` is the
-    transitive closure, so a fixture built on the DAG counts too."""
-    first = next((i for i, item in enumerate(items) if DAG_FIXTURE in getattr(item, "fixturenames", ())), None)
-    if first:
-        items.insert(0, items.pop(first))
+    built once per session) is moved to the front and the other DAG tests to the end: one
+    worker starts building the DAG at once while both run the tests that do not need it, and
+    nobody waits for it. Gotcha: ``item.fixturenames`` is the transitive closure, so a fixture
+    built on the DAG counts too."""
+    dag = [item for item in items if DAG_FIXTURE in getattr(item, "fixturenames", ())]
+    if dag:
+        rest = [item for item in items if DAG_FIXTURE not in getattr(item, "fixturenames", ())]
+        items[:] = [dag[0], *rest, *dag[1:]]
 
 
 def _coco_mini() -> Path:

@@ -73,11 +73,11 @@ class _Item:
         self.name, self.fixturenames = name, fixturenames
 
 
-def test_the_first_dag_test_is_moved_to_the_front():
+def test_the_first_dag_test_goes_first_and_the_other_dag_tests_last():
     items = [_Item("a", ["tmp_path"]), _Item("b", ["tiny_adapters"]), _Item("c", ["pipeline_repo", DAG_FIXTURE]),
-             _Item("d", [DAG_FIXTURE]), _Item("e", [])]
+             _Item("d", [DAG_FIXTURE]), _Item("e", []), _Item("f", [DAG_FIXTURE]), _Item("g", [])]
     pytest_collection_modifyitems(None, items)
-    assert [i.name for i in items] == ["c", "a", "b", "d", "e"]
+    assert [i.name for i in items] == ["c", "a", "b", "e", "g", "d", "f"]
     none = [_Item("a", []), _Item("b", [])]
     pytest_collection_modifyitems(None, none)
     assert [i.name for i in none] == ["a", "b"]
