@@ -118,7 +118,7 @@ def ablation(run: Path, k: int, kind: str = "unfiltered") -> PerImage | None:
 def methods_spearman(run: Path, method: str = "grad_x_act") -> PerImage | None:
     """Spearman of ``method``'s unit scores with the exact Δy over the uniformly sampled units
     (compare_methods stage; the value its summary averages)."""
-    from mmn.experiments.compare_methods import _corr
+    from mmn.experiments.compare_methods import rank_corr
 
     col = f"score_{method}"
     df = _read(run, "compare_methods", ("image_id", "sampled", "dy", col))
@@ -126,7 +126,7 @@ def methods_spearman(run: Path, method: str = "grad_x_act") -> PerImage | None:
         return None
     out: PerImage = {}
     for (i,), g in df.filter(pl.col("sampled")).group_by(["image_id"]):
-        r = _corr(scipy.stats.spearmanr, g[col].to_numpy(), g["dy"].to_numpy())
+        r = rank_corr(scipy.stats.spearmanr, g[col].to_numpy(), g["dy"].to_numpy())
         if r is not None:
             out[int(i)] = r
     return out

@@ -26,9 +26,10 @@ def pytest_collection_modifyitems(config, items):
     worker starts building the DAG at once while both run the tests that do not need it, and
     nobody waits for it. Gotcha: ``item.fixturenames`` is the transitive closure, so a fixture
     built on the DAG counts too."""
-    dag = [item for item in items if DAG_FIXTURE in getattr(item, "fixturenames", ())]
+    dag, rest = [], []
+    for item in items:
+        (dag if DAG_FIXTURE in getattr(item, "fixturenames", ()) else rest).append(item)
     if dag:
-        rest = [item for item in items if DAG_FIXTURE not in getattr(item, "fixturenames", ())]
         items[:] = [dag[0], *rest, *dag[1:]]
 
 

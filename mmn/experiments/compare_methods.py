@@ -76,7 +76,7 @@ def curve_area(rel_drop: Sequence[float]) -> float:
     return float(((r[1:] + r[:-1]) / 2).mean())
 
 
-def _corr(fn, s: np.ndarray, dy: np.ndarray) -> float | None:
+def rank_corr(fn, s: np.ndarray, dy: np.ndarray) -> float | None:
     """Rank correlation, None when undefined (fewer than 2 candidates or a constant side)."""
     if s.size < 2 or np.all(s == s[0]) or np.all(dy == dy[0]):
         return None
@@ -152,10 +152,10 @@ def compare_image(plm: ImagePrefixLM, soft: torch.Tensor, text: list[int], targe
         s, d = sv_all[v], dy_all
         g = gap_layers if v.split(":")[0] == "integrated_gradients" else gap  # what its total estimates
         per.append({"method": v, "seconds": secs[v],
-                    "spearman": _corr(scipy.stats.spearmanr, s[si], d[si]) if sample else None,
-                    "kendall": _corr(scipy.stats.kendalltau, s[si], d[si]) if sample else None,
-                    "spearman_union": _corr(scipy.stats.spearmanr, s[ci], d[ci]),
-                    "kendall_union": _corr(scipy.stats.kendalltau, s[ci], d[ci]),
+                    "spearman": rank_corr(scipy.stats.spearmanr, s[si], d[si]) if sample else None,
+                    "kendall": rank_corr(scipy.stats.kendalltau, s[si], d[si]) if sample else None,
+                    "spearman_union": rank_corr(scipy.stats.spearmanr, s[ci], d[ci]),
+                    "kendall_union": rank_corr(scipy.stats.kendalltau, s[ci], d[ci]),
                     "precision": precision_at_k(ranking[v], cands, d[ci], precision_k), "auc": curve_area(rel),
                     "completeness": abs(totals[v] - g) / abs(g) if g != 0 else None,
                     "total": totals[v], "gap": g, "n_candidates": len(cands), "n_sampled": len(sampled),

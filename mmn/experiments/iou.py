@@ -278,8 +278,8 @@ def per_image_iou(df: pl.DataFrame, by_category: bool = False) -> pl.DataFrame:
     per = df.group_by(["category", "image_id", "kind"], maintain_order=True).agg(pl.col("iou").mean())
     key = ["category", "image_id"] if by_category else ["image_id"]
     if not by_category:
-        per = per.sort("image_id", "kind", "category").group_by(["image_id", "kind"], maintain_order=True).agg(
-            pl.col("iou").mean())
+        # groups keep their first-seen order and their rows the category order of ``df``'s sort
+        per = per.group_by(["image_id", "kind"], maintain_order=True).agg(pl.col("iou").mean())
     if per.height == 0:
         return pl.DataFrame(schema={**{k: PLAN_SCHEMA[k] for k in key}, "multimodal": pl.Float64,
                                     "random": pl.Float64})
